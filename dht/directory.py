@@ -1,0 +1,110 @@
+"""Every DHT read and write for swarmllm's keys, and the start of a DHT node.
+
+The DHT itself runs in hivemind's background process; the coroutines here await its futures and so
+never block an event loop.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from typing import Sequence
+
+import hivemind
+from hivemind.utils import get_dht_time
+
+from dht import records
+from dht.identity import Identity
+from dht.validator import PeerRecordValidator
+
+logger = logging.getLogger(__name__)
+
+DEFAULT_STARTUP_TIMEOUT = 30.0  # seconds
+
+
+def start_node(
+    identity: Identity | None,
+    initial_peers: Sequence[str] = (),
+    *,
+    host: str = "127.0.0.1",
+    port: int = 0,
+    announce_maddrs: Sequence[str] = (),
+    client_mode: bool = False,
+    startup_timeout: float = DEFAULT_STARTUP_TIMEOUT,
+    **p2p_options,
+) -> hivemind.DHT:
+    """Start a hivemind DHT node (its own process and p2pd) that validates swarmllm records.
+
+    ``identity`` makes the node's peer id the identity's; the same key signs this node's records.
+    """
+    kwargs = dict(p2p_options)
+    if identity is not None:
+        kwargs["identity_path"] = identity.path
+        # hivemind's "is this identity taken" probe assumes RSA keys (ours are Ed25519) and starts a
+        # second daemon; skip it.
+        kwargs["check_if_identity_free"] = False
+    if announce_maddrs:
+        kwargs["announce_maddrs"] = list(announce_maddrs)
+    return hivemind.DHT(
+        initial_peers=list(initial_peers) or None,
+        start=True,
+        host_maddrs=[f"/ip4/{host}/tcp/{port}"],
+        client_mode=client_mode,
+        record_validators=[PeerRecordValidator(identity)],
+        startup_timeout=startup_timeout,
+        # No IPFS bootstrap, no UPnP: a node talks to the peers it is told about.
+        use_ipfs=False,
+        nat_port_map=False,
+        **kwargs,
+    )
+
+
+def visible_maddrs(dht: hivemind.DHT) -> list[str]:
+    return [str(m) for m in dht.get_visible_maddrs()]
+
+
+async def announce(dht: hivemind.DHT, record: records.PeerRecord, *, ttl: float) -> bool:
+    """Store (or refresh) a peer's record for ``ttl`` seconds. Returns whether any DHT node accepted it."""
+    stored = await dht.store(
+        records.model_key(record.model_id),
+        subkey=records.subkey_for(record.peer_id),
+        value=records.encode(record),
+        expiration_time=get_dht_time() + ttl,
+        return_future=True,
+    )
+    return bool(stored)
+
+
+async def fetch_peers(dht: hivemind.DHT, model_id: str) -> list[records.PeerRecord]:
+    """Every valid, unexpired record for ``model_id``. Malformed entries are skipped with a log line."""
+    found = await dht.get(records.model_key(model_id), latest=True, return_future=True)
+    if found is None or not isinstance(found.value, dict):
+        return []
+    result = []
+    for subkey, item in found.value.items():
+        try:
+            record = records.decode(item.value)
+        except records.RecordError as e:
+            logger.warning("skipping a malformed record under %r: %s", subkey, e)
+            continue
+        if records.peer_id_from_subkey(subkey) != record.peer_id:
+            logger.warning("skipping a record whose subkey %r names another peer than %s", subkey, record.peer_id)
+            continue
+        if record.model_id != model_id:
+            continue
+        result.append(record)
+    return result
+
+
+def wait_until_stored(dht: hivemind.DHT, record: records.PeerRecord, *, timeout: float) -> bool:
+    """Blocking helper for scripts: poll until the record can be read back (or the timeout passes)."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        found = dht.get(records.model_key(record.model_id), latest=True)
+        if found is not None and records.subkey_for(record.peer_id) in found.value:
+            return True
+        time.sleep(0.1)
+    return False
+
+
+__all__ = ["start_node", "visible_maddrs", "announce", "fetch_peers", "wait_until_stored"]

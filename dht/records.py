@@ -1,0 +1,182 @@
+"""The swarm record schema: the one place that knows how a peer's announcement is laid out.
+
+Pure: no I/O. A record is a msgpack-able dict with a version field ``v``; decoding is strict about the
+fields it knows (types, ranges) and ignores unknown extra fields, so newer peers can add fields
+without breaking older clients.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import enum
+import hashlib
+import json
+import re
+from typing import Any, Mapping
+
+RECORD_VERSION = 1
+WIRE_VERSION = 1
+KEY_PREFIX = "swarmllm:v1"
+SUBKEY_PREFIX = "peer:"
+
+_MODEL_ID_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._\-]{0,127}$")
+_DTYPES = ("float32", "bfloat16", "float16")
+MAX_NAME_CHARS = 64
+MAX_MADDRS = 16
+
+
+class RecordError(ValueError):
+    """A record (or a field of it) is malformed."""
+
+
+class PeerState(str, enum.Enum):
+    JOINING = "joining"
+    ONLINE = "online"
+    DRAINING = "draining"
+    OFFLINE = "offline"
+
+
+@dataclasses.dataclass(frozen=True)
+class PeerRecord:
+    """What one peer announces about itself for one model."""
+
+    peer_id: str  # base58 libp2p peer id; the record's subkey is derived from it
+    model_id: str
+    start: int  # first block served
+    end: int  # one past the last block served
+    state: PeerState
+    throughput: float  # inference steps per second through the whole span (tokens/s, batch 1)
+    dtype: str
+    cache_tokens_left: int  # tokens of KV cache still free (per block of the span)
+    version: str  # swarmllm software version
+    public_name: str = ""
+    wire_version: int = WIRE_VERSION
+    maddrs: tuple[str, ...] = ()  # multiaddrs the peer is reachable at
+
+    def __post_init__(self) -> None:
+        _check_model_id(self.model_id)
+        if not (isinstance(self.start, int) and isinstance(self.end, int) and 0 <= self.start < self.end):
+            raise RecordError(f"block range must satisfy 0 <= start < end, got [{self.start}, {self.end})")
+        if not isinstance(self.state, PeerState):
+            raise RecordError(f"state must be a PeerState, got {self.state!r}")
+        if self.dtype not in _DTYPES:
+            raise RecordError(f"dtype must be one of {_DTYPES}, got {self.dtype!r}")
+        if not (self.throughput >= 0.0 and self.throughput < float("inf")):
+            raise RecordError(f"throughput must be a finite number >= 0, got {self.throughput!r}")
+        if self.cache_tokens_left < 0:
+            raise RecordError(f"cache_tokens_left must be >= 0, got {self.cache_tokens_left}")
+        if len(self.public_name) > MAX_NAME_CHARS:
+            raise RecordError(f"public_name is longer than {MAX_NAME_CHARS} characters")
+        if len(self.maddrs) > MAX_MADDRS:
+            raise RecordError(f"at most {MAX_MADDRS} multiaddrs, got {len(self.maddrs)}")
+
+    @property
+    def num_blocks(self) -> int:
+        return self.end - self.start
+
+    def covers(self, block: int) -> bool:
+        return self.start <= block < self.end
+
+
+def encode(record: PeerRecord) -> dict[str, Any]:
+    """PeerRecord -> plain dict ready for msgpack (the DHT value)."""
+    return {
+        "v": RECORD_VERSION,
+        "peer_id": record.peer_id,
+        "model_id": record.model_id,
+        "start": record.start,
+        "end": record.end,
+        "state": record.state.value,
+        "throughput": float(record.throughput),
+        "dtype": record.dtype,
+        "cache_tokens_left": int(record.cache_tokens_left),
+        "version": record.version,
+        "public_name": record.public_name,
+        "wire_version": record.wire_version,
+        "maddrs": list(record.maddrs),
+    }
+
+
+def _field(obj: Mapping[str, Any], name: str, types: type | tuple[type, ...]) -> Any:
+    if name not in obj:
+        raise RecordError(f"record lacks the field {name!r}")
+    value = obj[name]
+    if isinstance(value, bool) and bool not in (types if isinstance(types, tuple) else (types,)):
+        raise RecordError(f"field {name!r} must be {types}, got a bool")
+    if not isinstance(value, types):
+        raise RecordError(f"field {name!r} must be {types}, got {type(value).__name__}")
+    return value
+
+
+def decode(obj: Any) -> PeerRecord:
+    """Plain dict (as read from the DHT) -> PeerRecord. Raises RecordError on anything malformed."""
+    if not isinstance(obj, Mapping):
+        raise RecordError(f"a record must be a mapping, got {type(obj).__name__}")
+    version = _field(obj, "v", int)
+    if version != RECORD_VERSION:
+        raise RecordError(f"record version {version} is not supported (this software reads {RECORD_VERSION})")
+    state_text = _field(obj, "state", str)
+    try:
+        state = PeerState(state_text)
+    except ValueError:
+        raise RecordError(f"unknown peer state {state_text!r}") from None
+    maddrs = _field(obj, "maddrs", (list, tuple))
+    if not all(isinstance(m, str) for m in maddrs):
+        raise RecordError("field 'maddrs' must be a list of strings")
+    return PeerRecord(
+        peer_id=_field(obj, "peer_id", str),
+        model_id=_field(obj, "model_id", str),
+        start=_field(obj, "start", int),
+        end=_field(obj, "end", int),
+        state=state,
+        throughput=float(_field(obj, "throughput", (int, float))),
+        dtype=_field(obj, "dtype", str),
+        cache_tokens_left=_field(obj, "cache_tokens_left", int),
+        version=_field(obj, "version", str),
+        public_name=_field(obj, "public_name", str),
+        wire_version=_field(obj, "wire_version", int),
+        maddrs=tuple(maddrs),
+    )
+
+
+def _check_model_id(model_id: Any) -> None:
+    if not isinstance(model_id, str) or not _MODEL_ID_RE.match(model_id):
+        raise RecordError(
+            f"model id must be 1-128 characters of letters, digits, '.', '_' or '-', got {model_id!r}"
+        )
+
+
+def model_key(model_id: str) -> str:
+    """The DHT key under which every peer of one model announces itself (one subkey per peer)."""
+    _check_model_id(model_id)
+    return f"{KEY_PREFIX}:{model_id}:peers"
+
+
+def subkey_for(peer_id: str) -> str:
+    return SUBKEY_PREFIX + peer_id
+
+
+def peer_id_from_subkey(subkey: str) -> str | None:
+    """The peer id a subkey claims, or None when the subkey is not one of ours."""
+    if isinstance(subkey, str) and subkey.startswith(SUBKEY_PREFIX):
+        return subkey[len(SUBKEY_PREFIX):]
+    return None
+
+
+# Config fields that do not change what the blocks compute; they are left out of the model id.
+_VOLATILE_CONFIG_FIELDS = frozenset(
+    {"transformers_version", "torch_dtype", "dtype", "_name_or_path", "architectures", "use_cache",
+     "attn_implementation", "_attn_implementation", "output_attentions", "output_hidden_states"}
+)
+
+
+def derive_model_id(config: Mapping[str, Any]) -> str:
+    """A model id from a checkpoint's config.json contents: '<model_type>-<layers>L-<hash of config>'.
+
+    Peers of different checkpoints (different architecture or sizes) get different ids and never mix.
+    Checkpoints that share a config but not weights (fine-tunes) need an explicit --model-id.
+    """
+    stable = {k: v for k, v in config.items() if k not in _VOLATILE_CONFIG_FIELDS}
+    digest = hashlib.sha256(json.dumps(stable, sort_keys=True, default=str).encode()).hexdigest()[:12]
+    model_type = re.sub(r"[^A-Za-z0-9_\-]", "-", str(config.get("model_type", "model")))[:32] or "model"
+    return f"{model_type}-{config.get('num_hidden_layers', 0)}L-{digest}"
