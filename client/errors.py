@@ -1,0 +1,33 @@
+"""The client's exceptions: one hierarchy, raised by the transport and the session layers."""
+
+from __future__ import annotations
+
+
+class SwarmError(RuntimeError):
+    """Base class of every error the client raises about the swarm."""
+
+
+class MissingBlocksError(SwarmError):
+    """No usable peer serves some blocks of the model."""
+
+    def __init__(self, model_id: str, missing: list[tuple[int, int]], num_blocks: int, waited: float = 0.0):
+        self.model_id, self.missing, self.num_blocks, self.waited = model_id, missing, num_blocks, waited
+        spans = ", ".join(f"[{a}, {b})" for a, b in missing)
+        super().__init__(
+            f"no online peer serves blocks {spans} of model {model_id} ({num_blocks} blocks)"
+            + (f" after waiting {waited:.1f} s" if waited else "")
+            + ": start a peer for them (swarmllm peer MODEL_DIR --blocks A:B) or check the swarm health page"
+        )
+
+
+class PeerError(SwarmError):
+    """A peer failed, timed out, or answered with an error. ``recoverable``: another peer may succeed."""
+
+    def __init__(self, peer_id: str, message: str, *, code: str | None = None, recoverable: bool = True,
+                 retry_after: float | None = None):
+        self.peer_id, self.code, self.recoverable, self.retry_after = peer_id, code, recoverable, retry_after
+        super().__init__(f"peer {peer_id}: {message}")
+
+
+class PeerBusy(PeerError):
+    """The peer's cache budget is full right now."""

@@ -1,0 +1,214 @@
+"""AutoDistributedModelForCausalLM: the model's own transformers class, with its blocks in the swarm.
+
+The client loads only the embeddings, final norm and LM head (and generation config); the base
+model's block stack is replaced by ``RemoteModel``, which embeds locally, streams hidden states
+through the swarm, and applies the final norm. The causal-LM head and ``generate()`` are
+transformers' own, unchanged, so sampling, logits processors, streamers and padding all behave as
+they do locally. The KV caches live on the peers; ``RemoteCache`` only tells generate() how many
+tokens they already hold.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import copy
+import logging
+from typing import Iterator
+
+import torch
+from safetensors import safe_open
+from torch import nn
+from transformers import AutoConfig, AutoModelForCausalLM, GenerationConfig, PretrainedConfig
+from transformers.cache_utils import Cache
+from transformers.modeling_outputs import BaseModelOutputWithPast
+
+from client.swarm import ClientConfig, RemoteSession, RemoteSwarm
+from dht import records
+from peer import loader
+
+logger = logging.getLogger(__name__)
+
+
+class RemoteCache(Cache):
+    """Stands in for the KV caches held by the peers of one session."""
+
+    is_compileable = False
+
+    def __init__(self, session: RemoteSession):
+        super().__init__(layers=[])
+        self.session = session
+
+    def get_seq_length(self, layer_idx: int = 0) -> int:
+        return self.session.position
+
+    def get_max_length(self, layer_idx: int | None = None) -> int:
+        return self.session.max_length
+
+
+class RemoteModel(nn.Module):
+    """Replaces the base model: local embeddings and final norm around the swarm's blocks."""
+
+    def __init__(self, embed_tokens: nn.Module, norm: nn.Module, swarm: RemoteSwarm):
+        super().__init__()
+        self.embed_tokens = embed_tokens
+        self.norm = norm
+        self.swarm = swarm
+
+    def get_input_embeddings(self) -> nn.Module:
+        return self.embed_tokens
+
+    def forward(self, input_ids=None, attention_mask=None, position_ids=None, past_key_values=None,
+                inputs_embeds=None, use_cache=None, **kwargs) -> BaseModelOutputWithPast:
+        if (input_ids is None) == (inputs_embeds is None):
+            raise ValueError("pass exactly one of input_ids or inputs_embeds")
+        hidden = self.embed_tokens(input_ids) if inputs_embeds is None else inputs_embeds  # (batch, seq, hidden)
+        session = past_key_values.session if isinstance(past_key_values, RemoteCache) else None
+        if past_key_values is not None and session is None:
+            raise TypeError(f"{type(past_key_values).__name__} cannot hold a swarm's cache: use model.inference_session()")
+        past = session.position if session is not None else 0
+        batch, seq = hidden.shape[:2]
+        if position_ids is None:
+            position_ids = torch.arange(past, past + seq, device=hidden.device).unsqueeze(0).expand(batch, -1)
+        position_ids = position_ids.expand(batch, -1).contiguous()  # (batch, seq)
+        if attention_mask is not None and attention_mask.ndim != 2:
+            raise ValueError(f"attention_mask must be 2D (batch, past + seq), got {tuple(attention_mask.shape)}")
+        dtype = hidden.dtype
+        hidden = hidden.float()
+        if session is not None:
+            out = session.step(hidden, position_ids, attention_mask)
+        else:
+            out = self.swarm.forward(hidden, position_ids, attention_mask)
+        hidden = self.norm(out.to(dtype))
+        return BaseModelOutputWithPast(last_hidden_state=hidden, past_key_values=past_key_values)
+
+
+class DistributedMixin:
+    """Mixed in front of the model's own XForCausalLM class."""
+
+    swarm: RemoteSwarm
+    _active_session: RemoteSession | None = None
+    _generate_sessions: list[RemoteSession]
+
+    @contextlib.contextmanager
+    def inference_session(self, max_length: int, batch_size: int = 1) -> Iterator[RemoteSession]:
+        """A session that generate() calls inside the block reuse: later calls continue the text."""
+        if self._active_session is not None:
+            raise RuntimeError("an inference session is already active on this model")
+        session = self.swarm.open_session(batch_size, max_length)
+        self._active_session = session
+        try:
+            yield session
+        finally:
+            self._active_session = None
+            session.close()
+
+    def _prepare_cache_for_generation(self, generation_config, model_kwargs, generation_mode, batch_size,
+                                      max_cache_length):
+        if model_kwargs.get("past_key_values") is not None or generation_config.use_cache is False:
+            return super()._prepare_cache_for_generation(
+                generation_config, model_kwargs, generation_mode, batch_size, max_cache_length)
+        if generation_config.num_beams > 1:
+            raise NotImplementedError("beam search is not supported through the swarm yet: use greedy or sampling")
+        effective_batch = generation_config.num_return_sequences * batch_size
+        session = self.swarm.open_session(effective_batch, max_cache_length + 1)
+        self._generate_sessions.append(session)
+        model_kwargs["past_key_values"] = RemoteCache(session)
+
+    @torch.inference_mode()
+    def generate(self, inputs: torch.Tensor | None = None, **kwargs):
+        session = self._active_session
+        if session is not None and kwargs.get("past_key_values") is None:
+            inputs, kwargs = self._continue_session(session, inputs, kwargs)
+            kwargs["past_key_values"] = RemoteCache(session)
+            output = super().generate(inputs, **kwargs)
+            sequences = output if isinstance(output, torch.Tensor) else output.sequences
+            session.token_ids = sequences[:, : session.position]
+            mask = kwargs.get("attention_mask")
+            if mask is not None:
+                grown = sequences.shape[1] - mask.shape[1]
+                session.attention_mask = torch.cat([mask, mask.new_ones(mask.shape[0], grown)], dim=1)[:, : session.position]
+            return output
+        self._generate_sessions = []
+        try:
+            return super().generate(inputs, **kwargs)
+        finally:
+            for s in self._generate_sessions:
+                s.close()
+            self._generate_sessions = []
+
+    @staticmethod
+    def _continue_session(session: RemoteSession, inputs, kwargs):
+        """Accept either the whole text so far or only the new tokens (as Petals users do)."""
+        if inputs is None:
+            inputs = kwargs.pop("input_ids", None)
+        if session.token_ids is None or inputs is None:
+            return inputs, kwargs
+        seen = session.token_ids
+        starts_with_seen = inputs.shape[1] >= seen.shape[1] and torch.equal(inputs[:, : seen.shape[1]], seen)
+        if not starts_with_seen:
+            inputs = torch.cat([seen, inputs], dim=1)
+            if kwargs.get("attention_mask") is not None:
+                old = session.attention_mask if session.attention_mask is not None else torch.ones_like(seen)
+                kwargs["attention_mask"] = torch.cat([old, kwargs["attention_mask"]], dim=1)
+        elif kwargs.get("attention_mask") is None and session.attention_mask is not None:
+            grown = inputs.shape[1] - session.attention_mask.shape[1]
+            kwargs["attention_mask"] = torch.cat(
+                [session.attention_mask, session.attention_mask.new_ones(inputs.shape[0], grown)], dim=1)
+        return inputs, kwargs
+
+
+def _load_client_tensors(model_dir: str, dtype: torch.dtype) -> dict[str, torch.Tensor]:
+    files = loader.checkpoint_files(model_dir)
+    state = {}
+    for name in loader.client_tensor_names(files):
+        with safe_open(files[name], framework="pt") as f:
+            state[name] = f.get_tensor(name).to(dtype)
+    return state
+
+
+class AutoDistributedModelForCausalLM:
+    """Factory, like transformers' AutoModelForCausalLM, for models whose blocks run in the swarm."""
+
+    @classmethod
+    def from_pretrained(cls, model_dir: str, initial_peers: list[str] | tuple[str, ...], *,
+                        model_id: str | None = None, dtype: torch.dtype = torch.float32, **client_options):
+        config: PretrainedConfig = AutoConfig.from_pretrained(model_dir)
+        text_config = config.get_text_config(decoder=True)
+        base_cls = AutoModelForCausalLM._model_mapping[type(config)]
+        dist_cls = type(f"Distributed{base_cls.__name__}", (DistributedMixin, base_cls), {})
+
+        shell_config = copy.deepcopy(config)  # the model's own class, built without blocks
+        shell_config.num_hidden_layers = 0
+        if getattr(shell_config, "layer_types", None) is not None:
+            shell_config.layer_types = []
+        with torch.device("meta"):
+            model = dist_cls(shell_config)
+        state = _load_client_tensors(model_dir, dtype)
+        result = model.load_state_dict(state, strict=False, assign=True)
+        base = model.model
+        if getattr(config, "tie_word_embeddings", False) and "lm_head.weight" not in state:
+            model.lm_head.weight = base.embed_tokens.weight
+        unexpected = [k for k in result.unexpected_keys]
+        if unexpected:
+            raise loader.CheckpointError(f"{model_dir} has tensors the client does not know: {unexpected[:5]}")
+
+        swarm = RemoteSwarm(ClientConfig(
+            initial_peers=tuple(initial_peers),
+            model_id=model_id or records.derive_model_id(text_config.to_dict()),
+            num_blocks=text_config.num_hidden_layers,
+            hidden_size=text_config.hidden_size,
+            **client_options,
+        ))
+        model.model = RemoteModel(base.embed_tokens, base.norm, swarm)
+        model.swarm = swarm
+        model.config = config
+        try:
+            model.generation_config = GenerationConfig.from_pretrained(model_dir)
+        except OSError:
+            model.generation_config = GenerationConfig.from_model_config(config)
+        leftover = [n for n, p in list(model.named_parameters()) + list(model.named_buffers()) if p.is_meta]
+        if leftover:
+            swarm.shutdown()
+            raise loader.CheckpointError(f"{model_dir} lacks client tensors {leftover[:5]}")
+        model.eval()
+        return model

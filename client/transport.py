@@ -1,0 +1,148 @@
+"""Every network call the client makes; hivemind/p2p/asyncio failures become client exceptions here.
+
+Nothing else in ``client`` touches hivemind's P2P.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from typing import Any, AsyncIterator
+
+import torch
+from hivemind.p2p import P2P, P2PDaemonError, P2PHandlerError, PeerID
+from hivemind.proto import runtime_pb2
+from hivemind.utils.multiaddr import Multiaddr
+
+from client.errors import PeerBusy, PeerError
+from peer import wire
+from peer.wire import ErrorCode, WireError
+
+logger = logging.getLogger(__name__)
+
+_NETWORK_ERRORS = (P2PDaemonError, P2PHandlerError, ConnectionError, OSError, EOFError, asyncio.IncompleteReadError)
+_FATAL_CODES = {ErrorCode.BAD_REQUEST, ErrorCode.BAD_SHAPE, ErrorCode.BAD_DTYPE}  # our bug, not the peer's
+
+
+def _peer_error(peer_id: str, error: WireError) -> PeerError:
+    cls = PeerBusy if error.code == ErrorCode.BUSY else PeerError
+    return cls(peer_id, str(error), code=error.code.value, recoverable=error.code not in _FATAL_CODES,
+               retry_after=error.retry_after)
+
+
+def _check(peer_id: str, message: runtime_pb2.ExpertResponse) -> tuple[dict[str, Any], list[torch.Tensor]]:
+    try:
+        meta, tensors = wire.unpack(message)
+    except WireError as e:
+        raise PeerError(peer_id, f"sent a malformed reply: {e}") from None
+    error = WireError.from_metadata(meta)
+    if error is not None:
+        raise _peer_error(peer_id, error)
+    return meta, tensors
+
+
+class Transport:
+    def __init__(self, p2p: P2P):
+        self.p2p = p2p
+        self._connected: set[str] = set()
+
+    async def connect(self, peer_id: str, maddrs: tuple[str, ...], timeout: float = 10.0) -> None:
+        """Make sure the daemon can reach ``peer_id``: dial the multiaddrs it announced (once)."""
+        if peer_id in self._connected or not maddrs:
+            return
+        try:
+            # hivemind's P2P has no public "connect"; its daemon client does.
+            # The daemon wants transport addresses: strip the trailing /p2p/<id>.
+            addrs = [Multiaddr(m.split("/p2p/")[0]) for m in maddrs]
+            await asyncio.wait_for(self.p2p._client.connect(PeerID.from_base58(peer_id), addrs), timeout)
+        except (asyncio.TimeoutError, *_NETWORK_ERRORS, ValueError) as e:
+            raise PeerError(peer_id, f"could not connect to {list(maddrs)}: {type(e).__name__}: {e}") from None
+        self._connected.add(peer_id)
+
+    def forget(self, peer_id: str) -> None:
+        self._connected.discard(peer_id)
+
+    async def info(self, peer_id: str, timeout: float = 5.0) -> tuple[dict[str, Any], float]:
+        """(the peer's statistics, round-trip time in seconds)."""
+        began = time.perf_counter()
+        try:
+            reply = await asyncio.wait_for(
+                self.p2p.call_protobuf_handler(
+                    PeerID.from_base58(peer_id), wire.RPC_INFO, runtime_pb2.ExpertUID(uid=""), runtime_pb2.ExpertResponse),
+                timeout)
+        except asyncio.TimeoutError:
+            raise PeerError(peer_id, f"no answer to info within {timeout:.1f} s") from None
+        except _NETWORK_ERRORS as e:
+            raise PeerError(peer_id, f"info failed: {type(e).__name__}: {e}") from None
+        meta, _ = _check(peer_id, reply)
+        return meta, time.perf_counter() - began
+
+    async def open_stream(self, peer_id: str, rpc: str) -> "Stream":
+        stream = Stream(peer_id)
+        try:
+            stream._replies = await asyncio.wait_for(
+                self.p2p.iterate_protobuf_handler(
+                    PeerID.from_base58(peer_id), rpc, stream._requests(), runtime_pb2.ExpertResponse),
+                timeout=10.0)
+        except asyncio.TimeoutError:
+            raise PeerError(peer_id, "could not open a stream within 10 s") from None
+        except _NETWORK_ERRORS as e:
+            raise PeerError(peer_id, f"could not open a stream: {type(e).__name__}: {e}") from None
+        return stream
+
+
+class Stream:
+    """A bidirectional request/reply stream to one peer: send a message, wait for its one reply."""
+
+    _END = object()
+
+    def __init__(self, peer_id: str):
+        self.peer_id = peer_id
+        self._queue: asyncio.Queue = asyncio.Queue()
+        self._replies: AsyncIterator[runtime_pb2.ExpertResponse] | None = None
+        self.closed = False
+
+    async def _requests(self) -> AsyncIterator[runtime_pb2.ExpertRequest]:
+        while True:
+            item = await self._queue.get()
+            if item is self._END:
+                return
+            yield item
+
+    async def call(self, meta: dict[str, Any], tensors: list[torch.Tensor], timeout: float
+                   ) -> tuple[dict[str, Any], list[torch.Tensor]]:
+        """Send one message and wait up to ``timeout`` seconds for its reply."""
+        if self.closed:
+            raise PeerError(self.peer_id, "stream already closed")
+        self._queue.put_nowait(wire.request(meta, tensors))
+        try:
+            reply = await asyncio.wait_for(self._replies.__anext__(), timeout)
+        except StopAsyncIteration:
+            self.closed = True
+            raise PeerError(self.peer_id, "closed the stream without replying") from None
+        except asyncio.TimeoutError:
+            await self.close()
+            raise PeerError(self.peer_id, f"no reply within {timeout:.1f} s") from None
+        except _NETWORK_ERRORS as e:
+            self.closed = True
+            raise PeerError(self.peer_id, f"stream failed: {type(e).__name__}: {e}") from None
+        return _check(self.peer_id, reply)
+
+    async def close(self, timeout: float = 2.0) -> None:
+        """End our side of the stream, let the peer end its side, and release the connection."""
+        if self._replies is None:
+            return
+        if not self.closed:
+            self.closed = True
+            self._queue.put_nowait(self._END)
+        try:
+            async def drain():
+                async for _ in self._replies:
+                    pass
+            await asyncio.wait_for(drain(), timeout)
+        except (asyncio.TimeoutError, *_NETWORK_ERRORS):
+            pass  # the peer is gone or slow: closing the generator below releases our side anyway
+        finally:
+            await self._replies.aclose()
+            self._replies = None

@@ -1,0 +1,78 @@
+"""PeerConfig: everything a peer is told on its command line, built once."""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+
+
+@dataclasses.dataclass(frozen=True)
+class PeerConfig:
+    model_dir: str
+    start: int
+    end: int
+    initial_peers: tuple[str, ...] = ()
+    dtype: str = "float32"
+    device: str = "cpu"
+    host: str = "127.0.0.1"
+    port: int = 0
+    announce_maddrs: tuple[str, ...] = ()
+    public_name: str = ""
+    model_id: str | None = None  # None: derived from the checkpoint's config
+    identity_path: str | None = None  # None: a fresh identity for this run
+    maddr_file: str | None = None
+    cache_tokens: int = 16384  # KV-cache budget, tokens per block, all sessions together
+    max_session_length: int = 8192  # tokens
+    max_message_bytes: int = 64 * 2**20  # bytes
+    idle_timeout: float = 300.0  # seconds a session may sit without a step
+    announce_period: float = 30.0  # seconds between re-announcements
+    num_threads: int = 0  # torch threads; 0 keeps torch's default
+
+
+def parse_blocks(text: str) -> tuple[int, int]:
+    try:
+        start_text, end_text = text.split(":")
+        start, end = int(start_text), int(end_text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"--blocks takes START:END (e.g. 0:8), got {text!r}") from None
+    if not 0 <= start < end:
+        raise argparse.ArgumentTypeError(f"--blocks needs 0 <= START < END, got {text!r}")
+    return start, end
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("model_dir", help="local transformers checkpoint directory (safetensors)")
+    parser.add_argument("--initial-peers", nargs="*", default=[], metavar="MADDR",
+                        help="multiaddrs of DHT nodes to join (e.g. the one `swarmllm dht` printed)")
+    parser.add_argument("--blocks", type=parse_blocks, required=True, metavar="START:END",
+                        help="serve blocks START..END-1")
+    parser.add_argument("--dtype", choices=["float32", "bfloat16", "float16"], default="float32")
+    parser.add_argument("--device", default="cpu", help="torch device, e.g. cpu or cuda:0")
+    parser.add_argument("--host", default="127.0.0.1", help="address to listen on")
+    parser.add_argument("--port", type=int, default=0, help="TCP port (0 = any free port)")
+    parser.add_argument("--announce-maddrs", nargs="*", default=[], metavar="MADDR",
+                        help="multiaddrs others should dial (behind port forwarding)")
+    parser.add_argument("--name", default="", help="public name shown on the health page")
+    parser.add_argument("--model-id", default=None, help="override the model id derived from config.json")
+    parser.add_argument("--identity", default=None, metavar="PATH",
+                        help="key file that keeps this peer's id across restarts (created if missing)")
+    parser.add_argument("--maddr-file", default=None, metavar="PATH",
+                        help="write this peer's multiaddrs here (one per line) once it is ready")
+    parser.add_argument("--cache-tokens", type=int, default=16384,
+                        help="KV-cache budget in tokens (batch x max_length summed over sessions)")
+    parser.add_argument("--max-session-length", type=int, default=8192, help="longest session, tokens")
+    parser.add_argument("--idle-timeout", type=float, default=300.0, help="seconds before an idle session closes")
+    parser.add_argument("--announce-period", type=float, default=30.0, help="seconds between announcements")
+    parser.add_argument("--num-threads", type=int, default=0, help="torch CPU threads (0 = torch's default)")
+
+
+def from_args(args: argparse.Namespace) -> PeerConfig:
+    start, end = args.blocks
+    return PeerConfig(
+        model_dir=args.model_dir, start=start, end=end, initial_peers=tuple(args.initial_peers),
+        dtype=args.dtype, device=args.device, host=args.host, port=args.port,
+        announce_maddrs=tuple(args.announce_maddrs), public_name=args.name, model_id=args.model_id,
+        identity_path=args.identity, maddr_file=args.maddr_file, cache_tokens=args.cache_tokens,
+        max_session_length=args.max_session_length, idle_timeout=args.idle_timeout,
+        announce_period=args.announce_period, num_threads=args.num_threads,
+    )

@@ -1,0 +1,206 @@
+"""The peer's RPC handlers: validate every message, run blocks on the compute owner, answer.
+
+Only this module turns failures into wire errors. A bad message gets a typed error and changes
+nothing; a failure while computing closes only the session it happened in.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import uuid
+from concurrent.futures import ThreadPoolExecutor
+from typing import Any, AsyncIterator, Callable
+
+import torch
+from hivemind.p2p import P2P, P2PContext
+from hivemind.proto import runtime_pb2
+
+from peer import wire
+from peer.blocks import BlockRunner
+from peer.sessions import Session, SessionTable
+from peer.wire import ErrorCode, WireError
+
+logger = logging.getLogger(__name__)
+
+MAX_BATCH_SIZE = 64
+MAX_SESSION_ID_CHARS = 128
+
+
+def _int_field(meta: dict, name: str, low: int, high: int | None = None) -> int:
+    value = meta.get(name)
+    if not isinstance(value, int) or isinstance(value, bool):
+        raise WireError(ErrorCode.BAD_REQUEST, f"field {name!r} must be an integer, got {value!r}")
+    if value < low or (high is not None and value > high):
+        bound = f"[{low}, {high}]" if high is not None else f">= {low}"
+        raise WireError(ErrorCode.BAD_REQUEST, f"field {name!r} must be in {bound}, got {value}")
+    return value
+
+
+class PeerHandler:
+    def __init__(
+        self,
+        runner: BlockRunner,
+        sessions: SessionTable,
+        *,
+        max_message_bytes: int = wire.DEFAULT_MAX_MESSAGE_BYTES,
+        idle_timeout: float = 300.0,  # seconds a session may wait for its next step
+        max_session_length: int = 8192,  # tokens
+        statistics: Callable[[], dict[str, Any]] = dict,
+    ):
+        self.runner = runner
+        self.sessions = sessions
+        self.max_message_bytes = max_message_bytes
+        self.idle_timeout = idle_timeout
+        self.max_session_length = max_session_length
+        self.accepting = True  # False while draining: no new sessions
+        self._statistics = statistics
+        self._compute = ThreadPoolExecutor(max_workers=1, thread_name_prefix="compute")
+        self.requests_served = 0
+
+    async def register(self, p2p: P2P) -> None:
+        await p2p.add_protobuf_handler(wire.RPC_INFO, self.rpc_info, runtime_pb2.ExpertUID)
+        await p2p.add_protobuf_handler(
+            wire.RPC_FORWARD, self.rpc_forward, runtime_pb2.ExpertRequest, stream_input=True, stream_output=True
+        )
+        await p2p.add_protobuf_handler(
+            wire.RPC_INFERENCE, self.rpc_inference, runtime_pb2.ExpertRequest, stream_input=True, stream_output=True
+        )
+
+    def shutdown(self) -> None:
+        self._compute.shutdown(wait=True, cancel_futures=True)
+
+    # ---- RPCs ---------------------------------------------------------------------------------------
+
+    async def rpc_info(self, request: runtime_pb2.ExpertUID, context: P2PContext) -> runtime_pb2.ExpertResponse:
+        return wire.response(self._statistics())
+
+    async def rpc_forward(
+        self, requests: AsyncIterator[runtime_pb2.ExpertRequest], context: P2PContext
+    ) -> AsyncIterator[runtime_pb2.ExpertResponse]:
+        # A stateless forward is an ephemeral session whose cache is dropped at the end of the stream,
+        # outside the session budget (its size is bounded by max_session_length).
+        async for reply in self._serve_stream(requests, ephemeral=True):
+            yield reply
+
+    async def rpc_inference(
+        self, requests: AsyncIterator[runtime_pb2.ExpertRequest], context: P2PContext
+    ) -> AsyncIterator[runtime_pb2.ExpertResponse]:
+        async for reply in self._serve_stream(requests, ephemeral=False):
+            yield reply
+
+    # ---- one stream = one session -------------------------------------------------------------------
+
+    async def _serve_stream(self, requests: AsyncIterator[runtime_pb2.ExpertRequest], *, ephemeral: bool):
+        session: Session | None = None
+        iterator = requests.__aiter__()
+        try:
+            while True:
+                try:
+                    message = await asyncio.wait_for(iterator.__anext__(), timeout=self.idle_timeout)
+                except StopAsyncIteration:
+                    return
+                except asyncio.TimeoutError:
+                    yield wire.error_response(WireError(
+                        ErrorCode.EXPIRED, f"session idle for over {self.idle_timeout:.0f} s: it was closed"))
+                    return
+                try:
+                    meta, tensors = wire.unpack(message, max_bytes=self.max_message_bytes)
+                    op = meta.get("op")
+                    if op == "open":
+                        if session is not None:
+                            raise WireError(ErrorCode.BAD_REQUEST, "this stream already has an open session")
+                        session = self._open(meta, ephemeral)
+                        yield wire.response({"op": "opened", "session_id": session.session_id,
+                                             "cache_tokens_left": self.sessions.tokens_left})
+                    elif op == "step":
+                        if session is None or meta.get("session_id") != session.session_id:
+                            raise WireError(ErrorCode.UNKNOWN_SESSION,
+                                            f"session {meta.get('session_id')!r} is not open on this stream: send 'open' first")
+                        yield await self._step(session, meta, tensors)
+                    else:
+                        raise WireError(ErrorCode.BAD_REQUEST, f"unknown op {op!r}: expected 'open' or 'step'")
+                except WireError as e:
+                    logger.info("rejected a message: %s", e)
+                    yield wire.error_response(e)
+                    if e.code == ErrorCode.INTERNAL:
+                        return
+        finally:
+            if session is not None and not ephemeral:
+                self.sessions.close(session.session_id)
+
+    def _open(self, meta: dict, ephemeral: bool) -> Session:
+        if not ephemeral and not self.accepting:
+            raise WireError(ErrorCode.DRAINING, "this peer is shutting down and accepts no new sessions: re-plan the route")
+        start = _int_field(meta, "start", 0)
+        end = _int_field(meta, "end", 0)
+        if (start, end) != (self.runner.start, self.runner.end):
+            raise WireError(
+                ErrorCode.WRONG_BLOCKS,
+                f"peer serves blocks [{self.runner.start}, {self.runner.end}) but the request asked for "
+                f"[{start}, {end}): re-plan the route",
+            )
+        batch_size = _int_field(meta, "batch_size", 1, MAX_BATCH_SIZE)
+        max_length = _int_field(meta, "max_length", 1, self.max_session_length)
+        session_id = meta.get("session_id") or uuid.uuid4().hex
+        if not isinstance(session_id, str) or len(session_id) > MAX_SESSION_ID_CHARS:
+            raise WireError(ErrorCode.BAD_REQUEST, f"session_id must be a string of at most {MAX_SESSION_ID_CHARS} chars")
+        if ephemeral:
+            return Session(session_id, batch_size, max_length, self.runner.new_cache())
+        return self.sessions.open(session_id, batch_size, max_length, self.runner.new_cache)
+
+    def _validate_step(self, session: Session, meta: dict, tensors: list[torch.Tensor]):
+        offset = _int_field(meta, "offset", 0)
+        if offset != session.length:
+            raise WireError(
+                ErrorCode.OUT_OF_ORDER,
+                f"step starts at token {offset} but the session holds {session.length} tokens: "
+                f"send steps in order (or replay from {session.length})",
+            )
+        if len(tensors) not in (2, 3):
+            raise WireError(ErrorCode.BAD_REQUEST,
+                            f"a step carries hidden, position_ids and optionally attention_mask; got {len(tensors)} tensors")
+        hidden, position_ids = tensors[0], tensors[1]
+        mask = tensors[2] if len(tensors) == 3 else None
+        if hidden.dtype not in wire.HIDDEN_DTYPES:
+            raise WireError(ErrorCode.BAD_DTYPE, f"hidden states must be float32, bfloat16 or float16, got {hidden.dtype}")
+        hidden_size = self.runner.hidden_size
+        if hidden.ndim != 3 or hidden.shape[0] != session.batch_size or hidden.shape[2] != hidden_size or hidden.shape[1] < 1:
+            raise WireError(
+                ErrorCode.BAD_SHAPE,
+                f"hidden states must be (batch={session.batch_size}, tokens>=1, hidden={hidden_size}), "
+                f"got {tuple(hidden.shape)}",
+            )
+        batch, new_tokens = hidden.shape[:2]
+        if offset + new_tokens > session.max_length:
+            raise WireError(
+                ErrorCode.TOO_LARGE,
+                f"step would bring the session to {offset + new_tokens} tokens, over its max_length {session.max_length}",
+            )
+        if position_ids.dtype not in (torch.int64, torch.int32) or tuple(position_ids.shape) != (batch, new_tokens):
+            raise WireError(ErrorCode.BAD_SHAPE,
+                            f"position_ids must be int64 ({batch}, {new_tokens}), got {position_ids.dtype} {tuple(position_ids.shape)}")
+        if position_ids.numel() and (position_ids.min() < 0 or position_ids.max() >= self.max_session_length):
+            raise WireError(ErrorCode.BAD_REQUEST, f"position ids must be in [0, {self.max_session_length})")
+        if mask is not None:
+            if tuple(mask.shape) != (batch, offset + new_tokens):
+                raise WireError(ErrorCode.BAD_SHAPE,
+                                f"attention_mask must be ({batch}, {offset + new_tokens}) (past + new tokens), got {tuple(mask.shape)}")
+            if not bool(((mask == 0) | (mask == 1)).all()):
+                raise WireError(ErrorCode.BAD_REQUEST, "attention_mask must hold only 0 and 1")
+        if not bool(torch.isfinite(hidden).all()):
+            raise WireError(ErrorCode.BAD_REQUEST, "hidden states contain NaN or infinity")
+        return hidden, position_ids.long(), None if mask is None else mask.long()
+
+    async def _step(self, session: Session, meta: dict, tensors: list[torch.Tensor]) -> runtime_pb2.ExpertResponse:
+        hidden, position_ids, mask = self._validate_step(session, meta, tensors)
+        loop = asyncio.get_running_loop()
+        try:
+            out = await loop.run_in_executor(
+                self._compute, self.runner.forward, hidden, position_ids, mask, session.cache)
+        except Exception as e:  # a compute failure must not take the peer down; this session is lost
+            logger.exception("compute failed in session %s", session.session_id)
+            raise WireError(ErrorCode.INTERNAL, f"the peer failed computing this step ({type(e).__name__}): re-route") from e
+        session.length += hidden.shape[1]
+        self.requests_served += 1
+        return wire.response({"op": "result", "length": session.length}, [out.to(hidden.dtype)])

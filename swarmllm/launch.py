@@ -1,0 +1,131 @@
+"""Start swarm processes and wait for their readiness line; stop them by PID. Used by the demo and tests.
+
+Each process runs in its own process group (its hivemind DHT child and p2pd daemon included), so
+stopping it by its PID's group leaves nothing behind. Every wait has a deadline.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import queue
+import signal
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+
+READY_PREFIX = "SWARMLLM_READY"
+
+
+class ProcessDied(RuntimeError):
+    pass
+
+
+class SwarmProcess:
+    def __init__(self, name: str, args: list[str], *, env: dict[str, str] | None = None, echo: bool = False):
+        self.name = name
+        self.stderr_file = tempfile.NamedTemporaryFile(prefix=f"swarmllm-{name}-", suffix=".log", delete=False)
+        self.popen = subprocess.Popen(
+            args, stdout=subprocess.PIPE, stderr=self.stderr_file, stdin=subprocess.DEVNULL, text=True,
+            start_new_session=True, env={**os.environ, **(env or {})},
+        )
+        self.pid = self.popen.pid
+        self.ready: dict | None = None
+        self._lines: queue.Queue = queue.Queue()
+        self._echo = echo
+        self._reader = threading.Thread(target=self._read_stdout, name=f"{name}-stdout", daemon=True)
+        self._reader.start()
+
+    def _read_stdout(self) -> None:
+        for line in self.popen.stdout:
+            if self._echo and not line.startswith(READY_PREFIX):
+                sys.stdout.write(line)
+            self._lines.put(line)
+        self._lines.put(None)
+
+    def stderr_tail(self, chars: int = 4000) -> str:
+        try:
+            with open(self.stderr_file.name, errors="replace") as f:
+                return f.read()[-chars:]
+        except OSError:
+            return ""
+
+    def wait_ready(self, timeout: float) -> dict:
+        """Block until the READY line (returns its JSON), the process dies, or ``timeout`` seconds pass."""
+        deadline = time.monotonic() + timeout
+        while self.ready is None:
+            left = deadline - time.monotonic()
+            if left <= 0:
+                raise TimeoutError(f"{self.name} (pid {self.pid}) not ready after {timeout:.0f} s:\n{self.stderr_tail()}")
+            try:
+                line = self._lines.get(timeout=min(left, 0.5))
+            except queue.Empty:
+                continue
+            if line is None:
+                self.popen.wait(timeout=5)
+                raise ProcessDied(f"{self.name} (pid {self.pid}) exited with {self.popen.returncode} "
+                                  f"before it was ready:\n{self.stderr_tail()}")
+            if line.startswith(READY_PREFIX):
+                self.ready = json.loads(line[len(READY_PREFIX):])
+        return self.ready
+
+    @property
+    def maddrs(self) -> list[str]:
+        if self.ready is None:
+            raise RuntimeError(f"{self.name} is not ready")
+        return self.ready["maddrs"]
+
+    def alive(self) -> bool:
+        return self.popen.poll() is None
+
+    def signal(self, sig: int) -> None:
+        """Send ``sig`` to the process's whole group (the process, its DHT child and p2pd)."""
+        try:
+            os.killpg(self.pid, sig)
+        except ProcessLookupError:
+            pass
+
+    def stop(self, timeout: float = 15.0) -> int | None:
+        """SIGTERM the process (it shuts its own children down), wait up to ``timeout`` seconds, then
+        SIGKILL whatever is left of its group."""
+        if self.alive():
+            try:
+                os.kill(self.pid, signal.SIGTERM)
+            except ProcessLookupError:
+                pass
+            try:
+                self.popen.wait(timeout=timeout)
+            except subprocess.TimeoutExpired:
+                pass
+        self.signal(signal.SIGKILL)  # the group may outlive its leader (p2pd, the DHT child)
+        try:
+            self.popen.wait(timeout=5)
+        except subprocess.TimeoutExpired:
+            pass
+        if self.popen.stdout:
+            self.popen.stdout.close()
+        self.stderr_file.close()
+        return self.popen.returncode
+
+
+def swarmllm_command(*args: str) -> list[str]:
+    """How to run the swarmllm CLI from this interpreter (works without the console script on PATH)."""
+    return [sys.executable, "-m", "swarmllm.cli", *args]
+
+
+def start_dht(timeout: float = 60.0, **kwargs) -> SwarmProcess:
+    proc = SwarmProcess("dht", swarmllm_command("dht", "--host", "127.0.0.1"), **kwargs)
+    proc.wait_ready(timeout)
+    return proc
+
+
+def start_peer(model_dir: str, initial_peers: list[str], start: int, end: int, *, name: str = "peer",
+               extra: list[str] = (), timeout: float = 120.0, wait: bool = True, **kwargs) -> SwarmProcess:
+    args = swarmllm_command("peer", model_dir, "--initial-peers", *initial_peers, "--blocks", f"{start}:{end}",
+                            "--host", "127.0.0.1", "--name", name, *extra)
+    proc = SwarmProcess(name, args, **kwargs)
+    if wait:
+        proc.wait_ready(timeout)
+    return proc
