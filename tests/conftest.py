@@ -1,0 +1,82 @@
+"""Shared fixtures: tiny random checkpoints of real architectures, and real swarms of processes.
+
+Every process a test starts is a SwarmProcess; the fixture's finaliser stops each one by its PID.
+"""
+
+from __future__ import annotations
+
+import os
+
+import pytest
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+
+from swarmllm import checkpoints, launch  # noqa: E402
+
+ARCHS = {
+    "llama": {},
+    # sliding window (4) much shorter than the sequences the tests generate
+    "mistral": {"sliding_window": 4},
+    "qwen2": {},
+}
+
+
+@pytest.fixture(scope="session")
+def tiny_checkpoint(tmp_path_factory):
+    """tiny_checkpoint(arch, **overrides) -> path of a 6-block random checkpoint (built once per session)."""
+    made: dict[tuple, str] = {}
+
+    def make(arch: str, **overrides) -> str:
+        key = (arch, tuple(sorted(overrides.items())))
+        if key not in made:
+            path = str(tmp_path_factory.mktemp(f"ckpt-{arch}"))
+            made[key] = checkpoints.tiny(arch, path, seed=0, **{**ARCHS.get(arch, {}), **overrides})
+        return made[key]
+
+    return make
+
+
+class Swarm:
+    """A DHT node plus peers, each a real process; stop() stops every one of them by PID."""
+
+    def __init__(self):
+        self.procs: list[launch.SwarmProcess] = []
+        self.dht = self._track(launch.start_dht())
+
+    def _track(self, proc: launch.SwarmProcess) -> launch.SwarmProcess:
+        self.procs.append(proc)
+        return proc
+
+    @property
+    def initial_peers(self) -> list[str]:
+        return self.dht.maddrs
+
+    def add_peers(self, model_dir: str, spans: list[tuple[int, int]], extra: list[str] = ()) -> list[launch.SwarmProcess]:
+        """Start one peer per span concurrently and wait for all of them."""
+        started = [self._track(launch.start_peer(model_dir, self.initial_peers, a, b, name=f"peer{a}-{b}",
+                                                 extra=list(extra), wait=False)) for a, b in spans]
+        for p in started:
+            p.wait_ready(timeout=180)
+        return started
+
+    def stop(self) -> None:
+        for p in reversed(self.procs):
+            p.stop()
+        self.procs.clear()
+
+
+@pytest.fixture(scope="module")
+def make_swarm(request):
+    swarms: list[Swarm] = []
+
+    def make() -> Swarm:
+        swarm = Swarm()
+        swarms.append(swarm)
+        return swarm
+
+    def finalize():
+        for s in swarms:
+            s.stop()
+
+    request.addfinalizer(finalize)
+    return make
