@@ -61,6 +61,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--cache-tokens", type=int, default=16384,
                         help="KV-cache budget in tokens (batch x max_length summed over sessions)")
     parser.add_argument("--max-session-length", type=int, default=8192, help="longest session, tokens")
+    parser.add_argument("--max-message-bytes", type=int, default=64 * 2**20,
+                        help="largest tensor payload one message may carry, bytes")
     parser.add_argument("--idle-timeout", type=float, default=300.0, help="seconds before an idle session closes")
     parser.add_argument("--announce-period", type=float, default=30.0, help="seconds between announcements")
     parser.add_argument("--num-threads", type=int, default=0, help="torch CPU threads (0 = torch's default)")
@@ -73,6 +75,6 @@ def from_args(args: argparse.Namespace) -> PeerConfig:
         dtype=args.dtype, device=args.device, host=args.host, port=args.port,
         announce_maddrs=tuple(args.announce_maddrs), public_name=args.name, model_id=args.model_id,
         identity_path=args.identity, maddr_file=args.maddr_file, cache_tokens=args.cache_tokens,
-        max_session_length=args.max_session_length, idle_timeout=args.idle_timeout,
+        max_session_length=args.max_session_length, max_message_bytes=args.max_message_bytes, idle_timeout=args.idle_timeout,
         announce_period=args.announce_period, num_threads=args.num_threads,
     )

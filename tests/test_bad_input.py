@@ -1,0 +1,180 @@
+"""Every bad input gets a typed error naming the problem; the peer and its sessions keep serving."""
+
+from __future__ import annotations
+
+import time
+
+import pytest
+import torch
+from hivemind.p2p import PeerID
+
+from client import PeerBusy, PeerError
+from client.swarm import ClientConfig, RemoteSwarm
+from dht.records import derive_model_id
+from peer import wire
+from peer.blocks import BlockRunner, load_config
+
+HIDDEN = 64  # tiny checkpoints' hidden size
+
+
+@pytest.fixture(scope="module")
+def setup(tiny_checkpoint, make_swarm):
+    path = tiny_checkpoint("llama")
+    swarm = make_swarm()
+    strict, = swarm.add_peers(path, [(0, 3)], extra=["--max-message-bytes", "65536"])
+    small, = swarm.add_peers(path, [(3, 6)], extra=["--cache-tokens", "64", "--idle-timeout", "2"])
+    client = RemoteSwarm(ClientConfig(tuple(swarm.initial_peers), derive_model_id(load_config(path).to_dict()), 6, HIDDEN))
+    runner = BlockRunner(path, 0, 3)
+    yield client, strict.ready, small.ready, runner
+    client.shutdown()
+
+
+def _run(client, coro):
+    return client.loop.run(coro, timeout=60)
+
+
+def _stream(client, ready, rpc=wire.RPC_INFERENCE):
+    _run(client, client.core.transport.connect(ready["peer_id"], tuple(ready["maddrs"])))
+    return _run(client, client.core.transport.open_stream(ready["peer_id"], rpc))
+
+
+def _call(client, stream, meta, tensors=()):
+    return _run(client, stream.call(meta, list(tensors), timeout=30))
+
+
+def _open(client, stream, start, end, max_length=16, batch_size=1, session_id="s1"):
+    return _call(client, stream, {"op": "open", "session_id": session_id, "start": start, "end": end,
+                                  "batch_size": batch_size, "max_length": max_length})
+
+
+def _step(client, stream, hidden, offset, session_id="s1", mask=None):
+    positions = torch.arange(offset, offset + hidden.shape[1]).expand(hidden.shape[0], -1).contiguous()
+    tensors = [hidden, positions] + ([] if mask is None else [mask])
+    return _call(client, stream, {"op": "step", "session_id": session_id, "offset": offset}, tensors)
+
+
+def _expect(code, fn, *args, match=None):
+    with pytest.raises(PeerError) as info:
+        fn(*args)
+    assert info.value.code == code.value, str(info.value)
+    if match:
+        assert match in str(info.value)
+    return info.value
+
+
+def test_each_bad_step_is_rejected_and_the_session_survives(setup):
+    client, ready, _, runner = setup
+    s = _stream(client, ready)
+    try:
+        _expect(wire.ErrorCode.WRONG_BLOCKS, _open, client, s, 0, 4, match="serves blocks [0, 3)")
+        _expect(wire.ErrorCode.UNKNOWN_SESSION, _step, client, s, torch.zeros(1, 1, HIDDEN), 0)
+        _open(client, s, 0, 3)
+        torch.manual_seed(0)
+        first = torch.randn(1, 4, HIDDEN)
+        _, (out1,) = _step(client, s, first, 0)
+
+        bad = [
+            (wire.ErrorCode.BAD_SHAPE, (torch.zeros(1, 1, HIDDEN - 1), 4), "hidden=64"),
+            (wire.ErrorCode.BAD_SHAPE, (torch.zeros(2, 1, HIDDEN), 4), "batch=1"),
+            (wire.ErrorCode.BAD_SHAPE, (torch.zeros(1, HIDDEN), 4), None),
+            (wire.ErrorCode.BAD_DTYPE, (torch.zeros(1, 1, HIDDEN, dtype=torch.float64), 4), "float64"),
+            (wire.ErrorCode.BAD_DTYPE, (torch.zeros(1, 1, HIDDEN, dtype=torch.int32), 4), None),
+            (wire.ErrorCode.OUT_OF_ORDER, (torch.zeros(1, 1, HIDDEN), 7), "holds 4 tokens"),
+            (wire.ErrorCode.OUT_OF_ORDER, (torch.zeros(1, 1, HIDDEN), 0), None),
+            (wire.ErrorCode.TOO_LARGE, (torch.zeros(1, 13, HIDDEN), 4), "max_length 16"),
+            (wire.ErrorCode.TOO_LARGE, (torch.zeros(1, 300, HIDDEN), 4), "limit of 65536"),
+            (wire.ErrorCode.BAD_REQUEST, (torch.full((1, 1, HIDDEN), float("nan")), 4), "NaN"),
+        ]
+        for code, args, match in bad:
+            _expect(code, _step, client, s, *args, match=match)
+        _expect(wire.ErrorCode.UNKNOWN_SESSION, _step, client, s, torch.zeros(1, 1, HIDDEN), 4, "other")
+        _expect(wire.ErrorCode.BAD_SHAPE, _step, client, s, torch.zeros(1, 1, HIDDEN), 4, "s1",
+                torch.ones(1, 3, dtype=torch.long))
+        _expect(wire.ErrorCode.BAD_REQUEST, _call, client, s, {"op": "dance"})
+        _expect(wire.ErrorCode.BAD_REQUEST, _call, client, s, {"op": "step", "session_id": "s1", "offset": "4"})
+
+        # Nothing accepted was lost: the next good step continues the same cache exactly.
+        second = torch.randn(1, 2, HIDDEN)
+        meta, (out2,) = _step(client, s, second, 4)
+        assert meta["length"] == 6
+        cache = runner.new_cache()
+        ref1 = runner.forward(first, torch.arange(4)[None], None, cache)
+        ref2 = runner.forward(second, torch.arange(4, 6)[None], None, cache)
+        assert torch.equal(out1, ref1) and torch.equal(out2, ref2)
+    finally:
+        _run(client, s.close())
+
+
+def test_garbage_metadata_and_raw_bytes(setup):
+    client, ready, _, _ = setup
+    s = _stream(client, ready)
+    try:
+        from hivemind.proto import runtime_pb2
+        s._queue.put_nowait(runtime_pb2.ExpertRequest(metadata=b"\xc1\xc1 not msgpack"))
+        reply = _run(client, s._replies.__anext__())
+        assert wire.WireError.from_metadata(wire.unpack(reply)[0]).code == wire.ErrorCode.BAD_REQUEST
+    finally:
+        _run(client, s.close())
+
+    async def send_junk():
+        _, reader, writer = await client.core.transport.p2p.call_binary_stream_handler(
+            PeerID.from_base58(ready["peer_id"]), wire.RPC_INFERENCE)
+        writer.write(b"\x05\x00\x00\x00\x00\x00\x00\x00garbage-that-is-not-protobuf" * 3)
+        await writer.drain()
+        writer.close()
+
+    _run(client, send_junk())
+    stats, _ = _run(client, client.core.transport.info(ready["peer_id"]))
+    assert stats["end"] == 3  # still serving
+
+
+def test_stateless_forward_rejects_bad_input_too(setup):
+    client, ready, _, runner = setup
+    s = _stream(client, ready, wire.RPC_FORWARD)
+    try:
+        _open(client, s, 0, 3, max_length=5)
+        _expect(wire.ErrorCode.BAD_SHAPE, _step, client, s, torch.zeros(1, 5, 32), 0)
+        hidden = torch.randn(1, 5, HIDDEN)
+        _, (out,) = _step(client, s, hidden, 0)
+        assert torch.equal(out, runner.forward(hidden, torch.arange(5)[None], None, runner.new_cache()))
+    finally:
+        _run(client, s.close())
+
+
+def test_full_cache_budget_answers_busy_then_recovers(setup):
+    client, _, ready, _ = setup
+    a, b = _stream(client, ready), _stream(client, ready)
+    try:
+        _expect(wire.ErrorCode.TOO_LARGE, _open, client, b, 3, 6, 65, 1, "huge")
+        _open(client, a, 3, 6, max_length=48, session_id="a")
+        err = _expect(wire.ErrorCode.BUSY, _open, client, b, 3, 6, 32, 1, "b")
+        assert isinstance(err, PeerBusy) and err.retry_after and err.retry_after > 0
+        stats, _ = _run(client, client.core.transport.info(ready["peer_id"]))
+        assert stats["cache_tokens_left"] == 16
+        _run(client, a.close())
+        deadline = time.monotonic() + 10
+        while True:  # the peer frees the budget when it sees the stream end
+            try:
+                _open(client, b, 3, 6, max_length=32, session_id="b")
+                break
+            except PeerBusy:
+                assert time.monotonic() < deadline, "budget not freed 10 s after the session closed"
+                time.sleep(0.1)
+        _, (out,) = _step(client, b, torch.randn(1, 3, HIDDEN), 0, "b")
+        assert out.shape == (1, 3, HIDDEN)
+    finally:
+        _run(client, a.close())
+        _run(client, b.close())
+
+
+def test_idle_session_expires(setup):
+    client, _, ready, _ = setup
+    s = _stream(client, ready)
+    try:
+        _open(client, s, 3, 6, max_length=8, session_id="idle")
+        time.sleep(3.0)  # the peer's idle timeout is 2 s
+        _expect(wire.ErrorCode.EXPIRED, _step, client, s, torch.zeros(1, 1, HIDDEN), 0, "idle")
+        stats, _ = _run(client, client.core.transport.info(ready["peer_id"]))
+        assert stats["sessions"] == 0 and stats["cache_tokens_left"] == 64
+    finally:
+        _run(client, s.close())
