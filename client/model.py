@@ -24,7 +24,7 @@ from transformers.modeling_outputs import BaseModelOutputWithPast
 
 from client.swarm import ClientConfig, RemoteSession, RemoteSwarm
 from dht import records
-from peer import loader
+from peer import wire
 
 logger = logging.getLogger(__name__)
 
@@ -158,9 +158,9 @@ class DistributedMixin:
 
 
 def _load_client_tensors(model_dir: str, dtype: torch.dtype) -> dict[str, torch.Tensor]:
-    files = loader.checkpoint_files(model_dir)
+    files = wire.checkpoint_files(model_dir)
     state = {}
-    for name in loader.client_tensor_names(files):
+    for name in wire.client_tensor_names(files):
         with safe_open(files[name], framework="pt") as f:
             state[name] = f.get_tensor(name).to(dtype)
     return state
@@ -190,7 +190,7 @@ class AutoDistributedModelForCausalLM:
             model.lm_head.weight = base.embed_tokens.weight
         unexpected = [k for k in result.unexpected_keys]
         if unexpected:
-            raise loader.CheckpointError(f"{model_dir} has tensors the client does not know: {unexpected[:5]}")
+            raise wire.CheckpointError(f"{model_dir} has tensors the client does not know: {unexpected[:5]}")
 
         swarm = RemoteSwarm(ClientConfig(
             initial_peers=tuple(initial_peers),
@@ -209,6 +209,6 @@ class AutoDistributedModelForCausalLM:
         leftover = [n for n, p in list(model.named_parameters()) + list(model.named_buffers()) if p.is_meta]
         if leftover:
             swarm.shutdown()
-            raise loader.CheckpointError(f"{model_dir} lacks client tensors {leftover[:5]}")
+            raise wire.CheckpointError(f"{model_dir} lacks client tensors {leftover[:5]}")
         model.eval()
         return model

@@ -17,7 +17,7 @@ import torch
 from torch import nn
 from transformers import AutoConfig, AutoModel, DynamicCache, PretrainedConfig
 
-from peer import loader
+from peer import loader, wire
 
 logger = logging.getLogger(__name__)
 
@@ -65,7 +65,7 @@ class BlockRunner:
         state = loader.load_blocks(model_dir, start, end, self.dtype)
         missing = {k for k in module.state_dict() if k.startswith("layers.")} - set(state)
         if missing:
-            raise loader.CheckpointError(f"{model_dir} lacks tensors {sorted(missing)[:5]} for blocks [{start}, {end})")
+            raise wire.CheckpointError(f"{model_dir} lacks tensors {sorted(missing)[:5]} for blocks [{start}, {end})")
         module.load_state_dict(state, strict=False, assign=True)
         # Non-persistent buffers (rotary inv_freq) were created on meta: rebuild them for real.
         module.rotary_emb = type(module.rotary_emb)(config=self.config).to(self.device)

@@ -1,0 +1,97 @@
+"""Pure tests of the record schema and the record validator (no network)."""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+
+import msgpack
+import pytest
+from hivemind.dht.validation import DHTRecord
+
+from dht import identity, records
+from dht.records import PeerRecord, PeerState, RecordError
+from dht.validator import PeerRecordValidator
+
+
+def make_record(**overrides) -> PeerRecord:
+    fields = dict(peer_id="12D3KooWtest", model_id="llama-6L-abc", start=0, end=4, state=PeerState.ONLINE,
+                  throughput=10.0, dtype="float32", cache_tokens_left=100, version="0.1.0")
+    return PeerRecord(**{**fields, **overrides})
+
+
+def test_roundtrip_and_unknown_extras_are_ignored():
+    r = make_record(public_name="alice", maddrs=("/ip4/127.0.0.1/tcp/1",))
+    wire = records.encode(r)
+    assert records.decode(wire) == r
+    assert records.decode({**wire, "future_field": [1, 2]}) == r
+
+
+@pytest.mark.parametrize("change, message", [
+    ({"v": 2}, "version 2"),
+    ({"start": "0"}, "'start'"),
+    ({"start": 5, "end": 5}, "0 <= start < end"),
+    ({"state": "sleeping"}, "unknown peer state"),
+    ({"dtype": "int8"}, "dtype"),
+    ({"throughput": -1.0}, "throughput"),
+    ({"cache_tokens_left": True}, "bool"),
+    ({"model_id": "has space"}, "model id"),
+    ({"maddrs": [1]}, "maddrs"),
+])
+def test_malformed_fields_are_rejected(change, message):
+    wire = {**records.encode(make_record()), **change}
+    with pytest.raises(RecordError, match=message):
+        records.decode(wire)
+
+
+def test_missing_field_is_named():
+    wire = records.encode(make_record())
+    del wire["dtype"]
+    with pytest.raises(RecordError, match="'dtype'"):
+        records.decode(wire)
+
+
+def test_model_id_separates_checkpoints_and_ignores_volatile_fields():
+    a = {"model_type": "llama", "num_hidden_layers": 6, "hidden_size": 64, "transformers_version": "5.23.0"}
+    assert records.derive_model_id(a) == records.derive_model_id({**a, "transformers_version": "9.9"})
+    assert records.derive_model_id(a) != records.derive_model_id({**a, "hidden_size": 128})
+    assert records.derive_model_id(a).startswith("llama-6L-")
+
+
+def _dht_record(peer_id: str, value: dict, subkey: str | None = None) -> DHTRecord:
+    return DHTRecord(key=b"k" * 20, subkey=msgpack.packb(subkey or records.subkey_for(peer_id)),
+                     value=msgpack.packb(value), expiration_time=1e9)
+
+
+def test_validator_accepts_own_signed_record_and_rejects_forgeries(tmp_path):
+    me = identity.load_or_create(str(tmp_path / "me.key"))
+    other = identity.load_or_create(str(tmp_path / "other.key"))
+    mine, theirs = PeerRecordValidator(me), PeerRecordValidator(other)
+    value = records.encode(make_record(peer_id=me.peer_id))
+    record = _dht_record(me.peer_id, value)
+
+    signed = dataclasses.replace(record, value=mine.sign_value(record))
+    assert theirs.validate(signed)  # anyone can check it
+    assert theirs.strip_value(signed) == record.value
+
+    # Someone else cannot sign a record under my peer id.
+    assert theirs.sign_value(record) == record.value
+    assert not mine.validate(record)
+    forged = dataclasses.replace(record, value=record.value + b"\x00swsig1\x00" + other.sign(b"x") * 1)
+    assert not mine.validate(forged)
+    # A valid signature does not carry over to changed contents or expiration.
+    assert not mine.validate(dataclasses.replace(signed, expiration_time=2e9))
+    # The record's own peer_id must match the subkey.
+    wrong = _dht_record(me.peer_id, records.encode(make_record(peer_id=other.peer_id)))
+    assert not theirs.validate(dataclasses.replace(wrong, value=mine.sign_value(wrong)))
+    # Other DHT traffic (not our subkeys) is not our business.
+    assert mine.validate(DHTRecord(b"k", msgpack.packb("x"), b"v", 1.0))
+
+
+def test_identity_persists_with_owner_only_permissions(tmp_path):
+    path = str(tmp_path / "id.key")
+    first = identity.load_or_create(path)
+    assert os.stat(path).st_mode & 0o777 == 0o600
+    assert identity.load_or_create(path).peer_id == first.peer_id
+    assert first.peer_id.startswith("12D3KooW")
+    assert identity.public_key_of("not-a-peer-id") is None
