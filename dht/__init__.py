@@ -1,0 +1,9 @@
+"""swarmllm dht: the swarm directory.
+
+Files:
+- records.py    the record schema (versioned, strict, tolerant of unknown extras); pure, no I/O
+- identity.py   Ed25519 identity: the libp2p peer id and the key that signs the peer's records
+- validator.py  hivemind record validator: a peer record must be signed by the peer id it names
+- directory.py  every DHT read and write for our keys, and starting a DHT node
+- bootstrap.py  `swarmllm dht` / `python -m dht`: a bootstrap node
+"""

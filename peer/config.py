@@ -26,6 +26,7 @@ class PeerConfig:
     max_message_bytes: int = 64 * 2**20  # bytes
     idle_timeout: float = 300.0  # seconds a session may sit without a step
     announce_period: float = 30.0  # seconds between re-announcements
+    drain_timeout: float = 10.0  # seconds open sessions may take to finish after SIGTERM
     num_threads: int = 0  # torch threads; 0 keeps torch's default
 
 
@@ -65,6 +66,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="largest tensor payload one message may carry, bytes")
     parser.add_argument("--idle-timeout", type=float, default=300.0, help="seconds before an idle session closes")
     parser.add_argument("--announce-period", type=float, default=30.0, help="seconds between announcements")
+    parser.add_argument("--drain-timeout", type=float, default=10.0,
+                        help="on SIGTERM, seconds to let open sessions finish before leaving")
     parser.add_argument("--num-threads", type=int, default=0, help="torch CPU threads (0 = torch's default)")
 
 
@@ -76,5 +79,5 @@ def from_args(args: argparse.Namespace) -> PeerConfig:
         announce_maddrs=tuple(args.announce_maddrs), public_name=args.name, model_id=args.model_id,
         identity_path=args.identity, maddr_file=args.maddr_file, cache_tokens=args.cache_tokens,
         max_session_length=args.max_session_length, max_message_bytes=args.max_message_bytes, idle_timeout=args.idle_timeout,
-        announce_period=args.announce_period, num_threads=args.num_threads,
+        announce_period=args.announce_period, drain_timeout=args.drain_timeout, num_threads=args.num_threads,
     )

