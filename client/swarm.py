@@ -79,8 +79,9 @@ class SwarmCore:
         old = self.rtts.get(record.peer_id)
         self.rtts[record.peer_id] = rtt if old is None else 0.8 * old + 0.2 * rtt
 
-    async def plan(self, start: int = 0, end: int | None = None, banned: frozenset[str] = frozenset()) -> list[Hop]:
-        """A route over [start, end), waiting up to route_timeout for peers to cover it."""
+    async def plan(self, start: int = 0, end: int | None = None, banned: frozenset[str] = frozenset(),
+                   wait: bool = True) -> list[Hop]:
+        """A route over [start, end), waiting up to route_timeout (if ``wait``) for peers to cover it."""
         began = time.monotonic()
         while True:
             records = await self.records(fresh=True)
@@ -92,7 +93,7 @@ class SwarmCore:
                                           banned=banned, start=start, end=end)
             except MissingBlocksError as e:
                 waited = time.monotonic() - began
-                if waited > self.cfg.route_timeout:
+                if not wait or waited > self.cfg.route_timeout:
                     raise MissingBlocksError(e.model_id, e.missing, e.num_blocks, waited) from None
             await asyncio.sleep(0.5)
 
@@ -110,20 +111,24 @@ class SessionCore:
         self.position = 0  # tokens every hop holds
 
     async def open(self) -> None:
+        """Open a session on every hop of a route; a busy peer is routed around when another can serve."""
         banned: set[str] = set()
         while True:
             route = await self.swarm.plan(banned=frozenset(banned))
-            try:
-                self.hops = list(await asyncio.gather(*(self._open_hop(h) for h in route)))
+            opened = await asyncio.gather(*(self._open_hop(h) for h in route), return_exceptions=True)
+            failures = [r for r in opened if isinstance(r, BaseException)]
+            if not failures:
+                self.hops = list(opened)
                 return
-            except PeerBusy as e:
-                banned.add(e.peer_id)
-                await self._close_hops(self.hops)
-                self.hops = []
-                try:
-                    await self.swarm.plan(banned=frozenset(banned))
-                except MissingBlocksError:
-                    raise e from None  # nobody else can take it: the busy error is the useful one
+            await self._close_hops([r for r in opened if isinstance(r, HopSession)])
+            busy = [f for f in failures if isinstance(f, PeerBusy)]
+            if len(busy) != len(failures):
+                raise next(f for f in failures if not isinstance(f, PeerBusy))
+            banned.update(f.peer_id for f in busy)
+            try:
+                await self.swarm.plan(banned=frozenset(banned), wait=False)
+            except MissingBlocksError:
+                raise busy[0] from None  # nobody else can take it: the busy error is the useful one
 
     async def _open_hop(self, hop: Hop) -> HopSession:
         await self.swarm.transport.connect(hop.peer_id, hop.maddrs)

@@ -1,13 +1,13 @@
 """Inference sessions and the KV-cache budget they live in (pure bookkeeping, no I/O).
 
 The budget is counted in tokens of cache per block: a session of ``batch_size`` sequences up to
-``max_length`` tokens reserves ``batch_size * max_length`` tokens for its whole life.
+``max_length`` tokens reserves ``batch_size * max_length`` tokens for its whole life. A session lives as
+long as its stream; the handler closes it when the stream ends or sits idle too long.
 """
 
 from __future__ import annotations
 
 import dataclasses
-import time
 from typing import Any, Callable
 
 from peer.wire import ErrorCode, WireError
@@ -20,7 +20,6 @@ class Session:
     max_length: int  # tokens
     cache: Any  # the runner's cache object
     length: int = 0  # tokens already in the cache
-    last_active: float = 0.0  # clock seconds
 
     @property
     def reserved_tokens(self) -> int:
@@ -28,13 +27,11 @@ class Session:
 
 
 class SessionTable:
-    def __init__(self, budget_tokens: int, *, busy_retry_after: float = 1.0,
-                 clock: Callable[[], float] = time.monotonic):
+    def __init__(self, budget_tokens: int, *, busy_retry_after: float = 1.0):
         if budget_tokens <= 0:
             raise ValueError(f"the cache budget must be a positive number of tokens, got {budget_tokens}")
         self.budget_tokens = budget_tokens
         self.busy_retry_after = busy_retry_after  # seconds
-        self._clock = clock
         self._sessions: dict[str, Session] = {}
 
     @property
@@ -65,16 +62,8 @@ class SessionTable:
                 f"are free; retry later or on another peer",
                 retry_after=self.busy_retry_after,
             )
-        session = Session(session_id, batch_size, max_length, make_cache(), last_active=self._clock())
+        session = Session(session_id, batch_size, max_length, make_cache())
         self._sessions[session_id] = session
-        return session
-
-    def get(self, session_id: str) -> Session:
-        try:
-            session = self._sessions[session_id]
-        except KeyError:
-            raise WireError(ErrorCode.UNKNOWN_SESSION, f"no open session {session_id!r} on this stream: send 'open' first") from None
-        session.last_active = self._clock()
         return session
 
     def close(self, session_id: str) -> None:

@@ -79,3 +79,19 @@ def test_client_loads_no_block_weights(sharded, make_swarm):
         assert model.lm_head.weight.dtype == torch.float32
     finally:
         model.swarm.shutdown()
+
+
+def test_missing_blocks_error_names_the_uncovered_range(tiny_checkpoint, make_swarm):
+    from client import MissingBlocksError
+
+    path = tiny_checkpoint("llama")
+    swarm = make_swarm()
+    swarm.add_peers(path, [(0, 2), (4, 6)])
+    model = AutoDistributedModelForCausalLM.from_pretrained(path, swarm.initial_peers, route_timeout=1.0)
+    try:
+        with pytest.raises(MissingBlocksError, match=r"blocks \[2, 4\) of model llama-6L-") as info:
+            model.generate(torch.tensor([[5, 6, 7]]), max_new_tokens=2, pad_token_id=0)
+        assert info.value.missing == [(2, 4)]
+        assert "swarmllm peer" in str(info.value)
+    finally:
+        model.swarm.shutdown()
