@@ -6,4 +6,5 @@ Files:
 - validator.py  hivemind record validator: a peer record must be signed by the peer id it names
 - directory.py  every DHT read and write for our keys, and starting a DHT node
 - bootstrap.py  `swarmllm dht` / `python -m dht`: a bootstrap node
+- ready.py      the readiness line and maddr file every long-running command writes
 """

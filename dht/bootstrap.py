@@ -3,14 +3,11 @@
 from __future__ import annotations
 
 import argparse
-import json
-import os
 import signal
 import threading
 
 from dht import directory, identity
-
-READY_PREFIX = "SWARMLLM_READY"
+from dht.ready import ready_line, write_maddr_file
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -29,12 +26,8 @@ def main(args: argparse.Namespace) -> None:
     node = directory.start_node(
         node_identity, args.initial_peers, host=args.host, port=args.port, announce_maddrs=args.announce_maddrs)
     maddrs = directory.visible_maddrs(node)
-    if args.maddr_file:
-        tmp = args.maddr_file + ".tmp"
-        with open(tmp, "w") as f:
-            f.write("\n".join(maddrs) + "\n")
-        os.replace(tmp, args.maddr_file)
-    print(f"{READY_PREFIX} " + json.dumps({"role": "dht", "peer_id": node_identity.peer_id, "maddrs": maddrs}), flush=True)
+    write_maddr_file(args.maddr_file, maddrs)
+    print(ready_line("dht", peer_id=node_identity.peer_id, maddrs=maddrs), flush=True)
     stop = threading.Event()
     for sig in (signal.SIGTERM, signal.SIGINT):
         signal.signal(sig, lambda *_: stop.set())

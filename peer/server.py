@@ -3,9 +3,7 @@
 from __future__ import annotations
 
 import asyncio
-import json
 import logging
-import os
 import signal
 import sys
 import time
@@ -13,6 +11,7 @@ import time
 import torch
 
 from dht import directory, identity, records
+from dht.ready import ready_line, write_maddr_file
 from dht.records import PeerRecord, PeerState
 from peer.blocks import BlockRunner, load_config
 from peer.config import PeerConfig
@@ -21,21 +20,7 @@ from peer.sessions import SessionTable
 
 logger = logging.getLogger(__name__)
 
-READY_PREFIX = "SWARMLLM_READY"
 SOFTWARE_VERSION = "0.1.0"
-
-
-def ready_line(role: str, **fields) -> str:
-    """The one machine-readable line a long-running command prints once it is ready."""
-    return f"{READY_PREFIX} " + json.dumps({"role": role, **fields})
-
-
-def write_maddr_file(path: str | None, maddrs: list[str]) -> None:
-    if path:
-        tmp = f"{path}.tmp"
-        with open(tmp, "w") as f:
-            f.write("\n".join(maddrs) + "\n")
-        os.replace(tmp, path)
 
 
 def model_id_for(model_dir: str, override: str | None) -> str:

@@ -6,7 +6,6 @@ stopping it by its PID's group leaves nothing behind. Every wait has a deadline.
 
 from __future__ import annotations
 
-import json
 import os
 import queue
 import signal
@@ -16,7 +15,7 @@ import tempfile
 import threading
 import time
 
-READY_PREFIX = "SWARMLLM_READY"
+from dht.ready import READY_PREFIX, parse_ready_line
 
 
 class ProcessDied(RuntimeError):
@@ -67,8 +66,7 @@ class SwarmProcess:
                 self.popen.wait(timeout=5)
                 raise ProcessDied(f"{self.name} (pid {self.pid}) exited with {self.popen.returncode} "
                                   f"before it was ready:\n{self.stderr_tail()}")
-            if line.startswith(READY_PREFIX):
-                self.ready = json.loads(line[len(READY_PREFIX):])
+            self.ready = parse_ready_line(line)
         return self.ready
 
     @property
