@@ -1,8 +1,11 @@
 """Route planning: a pure function from a swarm snapshot to the chain of peers with least latency.
 
-Nodes are block boundaries 0..L; a peer serving [s, e) is an edge s -> e whose cost is the estimated
-seconds one decode step spends on it: network round trip plus compute (1 / announced throughput).
-Dijkstra finds the cheapest chain from ``start`` to ``end``; ties go to fewer hops, then peer ids.
+Nodes are block boundaries; a peer serving [s, e) offers an edge a -> b for every pair of boundaries
+s <= a < b <= e (it runs the sub-range [a, b)). An edge costs the seconds one decode step is expected
+to spend there: the measured round trip (doubled and padded for relayed peers), plus the compute
+share (b - a) / (e - s) / announced throughput, inflated by the sessions the peer is already
+serving, plus a large penalty when the peer's free cache cannot hold the session. Dijkstra finds
+the cheapest chain; ties go to fewer hops, then to peer ids (deterministic).
 """
 
 from __future__ import annotations
@@ -16,6 +19,9 @@ from dht.records import PeerRecord, PeerState
 
 DEFAULT_RTT = 0.05  # seconds, for a peer not pinged yet
 MIN_THROUGHPUT = 1e-3  # steps/s, floor for a peer announcing ~0
+LOAD_FACTOR = 0.5  # each open session on a peer adds this fraction of its compute time
+RELAY_PENALTY = 0.05  # seconds added to a relayed peer's (doubled) round trip
+CACHE_PENALTY = 10.0  # seconds: a peer whose free cache cannot hold the session is a last resort
 
 
 @dataclasses.dataclass(frozen=True)
@@ -26,9 +32,15 @@ class Hop:
     maddrs: tuple[str, ...] = ()
 
 
-def hop_cost(record: PeerRecord, rtt: float | None) -> float:
-    """Estimated seconds per decode step spent on this peer."""
-    return (DEFAULT_RTT if rtt is None else rtt) + 1.0 / max(record.throughput, MIN_THROUGHPUT)
+def hop_cost(record: PeerRecord, rtt: float | None, blocks: int | None = None, cache_tokens_needed: int = 0) -> float:
+    """Estimated seconds per decode step spent on ``blocks`` blocks (default: all) of this peer."""
+    rtt = DEFAULT_RTT if rtt is None else rtt
+    network = 2 * rtt + RELAY_PENALTY if record.relayed else rtt
+    blocks = record.num_blocks if blocks is None else blocks
+    compute = blocks / record.num_blocks / max(record.throughput, MIN_THROUGHPUT)
+    compute *= 1 + LOAD_FACTOR * record.num_sessions
+    penalty = CACHE_PENALTY if record.cache_tokens_left < cache_tokens_needed else 0.0
+    return network + compute + penalty
 
 
 def uncovered(records: Iterable[PeerRecord], start: int, end: int) -> list[tuple[int, int]]:
@@ -47,6 +59,13 @@ def uncovered(records: Iterable[PeerRecord], start: int, end: int) -> list[tuple
     return gaps
 
 
+def usable_records(records: Iterable[PeerRecord], model_id: str, num_blocks: int,
+                   banned: Iterable[str] = ()) -> list[PeerRecord]:
+    banned = set(banned)
+    return [r for r in records if r.model_id == model_id and r.state == PeerState.ONLINE
+            and r.peer_id not in banned and r.end <= num_blocks]
+
+
 def plan_route(
     records: Iterable[PeerRecord],
     model_id: str,
@@ -56,20 +75,15 @@ def plan_route(
     banned: Iterable[str] = (),
     start: int = 0,
     end: int | None = None,
+    cache_tokens_needed: int = 0,
 ) -> list[Hop]:
-    """The cheapest chain of ONLINE, unbanned peers whose spans tile [start, end) exactly."""
+    """The cheapest chain of ONLINE, unbanned peers (or sub-ranges of them) that tiles [start, end)."""
     end = num_blocks if end is None else end
     rtts = rtts or {}
-    banned = set(banned)
-    usable = [r for r in records if r.model_id == model_id and r.state == PeerState.ONLINE
-              and r.peer_id not in banned and r.end <= num_blocks]
-    edges: dict[int, list[PeerRecord]] = {}
-    for r in usable:
-        if start <= r.start and r.end <= end:
-            edges.setdefault(r.start, []).append(r)
-    # (cost, hops, tie-break path of peer ids, boundary)
+    usable = [r for r in usable_records(records, model_id, num_blocks, banned) if r.start < end and r.end > start]
+    boundaries = sorted({start, end} | {b for r in usable for b in (r.start, r.end) if start < b < end})
     best: dict[int, tuple[float, int, tuple[str, ...]]] = {start: (0.0, 0, ())}
-    came_from: dict[int, PeerRecord] = {}
+    came_from: dict[int, tuple[PeerRecord, int]] = {}
     heap = [(0.0, 0, (), start)]
     while heap:
         cost, hops, path, node = heapq.heappop(heap)
@@ -77,21 +91,22 @@ def plan_route(
             continue
         if node == end:
             break
-        for r in sorted(edges.get(node, []), key=lambda r: r.peer_id):
-            candidate = (cost + hop_cost(r, rtts.get(r.peer_id)), hops + 1, path + (r.peer_id,))
-            if r.end not in best or candidate < best[r.end]:
-                best[r.end] = candidate
-                came_from[r.end] = r
-                heapq.heappush(heap, (*candidate, r.end))
+        for r in usable:
+            if not r.start <= node < r.end:
+                continue
+            for b in boundaries:
+                if node < b <= min(r.end, end):
+                    edge = hop_cost(r, rtts.get(r.peer_id), b - node, cache_tokens_needed)
+                    candidate = (cost + edge, hops + 1, path + (r.peer_id,))
+                    if b not in best or candidate < best[b]:
+                        best[b] = candidate
+                        came_from[b] = (r, node)
+                        heapq.heappush(heap, (*candidate, b))
     if end not in best:
-        gaps = uncovered(usable, start, end)
-        if not gaps:  # covered, but spans do not line up on common boundaries
-            reachable = max(best)
-            gaps = [(reachable, end)]
-        raise MissingBlocksError(model_id, gaps, num_blocks)
+        raise MissingBlocksError(model_id, uncovered(usable, start, end) or [(max(best), end)], num_blocks)
     route, node = [], end
     while node != start:
-        r = came_from[node]
-        route.append(Hop(r.peer_id, r.start, r.end, r.maddrs))
-        node = r.start
+        r, a = came_from[node]
+        route.append(Hop(r.peer_id, a, node, r.maddrs))
+        node = a
     return route[::-1]

@@ -1,7 +1,7 @@
-"""The client's view of the swarm and its sessions: records from the DHT, measured RTTs, routes,
-and inference sessions that stream hidden states through a chain of peers.
+"""The client's view of the swarm and its sessions: records from the DHT, measured RTTs, bans, routes,
+and inference sessions that stream hidden states through a chain of peers and survive their failures.
 
-Async core on the client's loop thread; ``RemoteSwarm`` is the synchronous face the model uses.
+Async core on the client's loop thread; ``RemoteSwarm`` and ``RemoteSession`` are the synchronous faces.
 """
 
 from __future__ import annotations
@@ -15,6 +15,7 @@ import uuid
 import torch
 
 from client import routing
+from client.bans import BanList
 from client.errors import MissingBlocksError, PeerBusy, PeerError, SwarmError
 from client.loop import LoopThread
 from client.routing import Hop
@@ -32,25 +33,42 @@ class ClientConfig:
     model_id: str
     num_blocks: int
     hidden_size: int
-    step_timeout: float = 60.0  # seconds for one step on one peer, plus per-token allowance below
+    step_timeout: float = 30.0  # seconds one step may take on one peer, plus the per-token allowance
     step_timeout_per_token: float = 0.05  # seconds per token in the step
-    route_timeout: float = 30.0  # seconds to wait for peers to cover every block
+    route_timeout: float = 30.0  # seconds to wait for peers to cover missing blocks
+    max_retries: int = 16  # failed hops one session step may recover from before giving up
     max_chunk_tokens: int | None = None  # tokens per message; None = derived from message size
-    record_ttl: float = 2.0  # seconds a fetched snapshot of records is reused
+    refresh_period: float = 5.0  # seconds between background refreshes of records and pings
+    ping_timeout: float = 3.0  # seconds
+    ban_base: float = 2.0  # seconds a peer is avoided after its first failure (doubles each time)
+
+
+@dataclasses.dataclass(frozen=True)
+class StepInput:
+    """What one hop received in one step: enough to replay it exactly on a replacement."""
+
+    hidden: torch.Tensor  # (batch, t, hidden)
+    position_ids: torch.Tensor  # (batch, t)
+    mask: torch.Tensor | None  # (batch, offset + t)
+    offset: int
 
 
 class HopSession:
-    """One peer's part of a session: its stream and the number of tokens it holds."""
+    """One peer's part of a session: its stream, and every input it was sent (for replay)."""
 
     def __init__(self, hop: Hop, stream: Stream, session_id: str):
         self.hop, self.stream, self.session_id = hop, stream, session_id
+        self.history: list[StepInput] = []
 
-    async def step(self, hidden: torch.Tensor, position_ids: torch.Tensor, mask: torch.Tensor | None,
-                   offset: int, timeout: float) -> torch.Tensor:
-        tensors = [hidden, position_ids] + ([] if mask is None else [mask])
-        meta, out = await self.stream.call({"op": "step", "session_id": self.session_id, "offset": offset}, tensors, timeout)
-        if len(out) != 1 or tuple(out[0].shape) != tuple(hidden.shape):
-            raise PeerError(self.hop.peer_id, f"returned {[tuple(t.shape) for t in out]} for input {tuple(hidden.shape)}")
+    async def step(self, x: StepInput, timeout: float) -> torch.Tensor:
+        tensors = [x.hidden, x.position_ids] + ([] if x.mask is None else [x.mask])
+        meta, out = await self.stream.call({"op": "step", "session_id": self.session_id, "offset": x.offset},
+                                           tensors, timeout)
+        if len(out) != 1 or tuple(out[0].shape) != tuple(x.hidden.shape):
+            raise PeerError(self.hop.peer_id, f"returned {[tuple(t.shape) for t in out]} for input {tuple(x.hidden.shape)}")
+        if not torch.isfinite(out[0]).all():
+            raise PeerError(self.hop.peer_id, "returned NaN or infinite hidden states")
+        self.history.append(x)
         return out[0]
 
 
@@ -59,38 +77,55 @@ class SwarmCore:
 
     def __init__(self, cfg: ClientConfig, transport: Transport, dht):
         self.cfg, self.transport, self.dht = cfg, transport, dht
-        self.rtts: dict[str, float] = {}  # peer id -> smoothed RTT, seconds
-        self._snapshot: tuple[float, list[PeerRecord]] | None = None
+        self.rtts: dict[str, float] = {}  # peer id -> smoothed RTT (seconds) of peers that answered
+        self.unreachable: set[str] = set()  # peers whose last ping failed
+        self.records: list[PeerRecord] = []
+        self.bans = BanList(base=cfg.ban_base)
+        self.retries = 0  # failed hops recovered from, over the client's life (for tests and notes)
 
-    async def records(self, fresh: bool = False) -> list[PeerRecord]:
-        now = time.monotonic()
-        if fresh or self._snapshot is None or now - self._snapshot[0] > self.cfg.record_ttl:
-            self._snapshot = (now, await directory.fetch_peers(self.dht, self.cfg.model_id))
-        return self._snapshot[1]
+    async def refresh(self) -> list[PeerRecord]:
+        """Fetch every record of the model and ping the peers not measured yet."""
+        self.records = await directory.fetch_peers(self.dht, self.cfg.model_id)
+        unmeasured = [r for r in self.records if r.peer_id not in self.rtts and r.peer_id not in self.unreachable]
+        await asyncio.gather(*(self._ping(r) for r in unmeasured))
+        return self.records
 
-    async def _measure(self, record: PeerRecord) -> None:
+    async def run_refresh_loop(self) -> None:
+        """Background: re-read records and re-ping every known peer, so a dead peer stops being routed
+        to within one refresh period, long before its record expires."""
+        while True:
+            await asyncio.sleep(self.cfg.refresh_period)
+            try:
+                self.records = await directory.fetch_peers(self.dht, self.cfg.model_id)
+                await asyncio.gather(*(self._ping(r) for r in self.records))
+            except (OSError, RuntimeError) as e:  # the DHT process is shutting down or unreachable
+                logger.info("swarm refresh failed: %s", e)
+
+    async def _ping(self, record: PeerRecord) -> None:
         try:
             await self.transport.connect(record.peer_id, record.maddrs)
-            _, rtt = await self.transport.info(record.peer_id, timeout=3.0)
+            _, rtt = await self.transport.info(record.peer_id, timeout=self.cfg.ping_timeout)
         except PeerError as e:
             logger.info("peer unreachable, not routing through it: %s", e)
+            self.unreachable.add(record.peer_id)
             self.rtts.pop(record.peer_id, None)
+            self.transport.forget(record.peer_id)
             return
+        self.unreachable.discard(record.peer_id)
         old = self.rtts.get(record.peer_id)
         self.rtts[record.peer_id] = rtt if old is None else 0.8 * old + 0.2 * rtt
 
-    async def plan(self, start: int = 0, end: int | None = None, banned: frozenset[str] = frozenset(),
-                   wait: bool = True) -> list[Hop]:
-        """A route over [start, end), waiting up to route_timeout (if ``wait``) for peers to cover it."""
+    async def plan(self, start: int = 0, end: int | None = None, *, exclude: frozenset[str] = frozenset(),
+                   cache_tokens_needed: int = 0, wait: bool = True) -> list[Hop]:
+        """A route over [start, end) avoiding banned, unreachable and excluded peers; waits up to
+        route_timeout (if ``wait``) for peers to cover missing blocks."""
         began = time.monotonic()
         while True:
-            records = await self.records(fresh=True)
-            unmeasured = [r for r in records if r.peer_id not in self.rtts and r.peer_id not in banned]
-            await asyncio.gather(*(self._measure(r) for r in unmeasured))
-            reachable = [r for r in records if r.peer_id in self.rtts]
+            await self.refresh()
+            avoid = exclude | self.bans.banned() | self.unreachable
             try:
-                return routing.plan_route(reachable, self.cfg.model_id, self.cfg.num_blocks, rtts=self.rtts,
-                                          banned=banned, start=start, end=end)
+                return routing.plan_route(self.records, self.cfg.model_id, self.cfg.num_blocks, rtts=self.rtts,
+                                          banned=avoid, start=start, end=end, cache_tokens_needed=cache_tokens_needed)
             except MissingBlocksError as e:
                 waited = time.monotonic() - began
                 if not wait or waited > self.cfg.route_timeout:
@@ -102,7 +137,9 @@ class SwarmCore:
 
 
 class SessionCore:
-    """An inference session across a route: each hop keeps its own KV cache on its peer."""
+    """An inference session across a route. Each hop keeps its KV cache on its peer; the client keeps
+    each hop's inputs, so when a peer dies or hangs, a replacement (one peer or several, split any
+    way) rebuilds the cache by replaying them step by step — the same computation, so the same bits."""
 
     def __init__(self, swarm: SwarmCore, batch_size: int, max_length: int, *, rpc: str = wire.RPC_INFERENCE):
         self.swarm, self.batch_size, self.max_length, self.rpc = swarm, batch_size, max_length, rpc
@@ -111,24 +148,26 @@ class SessionCore:
         self.position = 0  # tokens every hop holds
 
     async def open(self) -> None:
-        """Open a session on every hop of a route; a busy peer is routed around when another can serve."""
-        banned: set[str] = set()
+        self.hops = await self._open_route(0, self.swarm.cfg.num_blocks)
+
+    async def _open_route(self, start: int, end: int) -> list[HopSession]:
+        """Open sessions on a route over [start, end); a busy peer is routed around when another can serve."""
+        busy: set[str] = set()
         while True:
-            route = await self.swarm.plan(banned=frozenset(banned))
+            route = await self.swarm.plan(start, end, exclude=frozenset(busy),
+                                          cache_tokens_needed=self.batch_size * self.max_length)
             opened = await asyncio.gather(*(self._open_hop(h) for h in route), return_exceptions=True)
             failures = [r for r in opened if isinstance(r, BaseException)]
             if not failures:
-                self.hops = list(opened)
-                return
+                return list(opened)
             await self._close_hops([r for r in opened if isinstance(r, HopSession)])
-            busy = [f for f in failures if isinstance(f, PeerBusy)]
-            if len(busy) != len(failures):
+            if not all(isinstance(f, PeerBusy) for f in failures):
                 raise next(f for f in failures if not isinstance(f, PeerBusy))
-            banned.update(f.peer_id for f in busy)
+            busy.update(f.peer_id for f in failures)
             try:
-                await self.swarm.plan(banned=frozenset(banned), wait=False)
+                await self.swarm.plan(start, end, exclude=frozenset(busy), wait=False)
             except MissingBlocksError:
-                raise busy[0] from None  # nobody else can take it: the busy error is the useful one
+                raise failures[0] from None  # nobody else can take it: the busy error is the useful one
 
     async def _open_hop(self, hop: Hop) -> HopSession:
         await self.swarm.transport.connect(hop.peer_id, hop.maddrs)
@@ -153,15 +192,57 @@ class SessionCore:
         chunk = self.swarm.cfg.max_chunk_tokens or wire.chunk_tokens(batch, hidden.shape[2])
         outputs = []
         for begin in range(0, tokens, chunk):
-            h = hidden[:, begin:begin + chunk]  # (batch, t_chunk, hidden)
             pos = position_ids[:, begin:begin + chunk]
-            mask = None if attention_mask is None else attention_mask[:, : self.position + h.shape[1]]
-            timeout = self.swarm.step_timeout(h.shape[1] * batch)
-            for hop in self.hops:
-                h = await hop.step(h, pos, mask, self.position, timeout)
+            mask = None if attention_mask is None else attention_mask[:, : self.position + pos.shape[1]]
+            x = StepInput(hidden[:, begin:begin + chunk], pos, mask, self.position)
+            outputs.append(await self._through_route(x))
             self.position += pos.shape[1]
-            outputs.append(h)
         return torch.cat(outputs, dim=1)
+
+    async def _through_route(self, x: StepInput) -> torch.Tensor:
+        timeout = self.swarm.step_timeout(x.hidden.shape[0] * x.hidden.shape[1])
+        retries, i = 0, 0
+        while i < len(self.hops):
+            hop = self.hops[i]
+            try:
+                out = await hop.step(x, timeout)
+            except PeerError as e:
+                if not e.recoverable:
+                    raise
+                retries += 1
+                if retries > self.swarm.cfg.max_retries:
+                    raise SwarmError(f"gave up after {retries - 1} failovers in one step; last error: {e}") from e
+                await self._replace(i, e)
+                continue  # the same input goes to the replacement of hop i
+            self.swarm.bans.succeed(hop.hop.peer_id)
+            x = dataclasses.replace(x, hidden=out)
+            i += 1
+        return x.hidden
+
+    async def _replace(self, i: int, error: PeerError) -> None:
+        """Swap hop i for a fresh route over its blocks and replay its history into it."""
+        failed = self.hops[i]
+        duration = self.swarm.bans.fail(failed.hop.peer_id)
+        self.swarm.retries += 1
+        logger.warning("hop [%d, %d) failed (%s); avoiding %s for %.0f s and re-routing",
+                       failed.hop.start, failed.hop.end, error, failed.hop.peer_id, duration)
+        await failed.stream.close(timeout=0.5)
+        while True:
+            replacement = await self._open_route(failed.hop.start, failed.hop.end)
+            try:
+                for x in failed.history:
+                    timeout = self.swarm.step_timeout(x.hidden.shape[0] * x.hidden.shape[1])
+                    for new in replacement:
+                        x = dataclasses.replace(x, hidden=await new.step(x, timeout))
+            except PeerError as e:
+                if not e.recoverable:
+                    raise
+                self.swarm.bans.fail(e.peer_id)
+                self.swarm.retries += 1
+                await self._close_hops(replacement)
+                continue
+            self.hops[i:i + 1] = replacement
+            return
 
     async def close(self) -> None:
         await self._close_hops(self.hops)
@@ -209,16 +290,24 @@ class RemoteSession:
 
 
 class RemoteSwarm:
-    """Synchronous entry point: a client DHT node, a transport, and the loop thread they live on."""
+    """Synchronous entry point: a client DHT node, a transport, a background refresher, and the loop
+    thread they all live on."""
 
     def __init__(self, cfg: ClientConfig):
         self.cfg = cfg
         self.loop = LoopThread()
         self.dht = directory.start_node(None, cfg.initial_peers, client_mode=True)
-        self.core = self.loop.run(self._make_core(), timeout=60)
+        try:
+            self.core, self._refresher = self.loop.run(self._start(), timeout=60)
+        except BaseException:
+            self.dht.shutdown()
+            self.loop.stop()
+            raise
 
-    async def _make_core(self) -> SwarmCore:
-        return SwarmCore(self.cfg, Transport(await self.dht.replicate_p2p()), self.dht)
+    async def _start(self) -> tuple[SwarmCore, asyncio.Task]:
+        core = SwarmCore(self.cfg, Transport(await self.dht.replicate_p2p()), self.dht)
+        # Owned by this RemoteSwarm: cancelled in shutdown(); it catches the errors it can recover from.
+        return core, asyncio.get_running_loop().create_task(core.run_refresh_loop(), name="swarm-refresh")
 
     def open_session(self, batch_size: int, max_length: int) -> RemoteSession:
         core = SessionCore(self.core, batch_size, max_length)
@@ -242,12 +331,18 @@ class RemoteSwarm:
         return self.loop.run(self.core.plan())
 
     def shutdown(self) -> None:
-        """Close the RPC side, the DHT node (and its daemon), then the loop thread. Safe to call twice."""
+        """Stop the refresher, close the RPC side, the DHT node (and its daemon), then the loop thread.
+        Safe to call twice."""
         if self.loop.loop.is_running():
             self.loop.run(self._shutdown(), timeout=10)
             self.loop.stop()
         self.dht.shutdown()
 
     async def _shutdown(self) -> None:
+        self._refresher.cancel()
+        try:
+            await self._refresher  # re-raises whatever killed it, if not our cancel
+        except asyncio.CancelledError:
+            pass
         await self.core.transport.p2p.shutdown()
         await asyncio.sleep(0)  # let the cancelled reader/writer tasks finish

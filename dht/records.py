@@ -52,6 +52,8 @@ class PeerRecord:
     public_name: str = ""
     wire_version: int = WIRE_VERSION
     maddrs: tuple[str, ...] = ()  # multiaddrs the peer is reachable at
+    relayed: bool = False  # reachable only through a libp2p circuit relay
+    num_sessions: int = 0  # inference sessions open right now
 
     def __post_init__(self) -> None:
         _check_model_id(self.model_id)
@@ -67,6 +69,8 @@ class PeerRecord:
             raise RecordError(f"cache_tokens_left must be >= 0, got {self.cache_tokens_left}")
         if len(self.public_name) > MAX_NAME_CHARS:
             raise RecordError(f"public_name is longer than {MAX_NAME_CHARS} characters")
+        if self.num_sessions < 0:
+            raise RecordError(f"num_sessions must be >= 0, got {self.num_sessions}")
         if len(self.maddrs) > MAX_MADDRS:
             raise RecordError(f"at most {MAX_MADDRS} multiaddrs, got {len(self.maddrs)}")
 
@@ -94,11 +98,18 @@ def encode(record: PeerRecord) -> dict[str, Any]:
         "public_name": record.public_name,
         "wire_version": record.wire_version,
         "maddrs": list(record.maddrs),
+        "relayed": record.relayed,
+        "num_sessions": record.num_sessions,
     }
 
 
-def _field(obj: Mapping[str, Any], name: str, types: type | tuple[type, ...]) -> Any:
+_MISSING = object()
+
+
+def _field(obj: Mapping[str, Any], name: str, types: type | tuple[type, ...], default: Any = _MISSING) -> Any:
     if name not in obj:
+        if default is not _MISSING:
+            return default  # a field added after version 1: older peers do not send it
         raise RecordError(f"record lacks the field {name!r}")
     value = obj[name]
     if isinstance(value, bool) and bool not in (types if isinstance(types, tuple) else (types,)):
@@ -136,6 +147,8 @@ def decode(obj: Any) -> PeerRecord:
         public_name=_field(obj, "public_name", str),
         wire_version=_field(obj, "wire_version", int),
         maddrs=tuple(maddrs),
+        relayed=_field(obj, "relayed", bool, False),
+        num_sessions=_field(obj, "num_sessions", int, 0),
     )
 
 

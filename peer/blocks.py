@@ -26,6 +26,23 @@ DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch
 _PER_LAYER_FIELDS = ("layer_types", "no_rope_layers", "mlp_only_layers", "sliding_window_pattern_layers")
 
 
+class SpanCache(DynamicCache):
+    """A KV cache for blocks [start, end) of a runner whose first block is ``runner_start``.
+
+    Decoder layers address the cache by their index within the runner (``self_attn.layer_idx``); a
+    session over a sub-range needs index 0 to be its own first block, because transformers reads
+    layer 0 for the sequence length and mask sizes. ``update`` shifts the index accordingly.
+    """
+
+    def __init__(self, config: PretrainedConfig, start: int, end: int, runner_start: int):
+        super().__init__(config=config)
+        self.start, self.end = start, end
+        self._shift = start - runner_start
+
+    def update(self, key_states, value_states, layer_idx, *args, **kwargs):
+        return super().update(key_states, value_states, layer_idx - self._shift, *args, **kwargs)
+
+
 def load_config(model_dir: str) -> PretrainedConfig:
     config = AutoConfig.from_pretrained(model_dir)
     return config.get_text_config(decoder=True)
@@ -77,9 +94,26 @@ class BlockRunner:
         meta_left = [n for n, t in list(module.named_parameters()) + list(module.named_buffers()) if t.is_meta]
         if meta_left:
             raise RuntimeError(f"tensors left unmaterialised after loading: {meta_left[:5]}")
+        self._views: dict[tuple[int, int], nn.Module] = {(start, end): module}
 
-    def new_cache(self) -> DynamicCache:
-        return DynamicCache(config=self.config)
+    def _view(self, start: int, end: int) -> nn.Module:
+        """A model over blocks [start, end) that shares this runner's layer modules (no copy of weights)."""
+        if (start, end) not in self._views:
+            if not self.start <= start < end <= self.end:
+                raise ValueError(f"blocks [{start}, {end}) are not within this runner's [{self.start}, {self.end})")
+            view = copy.copy(self.module)
+            view._modules = dict(self.module._modules)
+            view.layers = nn.ModuleList(self.module.layers[start - self.start:end - self.start])
+            view.config = span_config(self.full_config, start, end)
+            view.config._attn_implementation = self.config._attn_implementation
+            self._views[(start, end)] = view
+        return self._views[(start, end)]
+
+    def new_cache(self, start: int | None = None, end: int | None = None) -> SpanCache:
+        """A cache for a session over [start, end) (default: every block this runner holds)."""
+        start = self.start if start is None else start
+        end = self.end if end is None else end
+        return SpanCache(self._view(start, end).config, start, end, self.start)
 
     @torch.inference_mode()
     def forward(
@@ -87,13 +121,14 @@ class BlockRunner:
         hidden: torch.Tensor,  # (batch, seq, hidden)
         position_ids: torch.Tensor,  # (batch, seq) int64
         attention_mask: torch.Tensor | None,  # (batch, past + seq) 0/1, or None for no padding
-        cache: DynamicCache | None,
+        cache: SpanCache,
     ) -> torch.Tensor:
-        out = self.module(
+        """Run blocks [cache.start, cache.end) on new tokens, appending their keys/values to ``cache``."""
+        out = self._view(cache.start, cache.end)(
             inputs_embeds=hidden.to(self.device, self.dtype),
             attention_mask=None if attention_mask is None else attention_mask.to(self.device),
             position_ids=position_ids.to(self.device),
             past_key_values=cache,
-            use_cache=cache is not None,
+            use_cache=True,
         )
         return out.last_hidden_state  # (batch, seq, hidden)

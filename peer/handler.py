@@ -132,12 +132,13 @@ class PeerHandler:
     def _open(self, meta: dict, ephemeral: bool) -> Session:
         if not ephemeral and not self.accepting:
             raise WireError(ErrorCode.DRAINING, "this peer is shutting down and accepts no new sessions: re-plan the route")
+        runner = self.runner  # sessions stay on the runner they opened on, even if the peer moves
         start = _int_field(meta, "start", 0)
         end = _int_field(meta, "end", 0)
-        if (start, end) != (self.runner.start, self.runner.end):
+        if not runner.start <= start < end <= runner.end:
             raise WireError(
                 ErrorCode.WRONG_BLOCKS,
-                f"peer serves blocks [{self.runner.start}, {self.runner.end}) but the request asked for "
+                f"peer serves blocks [{runner.start}, {runner.end}) but the request asked for "
                 f"[{start}, {end}): re-plan the route",
             )
         batch_size = _int_field(meta, "batch_size", 1, MAX_BATCH_SIZE)
@@ -145,9 +146,12 @@ class PeerHandler:
         session_id = meta.get("session_id") or uuid.uuid4().hex
         if not isinstance(session_id, str) or len(session_id) > MAX_SESSION_ID_CHARS:
             raise WireError(ErrorCode.BAD_REQUEST, f"session_id must be a string of at most {MAX_SESSION_ID_CHARS} chars")
+        def make_cache():
+            return runner.new_cache(start, end)
+
         if ephemeral:
-            return Session(session_id, batch_size, max_length, self.runner.new_cache())
-        return self.sessions.open(session_id, batch_size, max_length, self.runner.new_cache)
+            return Session(session_id, batch_size, max_length, runner, make_cache())
+        return self.sessions.open(session_id, batch_size, max_length, runner, make_cache)
 
     def _validate_step(self, session: Session, meta: dict, tensors: list[torch.Tensor]):
         offset = _int_field(meta, "offset", 0)
@@ -164,7 +168,7 @@ class PeerHandler:
         mask = tensors[2] if len(tensors) == 3 else None
         if hidden.dtype not in wire.HIDDEN_DTYPES:
             raise WireError(ErrorCode.BAD_DTYPE, f"hidden states must be float32, bfloat16 or float16, got {hidden.dtype}")
-        hidden_size = self.runner.hidden_size
+        hidden_size = session.runner.hidden_size
         if hidden.ndim != 3 or hidden.shape[0] != session.batch_size or hidden.shape[2] != hidden_size or hidden.shape[1] < 1:
             raise WireError(
                 ErrorCode.BAD_SHAPE,
@@ -197,7 +201,7 @@ class PeerHandler:
         loop = asyncio.get_running_loop()
         try:
             out = await loop.run_in_executor(
-                self._compute, self.runner.forward, hidden, position_ids, mask, session.cache)
+                self._compute, session.runner.forward, hidden, position_ids, mask, session.cache)
         except Exception as e:  # a compute failure must not take the peer down; this session is lost
             logger.exception("compute failed in session %s", session.session_id)
             raise WireError(ErrorCode.INTERNAL, f"the peer failed computing this step ({type(e).__name__}): re-route") from e

@@ -18,7 +18,8 @@ class Session:
     session_id: str
     batch_size: int
     max_length: int  # tokens
-    cache: Any  # the runner's cache object
+    runner: Any  # the BlockRunner computing this session (kept even if the peer moves to other blocks)
+    cache: Any  # the runner's cache object (a SpanCache over the session's blocks)
     length: int = 0  # tokens already in the cache
 
     @property
@@ -45,7 +46,8 @@ class SessionTable:
     def __len__(self) -> int:
         return len(self._sessions)
 
-    def open(self, session_id: str, batch_size: int, max_length: int, make_cache: Callable[[], Any]) -> Session:
+    def open(self, session_id: str, batch_size: int, max_length: int, runner: Any, make_cache: Callable[[], Any]
+             ) -> Session:
         if session_id in self._sessions:
             raise WireError(ErrorCode.BAD_REQUEST, f"session {session_id!r} is already open on this peer")
         want = batch_size * max_length
@@ -62,7 +64,7 @@ class SessionTable:
                 f"are free; retry later or on another peer",
                 retry_after=self.busy_retry_after,
             )
-        session = Session(session_id, batch_size, max_length, make_cache())
+        session = Session(session_id, batch_size, max_length, runner, make_cache())
         self._sessions[session_id] = session
         return session
 

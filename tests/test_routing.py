@@ -11,9 +11,9 @@ from dht.records import PeerRecord, PeerState
 MODEL = "m-8L-x"
 
 
-def rec(peer, start, end, throughput=100.0, state=PeerState.ONLINE, model=MODEL):
+def rec(peer, start, end, throughput=100.0, state=PeerState.ONLINE, model=MODEL, **extra):
     return PeerRecord(peer_id=peer, model_id=model, start=start, end=end, state=state, throughput=throughput,
-                      dtype="float32", cache_tokens_left=1000, version="t")
+                      dtype="float32", cache_tokens_left=1000, version="t", **extra)
 
 
 def spans(route):
@@ -52,12 +52,45 @@ def test_banned_offline_and_other_models_are_skipped():
     assert [h.peer_id for h in plan_route(records, MODEL, 8)] == ["a"]
 
 
-def test_overlapping_spans_that_do_not_line_up_report_the_unreachable_part():
-    with pytest.raises(MissingBlocksError) as info:
-        plan_route([rec("a", 0, 5), rec("b", 3, 8)], MODEL, 8)
-    assert info.value.missing == [(5, 8)]
+def test_overlapping_ranges_are_cut_into_sub_ranges():
+    assert spans(plan_route([rec("a", 0, 5), rec("b", 3, 8)], MODEL, 8)) in (
+        [("a", 0, 3), ("b", 3, 8)], [("a", 0, 5), ("b", 5, 8)])
+
+
+def test_a_peer_covering_more_than_needed_runs_a_sub_range():
+    route = plan_route([rec("big", 0, 8), rec("x", 0, 2)], MODEL, 8, start=2, end=6)
+    assert spans(route) == [("big", 2, 6)]
+    # failover of the middle of a route: only [3, 5) is re-planned
+    route = plan_route([rec("a", 0, 4), rec("b", 4, 8), rec("c", 2, 6)], MODEL, 8, start=3, end=5, banned={"a"})
+    assert spans(route) == [("c", 3, 5)]
+
+
+def test_load_cache_and_relay_make_a_peer_cost_more():
+    assert [h.peer_id for h in plan_route([rec("busy", 0, 8, num_sessions=8), rec("idle", 0, 8, throughput=60.0)],
+                                          MODEL, 8)] == ["idle"]
+    full = rec("full", 0, 8, throughput=1000.0)
+    full = PeerRecord(**{**full.__dict__, "cache_tokens_left": 10})
+    assert [h.peer_id for h in plan_route([full, rec("roomy", 0, 8)], MODEL, 8, cache_tokens_needed=100)] == ["roomy"]
+    assert [h.peer_id for h in plan_route([full, rec("roomy", 0, 8)], MODEL, 8, cache_tokens_needed=5)] == ["full"]
+    assert [h.peer_id for h in plan_route([rec("relayed", 0, 8, relayed=True), rec("direct", 0, 8, throughput=50.0)],
+                                          MODEL, 8, rtts={"relayed": 0.02, "direct": 0.02})] == ["direct"]
 
 
 def test_uncovered():
     assert uncovered([rec("a", 1, 3), rec("b", 5, 6)], 0, 8) == [(0, 1), (3, 5), (6, 8)]
     assert uncovered([rec("a", 0, 8)], 0, 8) == []
+
+
+def test_ban_list_backs_off_exponentially_and_forgives_on_success():
+    from client.bans import BanList
+
+    now = [100.0]
+    bans = BanList(base=2.0, factor=2.0, cap=10.0, clock=lambda: now[0])
+    assert bans.fail("p") == 2.0 and bans.banned() == {"p"}
+    now[0] += 2.5
+    assert bans.banned() == set()
+    assert bans.fail("p") == 4.0
+    assert bans.fail("p") == 8.0
+    assert bans.fail("p") == 10.0  # capped
+    bans.succeed("p")
+    assert bans.banned() == set() and bans.failures("p") == 0
