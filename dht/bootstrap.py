@@ -18,13 +18,16 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="multiaddrs others should dial (public address behind port forwarding)")
     parser.add_argument("--identity", default=None, metavar="PATH",
                         help="key file that keeps this node's id (and so its multiaddr) across restarts")
+    parser.add_argument("--relay", action="store_true",
+                        help="relay traffic for peers behind NAT (run this on a publicly reachable host)")
     parser.add_argument("--maddr-file", default=None, metavar="PATH", help="write the node's multiaddrs here")
 
 
 def main(args: argparse.Namespace) -> None:
     node_identity = identity.load_or_create(args.identity)
     node = directory.start_node(
-        node_identity, args.initial_peers, host=args.host, port=args.port, announce_maddrs=args.announce_maddrs)
+        node_identity, args.initial_peers, host=args.host, port=args.port, announce_maddrs=args.announce_maddrs,
+        relay_service=args.relay)
     maddrs = directory.visible_maddrs(node)
     write_maddr_file(args.maddr_file, maddrs)
     print(ready_line("dht", peer_id=node_identity.peer_id, maddrs=maddrs), flush=True)

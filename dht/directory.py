@@ -30,14 +30,29 @@ def start_node(
     port: int = 0,
     announce_maddrs: Sequence[str] = (),
     client_mode: bool = False,
+    relay_service: bool = False,
+    use_auto_relay: bool = False,
+    no_listen: bool = False,
     startup_timeout: float = DEFAULT_STARTUP_TIMEOUT,
-    **p2p_options,
 ) -> hivemind.DHT:
     """Start a hivemind DHT node (its own process and p2pd) that validates swarmllm records.
 
     ``identity`` makes the node's peer id the identity's; the same key signs this node's records.
+    ``relay_service``: a public node that relays for peers behind NAT (libp2p circuit relay v2 runs
+    only on nodes that consider themselves publicly reachable). ``use_auto_relay``: reserve a slot on a
+    relay so others can reach this node through it. ``no_listen``: accept no direct connections.
     """
-    kwargs = dict(p2p_options)
+    kwargs = {}
+    if client_mode:
+        # hivemind would put libp2p's own kad DHT in client mode too; measured here, such a daemon then
+        # fails every dial through a relay circuit. Only hivemind's DHT stays client-only.
+        kwargs["dht_mode"] = "server"
+    if relay_service:
+        kwargs.update(force_reachability="public", use_auto_relay=True)
+    if use_auto_relay:
+        kwargs["use_auto_relay"] = True
+    if no_listen:
+        kwargs["no_listen"] = True
     if identity is not None:
         kwargs["identity_path"] = identity.path
         # hivemind's "is this identity taken" probe assumes RSA keys (ours are Ed25519) and starts a
@@ -48,7 +63,7 @@ def start_node(
     return hivemind.DHT(
         initial_peers=list(initial_peers) or None,
         start=True,
-        host_maddrs=[f"/ip4/{host}/tcp/{port}"],
+        host_maddrs=[] if no_listen else [f"/ip4/{host}/tcp/{port}"],
         client_mode=client_mode,
         record_validators=[PeerRecordValidator(identity)],
         startup_timeout=startup_timeout,
@@ -60,7 +75,11 @@ def start_node(
 
 
 def visible_maddrs(dht: hivemind.DHT) -> list[str]:
-    return [str(m) for m in dht.get_visible_maddrs()]
+    """The node's own reachable multiaddrs (empty for a node that does not listen)."""
+    try:
+        return [str(m) for m in dht.get_visible_maddrs()]
+    except ValueError:  # hivemind raises when the daemon reports none
+        return []
 
 
 async def announce(dht: hivemind.DHT, record: records.PeerRecord, *, ttl: float) -> bool:

@@ -9,8 +9,8 @@ import dataclasses
 @dataclasses.dataclass(frozen=True)
 class PeerConfig:
     model_dir: str
-    start: int
-    end: int
+    start: int | None  # None with num_blocks: the peer picks where the swarm is weakest
+    end: int | None
     initial_peers: tuple[str, ...] = ()
     dtype: str = "float32"
     device: str = "cpu"
@@ -28,6 +28,14 @@ class PeerConfig:
     announce_period: float = 30.0  # seconds between re-announcements
     drain_timeout: float = 10.0  # seconds open sessions may take to finish after SIGTERM
     num_threads: int = 0  # torch threads; 0 keeps torch's default
+    throughput: float | None = None  # steps/s to announce; None = measured at start
+    num_blocks: int | None = None  # serve this many blocks, placed (and re-placed) automatically
+    balance_period: float = 60.0  # mean seconds between rebalancing checks (with num_blocks); 0 = never
+    balance_threshold: float = 0.2  # move only if the swarm's weakest block gets this much stronger
+    placement_jitter: float = 2.0  # max seconds to wait before choosing blocks, so peers started together spread
+    use_auto_relay: bool = False  # behind NAT: become reachable through relays (the initial peers by default)
+    relay_maddrs: tuple[str, ...] = ()  # relays to announce this peer through
+    no_listen: bool = False  # accept no direct connections (outbound only; implies --use-auto-relay)
 
 
 def parse_blocks(text: str) -> tuple[int, int]:
@@ -45,8 +53,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("model_dir", help="local transformers checkpoint directory (safetensors)")
     parser.add_argument("--initial-peers", nargs="*", default=[], metavar="MADDR",
                         help="multiaddrs of DHT nodes to join (e.g. the one `swarmllm dht` printed)")
-    parser.add_argument("--blocks", type=parse_blocks, required=True, metavar="START:END",
-                        help="serve blocks START..END-1")
+    where = parser.add_mutually_exclusive_group(required=True)
+    where.add_argument("--blocks", type=parse_blocks, metavar="START:END", help="serve blocks START..END-1")
+    where.add_argument("--num-blocks", type=int, metavar="N",
+                       help="serve N blocks where the swarm is weakest, moving later if that helps the swarm")
     parser.add_argument("--dtype", choices=["float32", "bfloat16", "float16"], default="float32")
     parser.add_argument("--device", default="cpu", help="torch device, e.g. cpu or cuda:0")
     parser.add_argument("--host", default="127.0.0.1", help="address to listen on")
@@ -68,11 +78,27 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--announce-period", type=float, default=30.0, help="seconds between announcements")
     parser.add_argument("--drain-timeout", type=float, default=10.0,
                         help="on SIGTERM, seconds to let open sessions finish before leaving")
+    parser.add_argument("--throughput", type=float, default=None,
+                        help="announce this many steps/s instead of measuring (e.g. a known-slow link)")
+    parser.add_argument("--balance-period", type=float, default=60.0,
+                        help="with --num-blocks: mean seconds between rebalancing checks (0 = never move)")
+    parser.add_argument("--balance-threshold", type=float, default=0.2,
+                        help="move only if the weakest block's throughput rises by this fraction")
+    parser.add_argument("--placement-jitter", type=float, default=2.0,
+                        help="with --num-blocks: wait up to this many seconds before choosing blocks")
+    parser.add_argument("--use-auto-relay", action="store_true",
+                        help="behind NAT: become reachable through a relay (a `swarmllm dht --relay` node)")
+    parser.add_argument("--relay-maddrs", nargs="*", default=[], metavar="MADDR",
+                        help="relays to announce this peer through (default: the initial peers)")
+    parser.add_argument("--no-listen", action="store_true",
+                        help="accept no direct connections, only relayed ones (implies --use-auto-relay)")
     parser.add_argument("--num-threads", type=int, default=0, help="torch CPU threads (0 = torch's default)")
 
 
 def from_args(args: argparse.Namespace) -> PeerConfig:
-    start, end = args.blocks
+    start, end = args.blocks if args.blocks else (None, None)
+    if args.num_blocks is not None and args.num_blocks < 1:
+        raise SystemExit(f"--num-blocks must be >= 1, got {args.num_blocks}")
     return PeerConfig(
         model_dir=args.model_dir, start=start, end=end, initial_peers=tuple(args.initial_peers),
         dtype=args.dtype, device=args.device, host=args.host, port=args.port,
@@ -80,4 +106,7 @@ def from_args(args: argparse.Namespace) -> PeerConfig:
         identity_path=args.identity, maddr_file=args.maddr_file, cache_tokens=args.cache_tokens,
         max_session_length=args.max_session_length, max_message_bytes=args.max_message_bytes, idle_timeout=args.idle_timeout,
         announce_period=args.announce_period, drain_timeout=args.drain_timeout, num_threads=args.num_threads,
+        throughput=args.throughput, num_blocks=args.num_blocks, balance_period=args.balance_period, balance_threshold=args.balance_threshold,
+        placement_jitter=args.placement_jitter, use_auto_relay=args.use_auto_relay or args.no_listen,
+        relay_maddrs=tuple(args.relay_maddrs), no_listen=args.no_listen,
     )

@@ -1,9 +1,11 @@
-"""The peer process: load blocks, join the DHT, serve RPCs, announce, leave cleanly on SIGTERM."""
+"""The peer process: join the DHT, pick (or take) its blocks, load them, serve RPCs, announce itself,
+move when the swarm needs it elsewhere, and leave cleanly on SIGTERM."""
 
 from __future__ import annotations
 
 import asyncio
 import logging
+import random
 import signal
 import sys
 import time
@@ -13,6 +15,7 @@ import torch
 from dht import directory, identity, records
 from dht.ready import ready_line, write_maddr_file
 from dht.records import PeerRecord, PeerState
+from peer import placement
 from peer.blocks import BlockRunner, load_config
 from peer.config import PeerConfig
 from peer.handler import PeerHandler
@@ -23,11 +26,11 @@ logger = logging.getLogger(__name__)
 SOFTWARE_VERSION = "0.1.0"
 
 
-def model_id_for(model_dir: str, override: str | None) -> str:
+def model_id_for(config_dict: dict, override: str | None) -> str:
     if override:
         records.model_key(override)  # validates
         return override
-    return records.derive_model_id(load_config(model_dir).to_dict())
+    return records.derive_model_id(config_dict)
 
 
 def measure_throughput(runner: BlockRunner, steps: int = 4) -> float:
@@ -41,42 +44,56 @@ def measure_throughput(runner: BlockRunner, steps: int = 4) -> float:
     return steps / max(time.perf_counter() - began, 1e-9)
 
 
+def _say(message: str) -> None:
+    print(message, file=sys.stderr, flush=True)
+
+
 class Peer:
     def __init__(self, cfg: PeerConfig):
         self.cfg = cfg
-        self.model_id = model_id_for(cfg.model_dir, cfg.model_id)
+        config = load_config(cfg.model_dir)
+        self.num_model_blocks: int = config.num_hidden_layers
+        self.model_id = model_id_for(config.to_dict(), cfg.model_id)
+        if cfg.end is not None and cfg.end > self.num_model_blocks:
+            raise SystemExit(f"--blocks {cfg.start}:{cfg.end} is outside the model's {self.num_model_blocks} blocks")
+        if cfg.num_blocks is not None and cfg.num_blocks > self.num_model_blocks:
+            raise SystemExit(f"--num-blocks {cfg.num_blocks} is more than the model's {self.num_model_blocks} blocks")
         if cfg.num_threads:
             torch.set_num_threads(cfg.num_threads)
-        print(f"loading blocks [{cfg.start}, {cfg.end}) of {cfg.model_dir} ({cfg.dtype})", file=sys.stderr, flush=True)
-        self.runner = BlockRunner(cfg.model_dir, cfg.start, cfg.end, dtype=cfg.dtype, device=cfg.device)
-        self.throughput = measure_throughput(self.runner)
-        self.sessions = SessionTable(cfg.cache_tokens)
-        self.handler = PeerHandler(
-            self.runner, self.sessions, max_message_bytes=cfg.max_message_bytes, idle_timeout=cfg.idle_timeout,
-            max_session_length=cfg.max_session_length, statistics=self.statistics,
-        )
         self.identity = identity.load_or_create(cfg.identity_path)
+        self.rng = random.Random()  # placement choices others cannot predict or copy
+        self.start, self.end = cfg.start, cfg.end
         self.state = PeerState.JOINING
+        self.throughput = 0.0
+        self.runner: BlockRunner | None = None
+        self.sessions = SessionTable(cfg.cache_tokens)
+        self.handler: PeerHandler | None = None
         self.maddrs: list[str] = []
+        self.relayed = False
         self.started_at = time.time()
+        self.moves = 0
+
+    # ---- what the peer tells the swarm -------------------------------------------------------------
 
     def statistics(self) -> dict:
+        runner = self.runner
         return {
-            "peer_id": self.identity.peer_id, "model_id": self.model_id, "start": self.cfg.start,
-            "end": self.cfg.end, "state": self.state.value, "dtype": self.cfg.dtype,
-            "hidden_size": self.runner.hidden_size, "throughput": self.throughput,
-            "sessions": len(self.sessions), "cache_tokens_total": self.sessions.budget_tokens,
-            "cache_tokens_left": self.sessions.tokens_left, "requests_served": self.handler.requests_served,
-            "num_parameters": self.runner.num_parameters, "loaded_tensors": list(self.runner.loaded_tensor_names),
+            "peer_id": self.identity.peer_id, "model_id": self.model_id, "start": self.start, "end": self.end,
+            "state": self.state.value, "dtype": self.cfg.dtype, "hidden_size": runner.hidden_size,
+            "throughput": self.throughput, "sessions": len(self.sessions),
+            "cache_tokens_total": self.sessions.budget_tokens, "cache_tokens_left": self.sessions.tokens_left,
+            "requests_served": self.handler.requests_served, "num_parameters": runner.num_parameters,
+            "loaded_tensors": list(runner.loaded_tensor_names), "relayed": self.relayed, "moves": self.moves,
             "uptime": time.time() - self.started_at, "version": SOFTWARE_VERSION,
         }
 
     def record(self) -> PeerRecord:
         return PeerRecord(
-            peer_id=self.identity.peer_id, model_id=self.model_id, start=self.cfg.start, end=self.cfg.end,
+            peer_id=self.identity.peer_id, model_id=self.model_id, start=self.start, end=self.end,
             state=self.state, throughput=self.throughput, dtype=self.cfg.dtype,
             cache_tokens_left=self.sessions.tokens_left, version=SOFTWARE_VERSION,
             public_name=self.cfg.public_name, maddrs=tuple(self.maddrs[: records.MAX_MADDRS]),
+            relayed=self.relayed, num_sessions=len(self.sessions),
         )
 
     async def announce(self, state: PeerState, timeout: float = 10.0) -> bool:
@@ -88,21 +105,46 @@ class Peer:
         except asyncio.TimeoutError:
             return False
 
+    def _reachable_at(self) -> tuple[list[str], bool]:
+        """(multiaddrs to announce, whether they are relay circuits only)."""
+        direct = [] if self.cfg.no_listen else directory.visible_maddrs(self.dht)
+        if direct and not self.cfg.use_auto_relay:
+            return direct, False
+        relays = self.cfg.relay_maddrs or self.cfg.initial_peers
+        circuits = [f"{r}/p2p-circuit" for r in relays]
+        return (direct + circuits, False) if direct else (circuits, True)
+
+    # ---- life cycle ---------------------------------------------------------------------------------
+
     def run(self) -> None:
         cfg = self.cfg
         self.dht = directory.start_node(
-            self.identity, cfg.initial_peers, host=cfg.host, port=cfg.port, announce_maddrs=cfg.announce_maddrs)
+            self.identity, cfg.initial_peers, host=cfg.host, port=cfg.port, announce_maddrs=cfg.announce_maddrs,
+            use_auto_relay=cfg.use_auto_relay, no_listen=cfg.no_listen)
         try:
             asyncio.run(self._serve())
         finally:
-            self.handler.shutdown()
+            if self.handler is not None:
+                self.handler.shutdown()
             self.dht.shutdown()
 
     async def _serve(self) -> None:
         cfg = self.cfg
+        loop = asyncio.get_running_loop()
+        self.maddrs, self.relayed = self._reachable_at()
+        if self.start is None:
+            await asyncio.sleep(self.rng.uniform(0, cfg.placement_jitter))
+            self.start = await self._choose_start()
+            self.end = self.start + cfg.num_blocks
+        await self.announce(PeerState.JOINING)  # others see these blocks taken while we load them
+        _say(f"loading blocks [{self.start}, {self.end}) of {cfg.model_dir} ({cfg.dtype})")
+        self.runner, self.throughput = await loop.run_in_executor(None, self._load, self.start, self.end)
+        self.handler = PeerHandler(
+            self.runner, self.sessions, max_message_bytes=cfg.max_message_bytes, idle_timeout=cfg.idle_timeout,
+            max_session_length=cfg.max_session_length, statistics=self.statistics,
+        )
         p2p = await self.dht.replicate_p2p()
         await self.handler.register(p2p)
-        self.maddrs = directory.visible_maddrs(self.dht)
         deadline = time.monotonic() + 60
         while not await self.announce(PeerState.ONLINE):
             if time.monotonic() > deadline:
@@ -110,18 +152,15 @@ class Peer:
             await asyncio.sleep(0.5)
         write_maddr_file(cfg.maddr_file, self.maddrs)
         print(ready_line("peer", peer_id=self.identity.peer_id, model_id=self.model_id, maddrs=self.maddrs,
-                         blocks=[cfg.start, cfg.end]), flush=True)
+                         blocks=[self.start, self.end], relayed=self.relayed), flush=True)
 
         stop = asyncio.Event()
-        loop = asyncio.get_running_loop()
         for sig in (signal.SIGTERM, signal.SIGINT):
             loop.add_signal_handler(sig, stop.set)
-        while not stop.is_set():
-            try:
-                await asyncio.wait_for(stop.wait(), timeout=cfg.announce_period)
-            except asyncio.TimeoutError:
-                if not await self.announce(PeerState.ONLINE):
-                    logger.warning("re-announcement was not stored by any DHT node")
+        async with asyncio.TaskGroup() as tasks:  # both loops end when stop is set
+            tasks.create_task(self._announce_loop(stop))
+            if cfg.num_blocks is not None and cfg.balance_period > 0:
+                tasks.create_task(self._balance_loop(stop))
         # Leaving: no new sessions, tell the swarm, let open sessions finish (bounded), then go.
         self.handler.accepting = False
         await self.announce(PeerState.DRAINING, timeout=3.0)
@@ -130,7 +169,56 @@ class Peer:
             await asyncio.sleep(0.1)
         await self.announce(PeerState.OFFLINE, timeout=3.0)
         await p2p.shutdown()
-        print(f"peer {self.identity.peer_id} left the swarm", file=sys.stderr, flush=True)
+        _say(f"peer {self.identity.peer_id} left the swarm")
+
+    def _load(self, start: int, end: int) -> tuple[BlockRunner, float]:
+        runner = BlockRunner(self.cfg.model_dir, start, end, dtype=self.cfg.dtype, device=self.cfg.device)
+        return runner, self.cfg.throughput if self.cfg.throughput is not None else measure_throughput(runner)
+
+    async def _wait(self, stop: asyncio.Event, seconds: float) -> bool:
+        """Sleep ``seconds`` unless ``stop`` is set first; True if it was."""
+        try:
+            await asyncio.wait_for(stop.wait(), timeout=seconds)
+            return True
+        except asyncio.TimeoutError:
+            return False
+
+    async def _announce_loop(self, stop: asyncio.Event) -> None:
+        while not await self._wait(stop, self.cfg.announce_period):
+            if not await self.announce(self.state):
+                logger.warning("re-announcement was not stored by any DHT node")
+
+    # ---- placement ------------------------------------------------------------------------------------
+
+    async def _others(self) -> list[PeerRecord]:
+        return [r for r in await directory.fetch_peers(self.dht, self.model_id) if r.peer_id != self.identity.peer_id]
+
+    async def _choose_start(self) -> int:
+        throughputs = placement.block_throughputs(await self._others(), self.num_model_blocks)
+        start = placement.choose_start(throughputs, self.cfg.num_blocks, self.rng)
+        _say(f"chose blocks [{start}, {start + self.cfg.num_blocks}) where the swarm is weakest")
+        return start
+
+    async def _balance_loop(self, stop: asyncio.Event) -> None:
+        period = self.cfg.balance_period
+        while not await self._wait(stop, self.rng.uniform(0.5 * period, 1.5 * period)):
+            me = self.record()
+            start = placement.should_move(await self._others() + [me], me, self.num_model_blocks,
+                                          threshold=self.cfg.balance_threshold, rng=self.rng)
+            if start is not None and not stop.is_set():
+                await self._move(start)
+
+    async def _move(self, start: int) -> None:
+        """Load the new blocks while still serving the old ones, then switch. Sessions already open stay
+        on the old runner until they end; new sessions get the new blocks."""
+        end = start + self.cfg.num_blocks
+        _say(f"moving from [{self.start}, {self.end}) to [{start}, {end}) to strengthen the swarm")
+        runner, throughput = await asyncio.get_running_loop().run_in_executor(None, self._load, start, end)
+        self.handler.runner = runner
+        self.runner, self.throughput = runner, throughput
+        self.start, self.end = start, end
+        self.moves += 1
+        await self.announce(PeerState.ONLINE)
 
 
 def main(cfg: PeerConfig) -> None:

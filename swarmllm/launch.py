@@ -113,15 +113,18 @@ def swarmllm_command(*args: str) -> list[str]:
     return [sys.executable, "-m", "swarmllm.cli", *args]
 
 
-def start_dht(timeout: float = 60.0, **kwargs) -> SwarmProcess:
-    proc = SwarmProcess("dht", swarmllm_command("dht", "--host", "127.0.0.1"), **kwargs)
+def start_dht(timeout: float = 60.0, extra: list[str] = (), **kwargs) -> SwarmProcess:
+    proc = SwarmProcess("dht", swarmllm_command("dht", "--host", "127.0.0.1", *extra), **kwargs)
     proc.wait_ready(timeout)
     return proc
 
 
-def start_peer(model_dir: str, initial_peers: list[str], start: int, end: int, *, name: str = "peer",
-               extra: list[str] = (), timeout: float = 120.0, wait: bool = True, **kwargs) -> SwarmProcess:
-    args = swarmllm_command("peer", model_dir, "--initial-peers", *initial_peers, "--blocks", f"{start}:{end}",
+def start_peer(model_dir: str, initial_peers: list[str], start: int | None = None, end: int | None = None, *,
+               num_blocks: int | None = None, name: str = "peer", extra: list[str] = (), timeout: float = 120.0,
+               wait: bool = True, **kwargs) -> SwarmProcess:
+    """A peer serving [start, end), or ``num_blocks`` blocks placed where the swarm is weakest."""
+    where = ["--num-blocks", str(num_blocks)] if num_blocks is not None else ["--blocks", f"{start}:{end}"]
+    args = swarmllm_command("peer", model_dir, "--initial-peers", *initial_peers, *where,
                             "--host", "127.0.0.1", "--name", name, *extra)
     proc = SwarmProcess(name, args, **kwargs)
     if wait:

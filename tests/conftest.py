@@ -39,9 +39,9 @@ def tiny_checkpoint(tmp_path_factory):
 class Swarm:
     """A DHT node plus peers, each a real process; stop() stops every one of them by PID."""
 
-    def __init__(self):
+    def __init__(self, dht_args: list[str] = ()):
         self.procs: list[launch.SwarmProcess] = []
-        self.dht = self._track(launch.start_dht())
+        self.dht = self._track(launch.start_dht(extra=list(dht_args)))
 
     def _track(self, proc: launch.SwarmProcess) -> launch.SwarmProcess:
         self.procs.append(proc)
@@ -59,6 +59,17 @@ class Swarm:
             p.wait_ready(timeout=180)
         return started
 
+    def add_auto_peers(self, model_dir: str, num_blocks: int, count: int, extra: list[str] = (),
+                       wait: bool = True) -> list[launch.SwarmProcess]:
+        """Start ``count`` peers with --num-blocks at the same moment."""
+        started = [self._track(launch.start_peer(model_dir, self.initial_peers, num_blocks=num_blocks,
+                                                 name=f"auto{len(self.procs)}", extra=list(extra), wait=False))
+                   for _ in range(count)]
+        if wait:
+            for p in started:
+                p.wait_ready(timeout=180)
+        return started
+
     def stop(self) -> None:
         for p in reversed(self.procs):
             p.stop()
@@ -69,8 +80,8 @@ class Swarm:
 def make_swarm(request):
     swarms: list[Swarm] = []
 
-    def make() -> Swarm:
-        swarm = Swarm()
+    def make(dht_args: list[str] = ()) -> Swarm:
+        swarm = Swarm(dht_args)
         swarms.append(swarm)
         return swarm
 
