@@ -41,6 +41,8 @@ class ClientConfig:
     refresh_period: float = 5.0  # seconds between background refreshes of records and pings
     ping_timeout: float = 3.0  # seconds
     ban_base: float = 2.0  # seconds a peer is avoided after its first failure (doubles each time)
+    probe_after: float = 0.25  # seconds without a reply before the peer is pinged (and every this often after)
+    probe_timeout: float = 1.0  # seconds a probed peer has to answer before it counts as dead or hung
 
 
 @dataclasses.dataclass(frozen=True)
@@ -60,10 +62,22 @@ class HopSession:
         self.hop, self.stream, self.session_id = hop, stream, session_id
         self.history: list[StepInput] = []
 
-    async def step(self, x: StepInput, timeout: float) -> torch.Tensor:
+    async def step(self, x: StepInput, timeout: float, probe=None) -> torch.Tensor:
+        """Send one step and wait up to ``timeout`` seconds; meanwhile ``probe`` (if given) is awaited
+        every time the reply is late by another probe interval, and may raise to give up early."""
         tensors = [x.hidden, x.position_ids] + ([] if x.mask is None else [x.mask])
-        meta, out = await self.stream.call({"op": "step", "session_id": self.session_id, "offset": x.offset},
-                                           tensors, timeout)
+        call = asyncio.ensure_future(self.stream.call(
+            {"op": "step", "session_id": self.session_id, "offset": x.offset}, tensors, timeout))
+        try:  # the call is owned here: awaited below, cancelled if the probe gives up
+            while probe is not None and not call.done():
+                done, _ = await asyncio.wait({call}, timeout=probe.interval)
+                if not done:
+                    await probe(self.hop.peer_id)
+            meta, out = await call
+        finally:
+            if not call.done():
+                call.cancel()
+                await asyncio.gather(call, return_exceptions=True)
         if len(out) != 1 or tuple(out[0].shape) != tuple(x.hidden.shape):
             raise PeerError(self.hop.peer_id, f"returned {[tuple(t.shape) for t in out]} for input {tuple(x.hidden.shape)}")
         if not torch.isfinite(out[0]).all():
@@ -80,12 +94,14 @@ class SwarmCore:
         self.rtts: dict[str, float] = {}  # peer id -> smoothed RTT (seconds) of peers that answered
         self.unreachable: set[str] = set()  # peers whose last ping failed
         self.records: list[PeerRecord] = []
+        self.records_at = float("-inf")  # monotonic time of the last fetch
         self.bans = BanList(base=cfg.ban_base)
         self.retries = 0  # failed hops recovered from, over the client's life (for tests and notes)
 
     async def refresh(self) -> list[PeerRecord]:
         """Fetch every record of the model and ping the peers not measured yet."""
         self.records = await directory.fetch_peers(self.dht, self.cfg.model_id)
+        self.records_at = time.monotonic()
         unmeasured = [r for r in self.records if r.peer_id not in self.rtts and r.peer_id not in self.unreachable]
         await asyncio.gather(*(self._ping(r) for r in unmeasured))
         return self.records
@@ -97,6 +113,7 @@ class SwarmCore:
             await asyncio.sleep(self.cfg.refresh_period)
             try:
                 self.records = await directory.fetch_peers(self.dht, self.cfg.model_id)
+                self.records_at = time.monotonic()
                 await asyncio.gather(*(self._ping(r) for r in self.records))
             except (OSError, RuntimeError) as e:  # the DHT process is shutting down or unreachable
                 logger.info("swarm refresh failed: %s", e)
@@ -118,10 +135,13 @@ class SwarmCore:
     async def plan(self, start: int = 0, end: int | None = None, *, exclude: frozenset[str] = frozenset(),
                    cache_tokens_needed: int = 0, wait: bool = True) -> list[Hop]:
         """A route over [start, end) avoiding banned, unreachable and excluded peers; waits up to
-        route_timeout (if ``wait``) for peers to cover missing blocks."""
+        route_timeout (if ``wait``) for peers to cover missing blocks. Uses the background-refreshed
+        snapshot when it is recent, so failover does not wait on the DHT."""
         began = time.monotonic()
-        while True:
+        fresh_enough = 2 * self.cfg.refresh_period  # the background loop keeps the snapshot this fresh
+        if time.monotonic() - self.records_at > fresh_enough:
             await self.refresh()
+        while True:
             avoid = exclude | self.bans.banned() | self.unreachable
             try:
                 return routing.plan_route(self.records, self.cfg.model_id, self.cfg.num_blocks, rtts=self.rtts,
@@ -131,9 +151,36 @@ class SwarmCore:
                 if not wait or waited > self.cfg.route_timeout:
                     raise MissingBlocksError(e.model_id, e.missing, e.num_blocks, waited) from None
             await asyncio.sleep(0.5)
+            await self.refresh()  # a DHT read can be slow while a frozen peer is among its nodes
 
     def step_timeout(self, tokens: int) -> float:
         return self.cfg.step_timeout + self.cfg.step_timeout_per_token * tokens
+
+    def mark_failed(self, peer_id: str, error: PeerError) -> None:
+        """Avoid a peer that failed: banned with back-off, and unreachable until a ping proves otherwise."""
+        duration = self.bans.fail(peer_id)
+        self.retries += 1
+        if not isinstance(error, PeerBusy):
+            self.unreachable.add(peer_id)
+            self.rtts.pop(peer_id, None)
+        logger.warning("peer %s failed (%s); avoiding it for %.0f s and re-routing", peer_id, error, duration)
+
+    def probe(self) -> "Probe":
+        return Probe(self.transport, self.cfg.probe_after, self.cfg.probe_timeout)
+
+
+class Probe:
+    """Checks on a peer whose reply is late: a dead peer refuses the connection and a frozen one does
+    not answer info (served on its event loop, so a peer busy computing still answers)."""
+
+    def __init__(self, transport: Transport, interval: float, timeout: float):
+        self.transport, self.interval, self.timeout = transport, interval, timeout
+
+    async def __call__(self, peer_id: str) -> None:
+        try:
+            await self.transport.info(peer_id, timeout=self.timeout)
+        except PeerError as e:
+            raise PeerError(peer_id, f"stopped answering mid-step ({e})") from None
 
 
 class SessionCore:
@@ -201,11 +248,12 @@ class SessionCore:
 
     async def _through_route(self, x: StepInput) -> torch.Tensor:
         timeout = self.swarm.step_timeout(x.hidden.shape[0] * x.hidden.shape[1])
+        probe = self.swarm.probe()
         retries, i = 0, 0
         while i < len(self.hops):
             hop = self.hops[i]
             try:
-                out = await hop.step(x, timeout)
+                out = await hop.step(x, timeout, probe)
             except PeerError as e:
                 if not e.recoverable:
                     raise
@@ -220,29 +268,30 @@ class SessionCore:
         return x.hidden
 
     async def _replace(self, i: int, error: PeerError) -> None:
-        """Swap hop i for a fresh route over its blocks and replay its history into it."""
+        """Swap hop i for a fresh route over its blocks and replay its history into it. Every peer that
+        fails on the way is avoided too; at most max_retries attempts."""
         failed = self.hops[i]
-        duration = self.swarm.bans.fail(failed.hop.peer_id)
-        self.swarm.retries += 1
-        logger.warning("hop [%d, %d) failed (%s); avoiding %s for %.0f s and re-routing",
-                       failed.hop.start, failed.hop.end, error, failed.hop.peer_id, duration)
-        await failed.stream.close(timeout=0.5)
-        while True:
-            replacement = await self._open_route(failed.hop.start, failed.hop.end)
+        self.swarm.mark_failed(failed.hop.peer_id, error)
+        await failed.stream.close(timeout=0)
+        for _ in range(self.swarm.cfg.max_retries):
+            replacement: list[HopSession] = []
             try:
+                replacement = await self._open_route(failed.hop.start, failed.hop.end)
+                probe = self.swarm.probe()
                 for x in failed.history:
                     timeout = self.swarm.step_timeout(x.hidden.shape[0] * x.hidden.shape[1])
                     for new in replacement:
-                        x = dataclasses.replace(x, hidden=await new.step(x, timeout))
+                        x = dataclasses.replace(x, hidden=await new.step(x, timeout, probe))
             except PeerError as e:
                 if not e.recoverable:
                     raise
-                self.swarm.bans.fail(e.peer_id)
-                self.swarm.retries += 1
+                self.swarm.mark_failed(e.peer_id, e)
                 await self._close_hops(replacement)
                 continue
             self.hops[i:i + 1] = replacement
             return
+        raise SwarmError(f"could not replace the peer for blocks [{failed.hop.start}, {failed.hop.end}) "
+                         f"after {self.swarm.cfg.max_retries} attempts; last error: {error}")
 
     async def close(self) -> None:
         await self._close_hops(self.hops)

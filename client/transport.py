@@ -175,12 +175,17 @@ class Stream:
         return _check(self.peer_id, reply)
 
     async def close(self, timeout: float = 2.0) -> None:
-        """End our side of the stream, let the peer end its side, and release the connection."""
+        """End our side of the stream, let the peer end its side (up to ``timeout`` seconds; 0 = don't
+        wait, for a peer that already failed), and release the connection."""
         if self._replies is None:
             return
         if not self.closed:
             self.closed = True
             self._queue.put_nowait(self._END)
+        if timeout <= 0:
+            await self._replies.aclose()
+            self._replies = None
+            return
         try:
             async def drain():
                 async for _ in self._replies:

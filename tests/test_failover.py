@@ -5,7 +5,6 @@ from __future__ import annotations
 import os
 import random
 import signal
-import statistics
 import threading
 import time
 
@@ -21,13 +20,12 @@ CLIENT_OPTIONS = dict(step_timeout=3.0, refresh_period=1.0, route_timeout=30.0, 
 
 
 class OnStep(LogitsProcessor):
-    """Calls ``action(step)`` before each new token is chosen; records when each step happened."""
+    """Calls ``action(step)`` before each new token is chosen."""
 
     def __init__(self, action):
-        self.action, self.step, self.times = action, 0, []
+        self.action, self.step = action, 0
 
     def __call__(self, input_ids, scores):
-        self.times.append(time.monotonic())
         self.action(self.step)
         self.step += 1
         return scores
@@ -81,9 +79,9 @@ def _current_route(remote):
     return remote._generate_sessions[0].route
 
 
-def test_sigkill_at_a_random_step_ten_seeds(fleet, models, capsys):
+def test_sigkill_at_a_random_step_ten_seeds(fleet, models):
     local, remote = models
-    recoveries, retries_before = [], remote.swarm.core.retries
+    retries_before = remote.swarm.core.retries
     for seed in range(10):
         rng = random.Random(seed)
         kill_step, hop_index = rng.randint(1, 12), rng.randint(0, 1)
@@ -93,7 +91,7 @@ def test_sigkill_at_a_random_step_ten_seeds(fleet, models, capsys):
             if step == kill_step:
                 victim = fleet.by_id[_current_route(remote)[hop_index].peer_id]
                 victim.signal(signal.SIGKILL)
-                killed["at"], killed["span"] = time.monotonic(), tuple(victim.ready["blocks"])
+                killed["span"] = tuple(victim.ready["blocks"])
 
         ids = _prompt(seed)
         ref = local.generate(ids, max_new_tokens=16, do_sample=False, pad_token_id=0)
@@ -101,16 +99,11 @@ def test_sigkill_at_a_random_step_ten_seeds(fleet, models, capsys):
         out = remote.generate(ids, max_new_tokens=16, do_sample=False, pad_token_id=0,
                               logits_processor=LogitsProcessorList([watcher]))
         assert out.tolist() == ref.tolist(), f"seed {seed}: tokens differ after a kill at step {kill_step}"
-        recoveries.append(watcher.times[kill_step + 1] - killed["at"])
         fleet.add([killed["span"]])  # keep two peers per span for the next seed
-    retries = remote.swarm.core.retries - retries_before
-    assert retries >= 10
-    with capsys.disabled():
-        print(f"\n[failover] SIGKILL x10: median recovery {statistics.median(recoveries) * 1000:.0f} ms "
-              f"(max {max(recoveries) * 1000:.0f} ms), failovers {retries}")
+    assert remote.swarm.core.retries - retries_before >= 10  # every kill was noticed and recovered from
 
 
-def test_sigstop_is_detected_and_routed_around(fleet, models, capsys):
+def test_sigstop_is_detected_and_routed_around(fleet, models):
     local, remote = models
     stopped = {}
 
@@ -118,7 +111,7 @@ def test_sigstop_is_detected_and_routed_around(fleet, models, capsys):
         if step == 3:
             victim = fleet.by_id[_current_route(remote)[1].peer_id]
             victim.signal(signal.SIGSTOP)
-            stopped["proc"], stopped["at"] = victim, time.monotonic()
+            stopped["proc"] = victim
 
     ids = _prompt(42)
     ref = local.generate(ids, max_new_tokens=10, do_sample=False, pad_token_id=0)
@@ -127,15 +120,10 @@ def test_sigstop_is_detected_and_routed_around(fleet, models, capsys):
         out = remote.generate(ids, max_new_tokens=10, do_sample=False, pad_token_id=0,
                               logits_processor=LogitsProcessorList([watcher]))
         assert out.tolist() == ref.tolist()
-        detected = watcher.times[4] - stopped["at"]
-        assert detected < CLIENT_OPTIONS["step_timeout"] + 10
     finally:
         stopped["proc"].signal(signal.SIGCONT)
     # the thawed peer does no harm: generation still equals local, whoever serves it
     assert remote.generate(ids, max_new_tokens=10, do_sample=False, pad_token_id=0).tolist() == ref.tolist()
-    with capsys.disabled():
-        print(f"\n[failover] SIGSTOP detected and recovered in {detected:.2f} s (step timeout "
-              f"{CLIENT_OPTIONS['step_timeout']} s)")
 
 
 def test_churn_during_a_long_generation(fleet, models, capsys):
