@@ -26,6 +26,9 @@ from peer import wire
 
 logger = logging.getLogger(__name__)
 
+# Refusals that say nothing bad about the peer: it is full, has moved to other blocks, or is leaving.
+_NOT_A_FAULT = {wire.ErrorCode.BUSY.value, wire.ErrorCode.WRONG_BLOCKS.value, wire.ErrorCode.DRAINING.value}
+
 
 @dataclasses.dataclass(frozen=True)
 class ClientConfig:
@@ -198,23 +201,34 @@ class SessionCore:
         self.hops = await self._open_route(0, self.swarm.cfg.num_blocks)
 
     async def _open_route(self, start: int, end: int) -> list[HopSession]:
-        """Open sessions on a route over [start, end); a busy peer is routed around when another can serve."""
-        busy: set[str] = set()
-        while True:
-            route = await self.swarm.plan(start, end, exclude=frozenset(busy),
-                                          cache_tokens_needed=self.batch_size * self.max_length)
+        """Open sessions on a route over [start, end). A peer that is busy, has moved to other blocks
+        since our snapshot, is leaving, or fails is skipped and the route re-planned (bounded)."""
+        skip: set[str] = set()
+        last: PeerError | None = None
+        for _ in range(self.swarm.cfg.max_retries + 1):
+            try:
+                route = await self.swarm.plan(start, end, exclude=frozenset(skip),
+                                              cache_tokens_needed=self.batch_size * self.max_length,
+                                              wait=not (last and isinstance(last, PeerBusy)))
+            except MissingBlocksError:
+                if isinstance(last, PeerBusy):
+                    raise last from None  # nobody else can take it: the busy error is the useful one
+                raise
             opened = await asyncio.gather(*(self._open_hop(h) for h in route), return_exceptions=True)
             failures = [r for r in opened if isinstance(r, BaseException)]
             if not failures:
                 return list(opened)
             await self._close_hops([r for r in opened if isinstance(r, HopSession)])
-            if not all(isinstance(f, PeerBusy) for f in failures):
-                raise next(f for f in failures if not isinstance(f, PeerBusy))
-            busy.update(f.peer_id for f in failures)
-            try:
-                await self.swarm.plan(start, end, exclude=frozenset(busy), wait=False)
-            except MissingBlocksError:
-                raise failures[0] from None  # nobody else can take it: the busy error is the useful one
+            for failure in failures:
+                if not isinstance(failure, PeerError) or not failure.recoverable:
+                    raise failure
+                skip.add(failure.peer_id)
+                if failure.code not in _NOT_A_FAULT:
+                    self.swarm.mark_failed(failure.peer_id, failure)
+            last = failures[0] if all(isinstance(f, PeerBusy) for f in failures) else failures[-1]
+            self.swarm.records_at = float("-inf")  # our snapshot may be stale: re-read it
+        raise SwarmError(f"could not open a route over blocks [{start}, {end}) after "
+                         f"{self.swarm.cfg.max_retries + 1} attempts; last error: {last}")
 
     async def _open_hop(self, hop: Hop) -> HopSession:
         await self.swarm.transport.connect(hop.peer_id, hop.maddrs)

@@ -178,3 +178,23 @@ def test_idle_session_expires(setup):
         assert stats["sessions"] == 0 and stats["cache_tokens_left"] == 64
     finally:
         _run(client, s.close())
+
+
+def test_client_gets_a_prompt_busy_error_when_no_other_peer_can_serve(setup):
+    client, _, _, _ = setup
+    holder = client.open_session(batch_size=1, max_length=48)  # takes 48 of the small peer's 64 tokens
+    try:
+        began = time.monotonic()
+        with pytest.raises(PeerBusy, match="cache budget full"):
+            client.open_session(batch_size=1, max_length=32)
+        assert time.monotonic() - began < 10
+    finally:
+        holder.close()
+    deadline = time.monotonic() + 10
+    while True:  # and it recovers once the peer has seen the first session's stream end
+        try:
+            client.open_session(batch_size=1, max_length=32).close()
+            break
+        except PeerBusy:
+            assert time.monotonic() < deadline
+            time.sleep(0.1)
