@@ -36,6 +36,7 @@ class PeerConfig:
     use_auto_relay: bool = False  # behind NAT: become reachable through relays (the initial peers by default)
     relay_maddrs: tuple[str, ...] = ()  # relays to announce this peer through
     no_listen: bool = False  # accept no direct connections (outbound only; implies --use-auto-relay)
+    adversary: str | None = None  # TESTING AID: "MODE[:RATE]", see peer/adversary.py
 
 
 def parse_blocks(text: str) -> tuple[int, int]:
@@ -92,11 +93,20 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="relays to announce this peer through (default: the initial peers)")
     parser.add_argument("--no-listen", action="store_true",
                         help="accept no direct connections, only relayed ones (implies --use-auto-relay)")
+    parser.add_argument("--adversary", default=None, metavar="MODE[:RATE]",
+                        help="TESTING AID: lie on a fraction RATE of steps; MODE is one of noise, identity, "
+                             "skip, wrong_weights, low_precision (see peer/adversary.py)")
     parser.add_argument("--num-threads", type=int, default=0, help="torch CPU threads (0 = torch's default)")
 
 
 def from_args(args: argparse.Namespace) -> PeerConfig:
     start, end = args.blocks if args.blocks else (None, None)
+    if args.adversary is not None:
+        from peer.adversary import Adversary
+        try:
+            Adversary.parse(args.adversary)
+        except ValueError as e:
+            raise SystemExit(str(e)) from None
     if args.num_blocks is not None and args.num_blocks < 1:
         raise SystemExit(f"--num-blocks must be >= 1, got {args.num_blocks}")
     return PeerConfig(
@@ -108,5 +118,5 @@ def from_args(args: argparse.Namespace) -> PeerConfig:
         announce_period=args.announce_period, drain_timeout=args.drain_timeout, num_threads=args.num_threads,
         throughput=args.throughput, num_blocks=args.num_blocks, balance_period=args.balance_period, balance_threshold=args.balance_threshold,
         placement_jitter=args.placement_jitter, use_auto_relay=args.use_auto_relay or args.no_listen,
-        relay_maddrs=tuple(args.relay_maddrs), no_listen=args.no_listen,
+        relay_maddrs=tuple(args.relay_maddrs), no_listen=args.no_listen, adversary=args.adversary,
     )

@@ -16,6 +16,7 @@ from dht import directory, identity, records
 from dht.ready import ready_line, write_maddr_file
 from dht.records import PeerRecord, PeerState
 from peer import placement
+from peer.adversary import Adversary, AdversarialRunner
 from peer.blocks import BlockRunner, load_config
 from peer.config import PeerConfig
 from peer.handler import PeerHandler
@@ -173,6 +174,9 @@ class Peer:
 
     def _load(self, start: int, end: int) -> tuple[BlockRunner, float]:
         runner = BlockRunner(self.cfg.model_dir, start, end, dtype=self.cfg.dtype, device=self.cfg.device)
+        if self.cfg.adversary:
+            _say(f"WARNING: this peer is an adversary ({self.cfg.adversary}): a testing aid that returns wrong results")
+            runner = AdversarialRunner(runner, Adversary.parse(self.cfg.adversary), self.cfg.model_dir)
         return runner, self.cfg.throughput if self.cfg.throughput is not None else measure_throughput(runner)
 
     async def _wait(self, stop: asyncio.Event, seconds: float) -> bool:

@@ -1,0 +1,93 @@
+"""A TESTING AID: peers that lie, so verification can be tested and demonstrated.
+
+`swarmllm peer ... --adversary MODE[:RATE]` makes the peer corrupt a fraction RATE (default 1) of
+the steps it serves:
+- noise          adds Gaussian noise of 30 % of the update's size to the output
+- identity       returns its input unchanged (skips all its work, pretends otherwise)
+- skip           runs every block of the request but the last
+- wrong_weights  computes with different weights (re-drawn with another seed)
+- low_precision  computes with weights rounded to a 4-bit grid (a cheaper format than declared)
+The peer still keeps its cache consistent with what it pretends, and announces itself as honest.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import random
+
+import torch
+
+from peer.blocks import BlockRunner, SpanCache
+
+MODES = ("noise", "identity", "skip", "wrong_weights", "low_precision")
+
+
+@dataclasses.dataclass(frozen=True)
+class Adversary:
+    mode: str
+    rate: float = 1.0  # fraction of steps corrupted
+
+    @classmethod
+    def parse(cls, text: str) -> "Adversary":
+        mode, _, rate = text.partition(":")
+        if mode not in MODES:
+            raise ValueError(f"--adversary mode must be one of {MODES}, got {mode!r}")
+        try:
+            value = float(rate) if rate else 1.0
+        except ValueError:
+            raise ValueError(f"--adversary rate must be a number in (0, 1], got {rate!r}") from None
+        if not 0 < value <= 1:
+            raise ValueError(f"--adversary rate must be in (0, 1], got {value}")
+        return cls(mode, value)
+
+
+def _corrupt_weights(runner: BlockRunner, mode: str) -> None:
+    generator = torch.Generator().manual_seed(1234)
+    with torch.no_grad():
+        for name, param in runner.module.named_parameters():
+            if param.ndim < 2:
+                continue
+            if mode == "wrong_weights":
+                fresh = torch.randn(param.shape, generator=generator) * param.float().std()
+                param.copy_(fresh.to(param.dtype))
+            else:  # low_precision: symmetric 4-bit grid per output row
+                w = param.float()
+                scale = w.abs().amax(dim=-1, keepdim=True).clamp_min(1e-12) / 7
+                param.copy_((torch.round(w / scale).clamp(-8, 7) * scale).to(param.dtype))
+
+
+class AdversarialRunner:
+    """Wraps an honest BlockRunner and lies on a fraction of the steps."""
+
+    def __init__(self, honest: BlockRunner, adversary: Adversary, model_dir: str, seed: int | None = None):
+        self.honest, self.adversary = honest, adversary
+        self._rng = random.Random(seed)
+        self._evil: BlockRunner | None = None
+        if adversary.mode in ("wrong_weights", "low_precision"):
+            self._evil = BlockRunner(model_dir, honest.start, honest.end, dtype=honest.dtype_name,
+                                     device=str(honest.device))
+            _corrupt_weights(self._evil, adversary.mode)
+
+    def __getattr__(self, name):  # everything else (start, end, hidden_size, new_cache, ...) is the honest runner's
+        return getattr(self.honest, name)
+
+    def forward(self, hidden: torch.Tensor, position_ids: torch.Tensor, attention_mask: torch.Tensor | None,
+                cache: SpanCache) -> torch.Tensor:
+        if self._rng.random() >= self.adversary.rate:
+            return self.honest.forward(hidden, position_ids, attention_mask, cache)
+        mode = self.adversary.mode
+        if mode in ("wrong_weights", "low_precision"):
+            return self._evil.forward(hidden, position_ids, attention_mask, cache)
+        if mode == "skip" and cache.end - cache.start > 1:
+            view = self.honest._view(cache.start, cache.end - 1)  # same cache: its last layer is never filled
+            with torch.inference_mode():
+                return view(inputs_embeds=hidden.to(self.honest.device, self.honest.dtype),
+                            attention_mask=None if attention_mask is None else attention_mask.to(self.honest.device),
+                            position_ids=position_ids.to(self.honest.device), past_key_values=cache,
+                            use_cache=True).last_hidden_state
+        out = self.honest.forward(hidden, position_ids, attention_mask, cache)  # keeps the cache plausible
+        if mode == "identity" or mode == "skip":
+            return hidden.to(out.dtype).clone()
+        delta = (out.float() - hidden.float())  # noise
+        scale = 0.3 * delta.norm(dim=-1, keepdim=True) / delta.shape[-1] ** 0.5
+        return (out.float() + scale * torch.randn_like(delta)).to(out.dtype)

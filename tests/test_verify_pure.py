@@ -1,0 +1,182 @@
+"""Pure tests of verification: comparison, sampling, reputation, and a network-free simulation."""
+
+from __future__ import annotations
+
+import math
+import random
+
+import pytest
+import torch
+
+from verify.compare import THRESHOLDS, compare, token_errors
+from verify.policy import AuditRates, SamplingPolicy, detection_probability
+from verify.reputation import ReputationBook, ReputationRules, Status, Verdict
+
+
+def _block(x: torch.Tensor, seed: int = 0) -> torch.Tensor:
+    """A stand-in span: y = x + small update; the update is what is compared."""
+    g = torch.Generator().manual_seed(seed)
+    w = torch.randn(x.shape[-1], x.shape[-1], generator=g) / x.shape[-1] ** 0.5
+    return x + torch.tanh(x @ w)
+
+
+def _x(tokens=8, hidden=64, seed=1):
+    x = torch.randn(1, tokens, hidden, generator=torch.Generator().manual_seed(seed))
+    x[..., 0] *= 1000  # a "massive activation" that passes through unchanged
+    return x
+
+
+def test_identical_outputs_agree_and_update_metric_sees_through_massive_activations():
+    x = _x()
+    y = _block(x)
+    assert compare(x, y, y.clone(), "float32", "float32").agree
+    assert float(token_errors(x, y, x).min()) == pytest.approx(1.0)  # identity: e = 1 exactly
+    verdict = compare(x, y, x.clone(), "float32", "float32")  # returns its input: Δ = 0
+    assert not verdict.agree and verdict.gross
+    # measured on the output, the massive activation hides the difference; on the update it cannot
+    assert float((y - x).norm() / y.norm()) < 0.01
+
+
+@pytest.mark.parametrize("attack, gross", [
+    (lambda x, y: y + 0.3 * (y - x).norm(dim=-1, keepdim=True) * torch.randn_like(y) / y.shape[-1] ** 0.5, False),
+    (lambda x, y: _block(x, seed=99), True),  # wrong weights
+    (lambda x, y: x + 1.5 * (y - x), False),  # scaled update
+    (lambda x, y: torch.where(torch.arange(y.shape[1])[None, :, None] == 3, x, y), True),  # one token corrupted
+    (lambda x, y: y.masked_fill(torch.zeros_like(y, dtype=torch.bool).index_fill(2, torch.tensor([5]), True), float("nan")), True),
+])
+def test_attacks_are_caught(attack, gross):
+    x = _x()
+    y = _block(x)
+    result = compare(x, y, attack(x, y), "float32", "float32")
+    assert not result.agree
+    assert result.gross == gross or result.maximum > THRESHOLDS["float32"].maximum
+
+
+def test_different_dtypes_are_never_judged():
+    x = _x()
+    result = compare(x, _block(x), x, "float32", "bfloat16")
+    assert not result.comparable and result.agree
+
+
+def test_padding_positions_are_ignored():
+    x = _x()
+    y = _block(x)
+    bad = y.clone()
+    bad[:, :2] = 0
+    mask = torch.ones(1, 8, dtype=torch.long)
+    mask[:, :2] = 0
+    assert compare(x, y, bad, "float32", "float32", mask=mask).agree
+
+
+def test_honest_precision_noise_passes_at_each_dtype():
+    """bf16/fp16 peers compute the same span with rounding; their honest disagreement stays under τ."""
+    x = _x(tokens=32, hidden=256)
+    ref = _block(x)
+    g = torch.Generator().manual_seed(0)
+    w = torch.randn(256, 256, generator=g) / 16
+    for name in ("bfloat16", "float16"):
+        dtype = getattr(torch, name)
+        xd = x.to(dtype)
+        a = (xd + torch.tanh(xd @ w.to(dtype))).float()  # computed in the low dtype
+        b = (xd.float() + torch.tanh(xd.float() @ w)).to(dtype).float()  # in fp32, rounded at the end
+        result = compare(xd.float(), a, b, name, name)
+        assert result.agree, (name, result)
+
+
+def test_sampling_rates_follow_status_and_never_reach_zero():
+    rates = AuditRates()
+    assert rates.for_status(Status.PROBATION) == 0.25 and rates.for_status(Status.TRUSTED) == 0.02
+    policy = SamplingPolicy(rates, random.Random(0))
+    hits = sum(policy.should_audit(Status.ACTIVE) for _ in range(20000))
+    assert 800 < hits < 1200  # 5 %
+    assert all(policy.should_audit(Status.SUSPECT) for _ in range(100))
+
+
+def test_reputation_probation_trust_and_bans():
+    now = [0.0]
+    rules = ReputationRules(probation_passes=3, trusted_passes=6, ban_base=100.0)
+    book = ReputationBook(rules, clock=lambda: now[0])
+    assert book.status("new") == Status.PROBATION
+    # a fail during probation bans at once
+    assert book.record("cheat", Verdict.FAIL) == Status.BANNED
+    now[0] += 101
+    assert book.status("cheat") != Status.BANNED
+    assert book.record("cheat", Verdict.FAIL) == Status.BANNED  # second ban: twice as long
+    now[0] += 150
+    assert book.status("cheat") == Status.BANNED
+    # honest peer: probation -> active -> trusted; one fail makes it a suspect, not banned
+    for _ in range(3):
+        book.record("good", Verdict.PASS)
+    assert book.status("good") == Status.ACTIVE
+    for _ in range(17):
+        book.record("good", Verdict.PASS)
+    assert book.status("good") == Status.TRUSTED  # enough passes and a score >= 0.9
+    for _ in range(100):
+        book.record("veteran", Verdict.PASS)
+    assert book.record("veteran", Verdict.FAIL) == Status.SUSPECT
+    assert book.record("veteran", Verdict.FAIL) == Status.BANNED  # 2 fails within a week, whatever the history
+    assert book.record("x", Verdict.GROSS_FAIL) == Status.BANNED
+    assert book.record("y", Verdict.INCONCLUSIVE) == Status.SUSPECT
+    assert book.record("z", Verdict.IMPOSSIBLE) == Status.PROBATION  # not a pass
+    assert book.entry("z").passes == 0
+
+
+def test_reputation_book_persists(tmp_path):
+    book = ReputationBook(ReputationRules(probation_passes=1))
+    book.record("a", Verdict.PASS)
+    book.record("b", Verdict.GROSS_FAIL)
+    path = str(tmp_path / "book.json")
+    book.save(path)
+    again = ReputationBook(ReputationRules(probation_passes=1))
+    again.load(path)
+    assert again.status("a") == Status.ACTIVE and again.status("b") == Status.BANNED
+    (tmp_path / "junk.json").write_text("{not json")
+    again.load(str(tmp_path / "junk.json"))  # ignored
+    assert again.status("a") == Status.ACTIVE
+
+
+def test_simulated_honest_swarm_bans_no_one():
+    """10^4 honest sessions, each audited at the probation/active rate, with honest replay noise
+    (prefill vs step-by-step in float32: ~1e-7 relative) and occasional batch-shape noise."""
+    rng = random.Random(0)
+    book = ReputationBook(ReputationRules())
+    policy = SamplingPolicy(AuditRates(), rng)
+    peers = [f"p{i}" for i in range(20)]
+    x = _x(tokens=16, hidden=64)
+    y = _block(x)
+    audits = 0
+    for session in range(10_000):
+        peer = rng.choice(peers)
+        if not policy.should_audit(book.status(peer)):
+            continue
+        audits += 1
+        noise = 1e-7 * (1 + rng.random() * 10)
+        y_b = y + noise * y.abs().mean() * torch.randn(y.shape, generator=torch.Generator().manual_seed(session))
+        result = compare(x, y, y_b, "float32", "float32")
+        book.record(peer, Verdict.PASS if result.agree else Verdict.FAIL)
+    assert audits > 500
+    assert book.banned() == frozenset() and book.suspects() == frozenset()
+
+
+def test_simulated_one_percent_cheater_detection_follows_the_formula():
+    """A peer corrupting 1 % of sessions, audited with p = 0.25: the fraction of trials in which it is
+    caught within n sessions follows 1 - (1 - p q d)^n (d = 1: every audited corruption is caught)."""
+    rng = random.Random(1)
+    p, q, trials = 0.25, 0.01, 600
+    x = _x()
+    y = _block(x)
+    cheat = y + 0.3 * torch.randn_like(y)
+    detect_at = []
+    for _ in range(trials):
+        n = 0
+        while True:
+            n += 1
+            corrupted = rng.random() < q
+            if rng.random() < p and corrupted and not compare(x, y, cheat, "float32", "float32").agree:
+                detect_at.append(n)
+                break
+    for n in (100, 400, 1200):
+        expected = detection_probability(p, q, 1.0, n)
+        observed = sum(d <= n for d in detect_at) / trials
+        sigma = math.sqrt(expected * (1 - expected) / trials)
+        assert abs(observed - expected) < 4 * sigma + 1e-9, (n, observed, expected)
