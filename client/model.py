@@ -22,11 +22,14 @@ from transformers import AutoConfig, AutoModelForCausalLM, GenerationConfig, Pre
 from transformers.cache_utils import Cache
 from transformers.modeling_outputs import BaseModelOutputWithPast
 
+from client.errors import SwarmError
 from client.swarm import ClientConfig, RemoteSession, RemoteSwarm
 from dht import records
 from peer import wire
 
 logger = logging.getLogger(__name__)
+
+MAX_REDOS = 3  # with verify_mode="redo": generations re-done after an audit caught a lying peer
 
 
 class RemoteCache(Cache):
@@ -128,9 +131,22 @@ class DistributedMixin:
                 grown = sequences.shape[1] - mask.shape[1]
                 session.attention_mask = torch.cat([mask, mask.new_ones(mask.shape[0], grown)], dim=1)[:, : session.position]
             return output
+        redo = self.swarm.cfg.verify_mode == "redo"
+        rng_state = torch.get_rng_state()
+        for attempt in range(MAX_REDOS + 1):
+            output, sessions = self._generate_once(inputs, kwargs)
+            liars = [p for s in sessions for p in s.served_by_a_liar()] if redo else []
+            if not liars:
+                return output
+            logger.warning("an audit caught %s returning wrong results during this generation; generating "
+                           "again without it (attempt %d of %d)", liars, attempt + 1, MAX_REDOS)
+            torch.set_rng_state(rng_state)  # a sampled generation draws the same numbers again
+        raise SwarmError(f"every attempt was served by a peer that audits caught lying (last: {liars})")
+
+    def _generate_once(self, inputs, kwargs):
         self._generate_sessions = []
         try:
-            return super().generate(inputs, **kwargs)
+            return super().generate(inputs, **kwargs), self._generate_sessions
         finally:
             for s in self._generate_sessions:
                 s.close()

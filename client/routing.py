@@ -30,6 +30,7 @@ class Hop:
     start: int
     end: int
     maddrs: tuple[str, ...] = ()
+    dtype: str = "float32"  # what the peer declares it computes in (audits compare like with like)
 
 
 def hop_cost(record: PeerRecord, rtt: float | None, blocks: int | None = None, cache_tokens_needed: int = 0) -> float:
@@ -107,6 +108,6 @@ def plan_route(
     route, node = [], end
     while node != start:
         r, a = came_from[node]
-        route.append(Hop(r.peer_id, a, node, r.maddrs))
+        route.append(Hop(r.peer_id, a, node, r.maddrs, r.dtype))
         node = a
     return route[::-1]

@@ -9,6 +9,7 @@ from __future__ import annotations
 import asyncio
 import dataclasses
 import logging
+import os
 import time
 import uuid
 
@@ -21,8 +22,14 @@ from client.loop import LoopThread
 from client.routing import Hop
 from client.transport import Stream, Transport
 from dht import directory
-from dht.records import PeerRecord
+from dht.records import PeerRecord, PeerState
 from peer import wire
+from verify.auditor import AuditResult, Auditor, ServedSpan
+from verify.policy import AuditRates, SamplingPolicy
+from verify.reputation import ReputationBook, Verdict
+
+DEFAULT_REPUTATION_PATH = os.environ.get(
+    "SWARMLLM_REPUTATION_PATH", os.path.join(os.path.expanduser("~"), ".cache", "swarmllm", "reputation.json"))
 
 logger = logging.getLogger(__name__)
 
@@ -46,6 +53,10 @@ class ClientConfig:
     ban_base: float = 2.0  # seconds a peer is avoided after its first failure (doubles each time)
     probe_after: float = 0.25  # seconds without a reply before the peer is pinged (and every this often after)
     probe_timeout: float = 1.0  # seconds a probed peer has to answer before it counts as dead or hung
+    audit_rates: AuditRates = AuditRates()  # how often spans are re-run elsewhere, by the peer's standing
+    reputation_path: str | None = DEFAULT_REPUTATION_PATH  # the client's book across runs; None = memory only
+    verify_mode: str = "background"  # "background": audits never delay generate(); "redo": generate() waits
+    # for the audits of its sessions and generates again (avoiding the cheater) if one confirms a lie
 
 
 @dataclasses.dataclass(frozen=True)
@@ -64,6 +75,13 @@ class HopSession:
     def __init__(self, hop: Hop, stream: Stream, session_id: str):
         self.hop, self.stream, self.session_id = hop, stream, session_id
         self.history: list[StepInput] = []
+        self.outputs: list[torch.Tensor] = []  # what the peer answered, step by step (for audits)
+
+    def served(self) -> ServedSpan:
+        last_mask = self.history[-1].mask if self.history else None
+        return ServedSpan(self.hop.peer_id, self.hop.start, self.hop.end, self.hop.dtype,
+                          [x.hidden for x in self.history], [x.position_ids for x in self.history], last_mask,
+                          list(self.outputs))
 
     async def step(self, x: StepInput, timeout: float, probe=None) -> torch.Tensor:
         """Send one step and wait up to ``timeout`` seconds; meanwhile ``probe`` (if given) is awaited
@@ -86,6 +104,7 @@ class HopSession:
         if not torch.isfinite(out[0]).all():
             raise PeerError(self.hop.peer_id, "returned NaN or infinite hidden states")
         self.history.append(x)
+        self.outputs.append(out[0])
         return out[0]
 
 
@@ -100,6 +119,12 @@ class SwarmCore:
         self.records_at = float("-inf")  # monotonic time of the last fetch
         self.bans = BanList(base=cfg.ban_base)
         self.retries = 0  # failed hops recovered from, over the client's life (for tests and notes)
+        self.book = ReputationBook()
+        if cfg.reputation_path:
+            self.book.load(cfg.reputation_path)
+        self.auditor = Auditor(self.book, SamplingPolicy(cfg.audit_rates), self._audit_candidates, self._replay,
+                               replay_errors=(PeerError,))
+        self._audits: set[asyncio.Task] = set()  # owned here: awaited by wait_audits() and at shutdown
 
     async def refresh(self) -> list[PeerRecord]:
         """Fetch every record of the model and ping the peers not measured yet."""
@@ -145,7 +170,7 @@ class SwarmCore:
         if time.monotonic() - self.records_at > fresh_enough:
             await self.refresh()
         while True:
-            avoid = exclude | self.bans.banned() | self.unreachable
+            avoid = exclude | self.bans.banned() | self.unreachable | self.book.banned()
             try:
                 return routing.plan_route(self.records, self.cfg.model_id, self.cfg.num_blocks, rtts=self.rtts,
                                           banned=avoid, start=start, end=end, cache_tokens_needed=cache_tokens_needed)
@@ -158,6 +183,46 @@ class SwarmCore:
 
     def step_timeout(self, tokens: int) -> float:
         return self.cfg.step_timeout + self.cfg.step_timeout_per_token * tokens
+
+    # ---- audits ------------------------------------------------------------------------------------------
+
+    def _audit_candidates(self, start: int, end: int, dtype: str, exclude: frozenset[str]) -> list[str]:
+        return [r.peer_id for r in self.records
+                if r.state == PeerState.ONLINE and r.start <= start and end <= r.end and r.dtype == dtype
+                and r.peer_id not in exclude and r.peer_id not in self.unreachable]
+
+    async def _replay(self, peer_id: str, start: int, end: int, hidden: torch.Tensor, position_ids: torch.Tensor,
+                      mask: torch.Tensor | None) -> torch.Tensor:
+        record = next((r for r in self.records if r.peer_id == peer_id), None)
+        hop = Hop(peer_id, start, end, record.maddrs if record else (), record.dtype if record else "float32")
+        return await self.forward_on(hop, hidden, position_ids, mask)
+
+    async def forward_on(self, hop: Hop, hidden: torch.Tensor, position_ids: torch.Tensor,
+                         mask: torch.Tensor | None) -> torch.Tensor:
+        """A stateless forward of a whole prefix on one given peer (no failover): what audits send."""
+        core = SessionCore(self, hidden.shape[0], hidden.shape[1], rpc=wire.RPC_FORWARD)
+        core.hops = [await core._open_hop(hop)]
+        try:
+            return await core.step(hidden, position_ids, mask, recover=False)
+        finally:
+            await core._close_hops(core.hops)
+
+    def submit_audits(self, spans: list[ServedSpan]) -> list[asyncio.Task]:
+        tasks = []
+        for span in spans:
+            if self.auditor.sampled(span):
+                task = asyncio.get_running_loop().create_task(self.auditor.audit(span), name="audit")
+                self._audits.add(task)
+                task.add_done_callback(self._audits.discard)
+                tasks.append(task)
+        return tasks
+
+    async def wait_audits(self, timeout: float | None = None) -> None:
+        """Wait for every audit in flight; errors inside an audit propagate here."""
+        if self._audits:
+            done, _ = await asyncio.wait(set(self._audits), timeout=timeout)
+            for task in done:
+                task.result()
 
     def mark_failed(self, peer_id: str, error: PeerError) -> None:
         """Avoid a peer that failed: banned with back-off, and unreachable until a ping proves otherwise."""
@@ -242,9 +307,10 @@ class SessionCore:
             raise
         return HopSession(hop, stream, self.session_id)
 
-    async def step(self, hidden: torch.Tensor, position_ids: torch.Tensor, attention_mask: torch.Tensor | None
-                   ) -> torch.Tensor:
-        """hidden (batch, t, hidden) -> (batch, t, hidden) through every hop; long inputs go in chunks."""
+    async def step(self, hidden: torch.Tensor, position_ids: torch.Tensor, attention_mask: torch.Tensor | None,
+                   *, recover: bool = True) -> torch.Tensor:
+        """hidden (batch, t, hidden) -> (batch, t, hidden) through every hop; long inputs go in chunks.
+        ``recover=False``: a failing peer raises instead of being replaced (audits target one peer)."""
         batch, tokens = hidden.shape[:2]
         if batch != self.batch_size:
             raise SwarmError(f"session was opened for batch size {self.batch_size}, step has {batch}")
@@ -256,11 +322,11 @@ class SessionCore:
             pos = position_ids[:, begin:begin + chunk]
             mask = None if attention_mask is None else attention_mask[:, : self.position + pos.shape[1]]
             x = StepInput(hidden[:, begin:begin + chunk], pos, mask, self.position)
-            outputs.append(await self._through_route(x))
+            outputs.append(await self._through_route(x, recover))
             self.position += pos.shape[1]
         return torch.cat(outputs, dim=1)
 
-    async def _through_route(self, x: StepInput) -> torch.Tensor:
+    async def _through_route(self, x: StepInput, recover: bool = True) -> torch.Tensor:
         timeout = self.swarm.step_timeout(x.hidden.shape[0] * x.hidden.shape[1])
         probe = self.swarm.probe()
         retries, i = 0, 0
@@ -269,7 +335,7 @@ class SessionCore:
             try:
                 out = await hop.step(x, timeout, probe)
             except PeerError as e:
-                if not e.recoverable:
+                if not e.recoverable or not recover:
                     raise
                 retries += 1
                 if retries > self.swarm.cfg.max_retries:
@@ -307,8 +373,12 @@ class SessionCore:
         raise SwarmError(f"could not replace the peer for blocks [{failed.hop.start}, {failed.hop.end}) "
                          f"after {self.swarm.cfg.max_retries} attempts; last error: {error}")
 
-    async def close(self) -> None:
+    async def close(self) -> list[asyncio.Task]:
+        """Close every hop, then (off the critical path) audit a sample of the spans they served."""
         await self._close_hops(self.hops)
+        if self.rpc != wire.RPC_INFERENCE:
+            return []
+        return self.swarm.submit_audits([h.served() for h in self.hops])
 
     @staticmethod
     async def _close_hops(hops: list[HopSession]) -> None:
@@ -322,6 +392,7 @@ class RemoteSession:
         self._swarm, self._core = swarm, core
         self.token_ids: torch.Tensor | None = None  # (batch, position) ids seen so far, for generate() reuse
         self.attention_mask: torch.Tensor | None = None
+        self._audits: list[asyncio.Task] = []
 
     @property
     def position(self) -> int:
@@ -343,7 +414,17 @@ class RemoteSession:
         return self._swarm.loop.run(self._core.step(hidden, position_ids, attention_mask))
 
     def close(self) -> None:
-        self._swarm.loop.run(self._core.close())
+        self._audits = self._swarm.loop.run(self._core.close())
+
+    def audit_results(self, timeout: float = 120.0) -> list[AuditResult]:
+        """Wait for this session's audits (after close) and return their results."""
+        async def gather():
+            return await asyncio.wait_for(asyncio.gather(*self._audits), timeout)
+        return self._swarm.loop.run(gather()) if self._audits else []
+
+    def served_by_a_liar(self, timeout: float = 120.0) -> list[str]:
+        """Peers of this session that an audit caught lying."""
+        return [r.peer_id for r in self.audit_results(timeout) if r.verdict in (Verdict.FAIL, Verdict.GROSS_FAIL)]
 
     def __enter__(self) -> "RemoteSession":
         return self
@@ -401,7 +482,15 @@ class RemoteSwarm:
             self.loop.stop()
         self.dht.shutdown()
 
+    def wait_audits(self, timeout: float | None = 120.0) -> None:
+        self.loop.run(self.core.wait_audits(timeout))
+
     async def _shutdown(self) -> None:
+        try:
+            await self.core.wait_audits(timeout=30)
+        finally:
+            if self.cfg.reputation_path:
+                self.core.book.save(self.cfg.reputation_path)
         self._refresher.cancel()
         try:
             await self._refresher  # re-raises whatever killed it, if not our cancel

@@ -10,6 +10,9 @@ import os
 import pytest
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
+# Clients made by tests keep their reputation book here, not in the user's cache.
+os.environ["SWARMLLM_REPUTATION_PATH"] = os.path.join(
+    os.environ.get("TMPDIR", "/tmp"), f"swarmllm-test-reputation-{os.getpid()}.json")
 
 from swarmllm import checkpoints, launch  # noqa: E402
 
