@@ -23,11 +23,13 @@ class Thresholds:
     gross_factor: float = 5.0  # e above gross_factor * τ_max is a gross fault (identity, skip, wrong weights)
 
 
-# Defaults from the notes' table, checked against this repo's calibration (README, "Verification").
+# max(the notes' defaults, 3 x the honest disagreement measured by bench/calibrate.py on SmolLM2
+# blocks 10-20: step-by-step decode vs one-prefill replay, 1 vs 2 threads, batch 1 vs padded batch).
+# fp32: median 2.2e-6, max 9.2e-6; fp16: 2.4e-3, 7.8e-3; bf16: 1.7e-2, 5.2e-2 (README, "Verification").
 THRESHOLDS = {
     "float32": Thresholds(1e-3, 5e-3),
-    "float16": Thresholds(5e-3, 2e-2),
-    "bfloat16": Thresholds(3e-2, 8e-2),
+    "float16": Thresholds(7.5e-3, 2.5e-2),
+    "bfloat16": Thresholds(5e-2, 1.6e-1),
 }
 
 
