@@ -22,7 +22,8 @@ from client.loop import LoopThread
 from client.routing import Hop
 from client.transport import Stream, Transport
 from dht import directory
-from dht.records import PeerRecord, PeerState
+from dht import identity
+from dht.records import PeerRecord, PeerState, VerdictRecord
 from peer import wire
 from verify.auditor import AuditResult, Auditor, ServedSpan
 from verify.policy import AuditRates, SamplingPolicy
@@ -55,6 +56,7 @@ class ClientConfig:
     probe_timeout: float = 1.0  # seconds a probed peer has to answer before it counts as dead or hung
     audit_rates: AuditRates = AuditRates()  # how often spans are re-run elsewhere, by the peer's standing
     reputation_path: str | None = DEFAULT_REPUTATION_PATH  # the client's book across runs; None = memory only
+    identity_path: str | None = None  # the client's key (signs its verdicts); None = a fresh one per run
     verify_mode: str = "background"  # "background": audits never delay generate(); "redo": generate() waits
     # for the audits of its sessions and generates again (avoiding the cheater) if one confirms a lie
 
@@ -111,8 +113,8 @@ class HopSession:
 class SwarmCore:
     """Async: everything here runs on the client's loop thread."""
 
-    def __init__(self, cfg: ClientConfig, transport: Transport, dht):
-        self.cfg, self.transport, self.dht = cfg, transport, dht
+    def __init__(self, cfg: ClientConfig, transport: Transport, dht, peer_id: str):
+        self.cfg, self.transport, self.dht, self.peer_id = cfg, transport, dht, peer_id
         self.rtts: dict[str, float] = {}  # peer id -> smoothed RTT (seconds) of peers that answered
         self.unreachable: set[str] = set()  # peers whose last ping failed
         self.records: list[PeerRecord] = []
@@ -123,7 +125,7 @@ class SwarmCore:
         if cfg.reputation_path:
             self.book.load(cfg.reputation_path)
         self.auditor = Auditor(self.book, SamplingPolicy(cfg.audit_rates), self._audit_candidates, self._replay,
-                               replay_errors=(PeerError,))
+                               replay_errors=(PeerError,), publish=self._publish)
         self._audits: set[asyncio.Task] = set()  # owned here: awaited by wait_audits() and at shutdown
 
     async def refresh(self) -> list[PeerRecord]:
@@ -196,6 +198,19 @@ class SwarmCore:
         record = next((r for r in self.records if r.peer_id == peer_id), None)
         hop = Hop(peer_id, start, end, record.maddrs if record else (), record.dtype if record else "float32")
         return await self.forward_on(hop, hidden, position_ids, mask)
+
+    async def _publish(self, result: AuditResult, span: ServedSpan) -> None:
+        """Publish a verdict on the DHT, signed with this client's identity (the health page shows it)."""
+        c = result.comparison
+        verdict = VerdictRecord(
+            author=self.peer_id, target=result.peer_id, model_id=self.cfg.model_id, start=span.start, end=span.end,
+            verdict=result.verdict.value, median_error=c.median if c else float("nan"),
+            max_error=c.maximum if c else float("nan"), time=time.time())
+        try:
+            if not await asyncio.wait_for(directory.publish_verdict(self.dht, verdict), 10):
+                logger.info("no DHT node stored the verdict about %s", result.peer_id)
+        except asyncio.TimeoutError:
+            logger.info("publishing the verdict about %s timed out", result.peer_id)
 
     async def forward_on(self, hop: Hop, hidden: torch.Tensor, position_ids: torch.Tensor,
                          mask: torch.Tensor | None) -> torch.Tensor:
@@ -440,7 +455,8 @@ class RemoteSwarm:
     def __init__(self, cfg: ClientConfig):
         self.cfg = cfg
         self.loop = LoopThread()
-        self.dht = directory.start_node(None, cfg.initial_peers, client_mode=True)
+        self.identity = identity.load_or_create(cfg.identity_path)  # signs the verdicts this client publishes
+        self.dht = directory.start_node(self.identity, cfg.initial_peers, client_mode=True)
         try:
             self.core, self._refresher = self.loop.run(self._start(), timeout=60)
         except BaseException:
@@ -449,7 +465,7 @@ class RemoteSwarm:
             raise
 
     async def _start(self) -> tuple[SwarmCore, asyncio.Task]:
-        core = SwarmCore(self.cfg, Transport(await self.dht.replicate_p2p()), self.dht)
+        core = SwarmCore(self.cfg, Transport(await self.dht.replicate_p2p()), self.dht, self.identity.peer_id)
         # Owned by this RemoteSwarm: cancelled in shutdown(); it catches the errors it can recover from.
         return core, asyncio.get_running_loop().create_task(core.run_refresh_loop(), name="swarm-refresh")
 

@@ -7,7 +7,6 @@ never block an event loop.
 from __future__ import annotations
 
 import logging
-import time
 from typing import Sequence
 
 import hivemind
@@ -115,15 +114,29 @@ async def fetch_peers(dht: hivemind.DHT, model_id: str) -> list[records.PeerReco
     return result
 
 
-def wait_until_stored(dht: hivemind.DHT, record: records.PeerRecord, *, timeout: float) -> bool:
-    """Blocking helper for scripts: poll until the record can be read back (or the timeout passes)."""
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        found = dht.get(records.model_key(record.model_id), latest=True)
-        if found is not None and records.subkey_for(record.peer_id) in found.value:
-            return True
-        time.sleep(0.1)
-    return False
+async def publish_verdict(dht: hivemind.DHT, verdict: records.VerdictRecord, *, ttl: float = 7 * 86400.0) -> bool:
+    """Publish an audit verdict (signed by the publishing node's identity, which must be the author)."""
+    stored = await dht.store(
+        records.verdict_key(verdict.model_id), subkey=records.verdict_subkey(verdict.author, verdict.target),
+        value=records.encode_verdict(verdict), expiration_time=get_dht_time() + ttl, return_future=True)
+    return bool(stored)
 
 
-__all__ = ["start_node", "visible_maddrs", "announce", "fetch_peers", "wait_until_stored"]
+async def fetch_verdicts(dht: hivemind.DHT, model_id: str) -> list[records.VerdictRecord]:
+    """Every valid verdict published about peers of ``model_id`` (each signed by its author)."""
+    found = await dht.get(records.verdict_key(model_id), latest=True, return_future=True)
+    if found is None or not isinstance(found.value, dict):
+        return []
+    result = []
+    for subkey, item in found.value.items():
+        try:
+            verdict = records.decode_verdict(item.value)
+        except records.RecordError as e:
+            logger.warning("skipping a malformed verdict under %r: %s", subkey, e)
+            continue
+        if subkey == records.verdict_subkey(verdict.author, verdict.target) and verdict.model_id == model_id:
+            result.append(verdict)
+    return result
+
+
+__all__ = ["start_node", "visible_maddrs", "announce", "fetch_peers", "publish_verdict", "fetch_verdicts"]

@@ -18,6 +18,8 @@ RECORD_VERSION = 1
 WIRE_VERSION = 1
 KEY_PREFIX = "swarmllm:v1"
 SUBKEY_PREFIX = "peer:"
+VERDICT_PREFIX = "verdict:"
+VERDICTS = ("pass", "fail", "gross_fail", "inconclusive", "impossible")
 
 _MODEL_ID_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._\-]{0,127}$")
 _DTYPES = ("float32", "bfloat16", "float16")
@@ -193,3 +195,58 @@ def derive_model_id(config: Mapping[str, Any]) -> str:
     digest = hashlib.sha256(json.dumps(stable, sort_keys=True, default=str).encode()).hexdigest()[:12]
     model_type = re.sub(r"[^A-Za-z0-9_\-]", "-", str(config.get("model_type", "model")))[:32] or "model"
     return f"{model_type}-{config.get('num_hidden_layers', 0)}L-{digest}"
+
+
+# ---- verdicts: what a client's audits concluded about a peer, published under the client's own id ----
+
+@dataclasses.dataclass(frozen=True)
+class VerdictRecord:
+    author: str  # peer id of the client that ran the audit (the record is signed by its key)
+    target: str  # peer id of the audited peer
+    model_id: str
+    start: int
+    end: int
+    verdict: str  # one of VERDICTS
+    median_error: float  # per-token relative update error against the agreeing peers (nan if none)
+    max_error: float
+    time: float  # unix seconds
+
+    def __post_init__(self) -> None:
+        _check_model_id(self.model_id)
+        if self.verdict not in VERDICTS:
+            raise RecordError(f"verdict must be one of {VERDICTS}, got {self.verdict!r}")
+        if not 0 <= self.start < self.end:
+            raise RecordError(f"block range must satisfy 0 <= start < end, got [{self.start}, {self.end})")
+
+
+def encode_verdict(v: VerdictRecord) -> dict[str, Any]:
+    return {"v": RECORD_VERSION, **dataclasses.asdict(v)}
+
+
+def decode_verdict(obj: Any) -> VerdictRecord:
+    if not isinstance(obj, Mapping):
+        raise RecordError(f"a verdict must be a mapping, got {type(obj).__name__}")
+    if _field(obj, "v", int) != RECORD_VERSION:
+        raise RecordError(f"verdict version {obj.get('v')} is not supported")
+    return VerdictRecord(
+        author=_field(obj, "author", str), target=_field(obj, "target", str),
+        model_id=_field(obj, "model_id", str), start=_field(obj, "start", int), end=_field(obj, "end", int),
+        verdict=_field(obj, "verdict", str), median_error=float(_field(obj, "median_error", (int, float))),
+        max_error=float(_field(obj, "max_error", (int, float))), time=float(_field(obj, "time", (int, float))),
+    )
+
+
+def verdict_key(model_id: str) -> str:
+    _check_model_id(model_id)
+    return f"{KEY_PREFIX}:{model_id}:verdicts"
+
+
+def verdict_subkey(author: str, target: str) -> str:
+    """One verdict per (author, target): the latest replaces the previous."""
+    return f"{VERDICT_PREFIX}{author}:{target}"
+
+
+def author_from_subkey(subkey: str) -> str | None:
+    if isinstance(subkey, str) and subkey.startswith(VERDICT_PREFIX):
+        return subkey[len(VERDICT_PREFIX):].split(":", 1)[0]
+    return None

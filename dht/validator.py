@@ -1,10 +1,13 @@
-"""A hivemind record validator that makes every peer record signed by the peer it names.
+"""A hivemind record validator that makes every peer record signed by the peer it names, and every
+verdict signed by the client that wrote it.
 
 A peer record lives under subkey 'peer:<peer id>'. Its value must (1) carry an Ed25519 signature by
 the key inlined in that peer id, over key, subkey, value and expiration, and (2) decode as a valid
 PeerRecord whose peer_id equals the subkey's. Every DHT node runs this validator, so a forged record
 (another peer's id, another key, a malformed schema) is rejected wherever it is sent.
-Records whose subkey is not ours pass through untouched.
+A verdict lives under subkey 'verdict:<author id>:<target id>' and must be signed by the author's key
+and decode as a valid VerdictRecord with that author and target. Records whose subkey is not ours
+pass through untouched.
 """
 
 from __future__ import annotations
@@ -19,12 +22,22 @@ _MARKER = b"\x00swsig1\x00"
 _SIG_BYTES = 64
 
 
-def _subkey_peer(record: DHTRecord) -> str | None:
+def _subkey_owner(record: DHTRecord) -> tuple[str | None, str | None]:
+    """(the peer id that must have signed this record, its kind 'peer'/'verdict'), or (None, None)
+    for records that are not ours."""
     try:
         subkey = msgpack.unpackb(record.subkey, raw=False)
     except Exception:  # not our subkey format: not ours to judge
-        return None
-    return records.peer_id_from_subkey(subkey)
+        return None, None
+    if (peer := records.peer_id_from_subkey(subkey)) is not None:
+        return peer, "peer"
+    if (author := records.author_from_subkey(subkey)) is not None:
+        return author, "verdict"
+    return None, None
+
+
+def _subkey_peer(record: DHTRecord) -> str | None:
+    return _subkey_owner(record)[0]
 
 
 def _signed_message(record: DHTRecord, value: bytes) -> bytes:
@@ -48,11 +61,16 @@ class PeerRecordValidator(RecordValidatorBase):
         value, signature = self._split(record.value)
         if signature is None or not identity_mod.verify(peer_id, _signed_message(record, value), signature):
             return False
+        kind = _subkey_owner(record)[1]
         try:
-            decoded = records.decode(msgpack.unpackb(value, raw=False))
+            obj = msgpack.unpackb(value, raw=False)
+            if kind == "peer":
+                return records.decode(obj).peer_id == peer_id
+            verdict = records.decode_verdict(obj)
+            subkey = msgpack.unpackb(record.subkey, raw=False)
+            return verdict.author == peer_id and subkey == records.verdict_subkey(verdict.author, verdict.target)
         except (records.RecordError, ValueError, TypeError, msgpack.ExtraData):
             return False
-        return decoded.peer_id == peer_id
 
     def strip_value(self, record: DHTRecord) -> bytes:
         if _subkey_peer(record) is None:

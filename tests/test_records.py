@@ -95,3 +95,23 @@ def test_identity_persists_with_owner_only_permissions(tmp_path):
     assert identity.load_or_create(path).peer_id == first.peer_id
     assert first.peer_id.startswith("12D3KooW")
     assert identity.public_key_of("not-a-peer-id") is None
+
+
+def test_verdicts_must_be_signed_by_their_author(tmp_path):
+    author = identity.load_or_create(str(tmp_path / "author.key"))
+    other = identity.load_or_create(str(tmp_path / "other.key"))
+    verdict = records.VerdictRecord(author=author.peer_id, target="12D3KooWtarget", model_id="m-1L-x", start=0,
+                                    end=2, verdict="fail", median_error=0.4, max_error=0.9, time=1.0)
+    value = records.encode_verdict(verdict)
+    assert records.decode_verdict(value) == verdict
+    record = DHTRecord(key=b"k" * 20, subkey=msgpack.packb(records.verdict_subkey(author.peer_id, "12D3KooWtarget")),
+                       value=msgpack.packb(value), expiration_time=1e9)
+    signed = dataclasses.replace(record, value=PeerRecordValidator(author).sign_value(record))
+    assert PeerRecordValidator().validate(signed)
+    assert not PeerRecordValidator().validate(record)  # unsigned
+    assert PeerRecordValidator(other).sign_value(record) == record.value  # others cannot sign it
+    # an author cannot file its verdict under another target's subkey
+    moved = dataclasses.replace(record, subkey=msgpack.packb(records.verdict_subkey(author.peer_id, "12D3KooWelse")))
+    assert not PeerRecordValidator().validate(dataclasses.replace(moved, value=PeerRecordValidator(author).sign_value(moved)))
+    with pytest.raises(RecordError, match="verdict must be one of"):
+        records.decode_verdict({**value, "verdict": "guilty"})

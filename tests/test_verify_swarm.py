@@ -65,3 +65,28 @@ def test_no_second_peer_means_the_audit_is_impossible_not_passed(tiny_checkpoint
         assert model.swarm.core.book.entry(results[0].peer_id).passes == 0
     finally:
         model.swarm.shutdown()
+
+
+def test_verdicts_are_published_signed_by_their_author(honest_swarm):
+    import asyncio
+
+    from dht import directory
+
+    path, swarm, _ = honest_swarm
+    liar, = swarm.add_peers(path, [(3, 6)], extra=["--adversary", "identity", *FAST])
+    model = AutoDistributedModelForCausalLM.from_pretrained(
+        path, swarm.initial_peers, audit_rates=AuditRates.always(), verify_mode="redo", reputation_path=None)
+    try:
+        model.generate(torch.tensor([[5, 6, 7, 8]]), max_new_tokens=4, do_sample=False, pad_token_id=0)
+        model.swarm.wait_audits()
+        reader = directory.start_node(None, swarm.initial_peers, client_mode=True)
+        try:
+            verdicts = asyncio.run(directory.fetch_verdicts(reader, model.swarm.cfg.model_id))
+        finally:
+            reader.shutdown()
+        mine = {v.target: v for v in verdicts if v.author == model.swarm.identity.peer_id}
+        assert mine[liar.ready["peer_id"]].verdict == "gross_fail"
+        assert mine[liar.ready["peer_id"]].median_error > 0.5
+    finally:
+        model.swarm.shutdown()
+        liar.stop()

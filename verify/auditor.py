@@ -47,12 +47,14 @@ class AuditResult:
 
 Candidates = Callable[[int, int, str, frozenset[str]], list[str]]
 Replay = Callable[[str, int, int, torch.Tensor, torch.Tensor, "torch.Tensor | None"], Awaitable[torch.Tensor]]
+Publish = Callable[[AuditResult, ServedSpan], Awaitable[None]]
 
 
 class Auditor:
     def __init__(self, book: ReputationBook, policy: SamplingPolicy, candidates: Candidates, replay: Replay,
-                 replay_errors: tuple[type[BaseException], ...] = ()):
+                 replay_errors: tuple[type[BaseException], ...] = (), publish: Publish | None = None):
         self.book, self.policy, self.candidates, self.replay = book, policy, candidates, replay
+        self.publish = publish  # where conclusive verdicts are published (signed), if anywhere
         self.replay_errors = replay_errors  # a re-running peer that fails this way is skipped, not judged
         self.results: list[AuditResult] = []
 
@@ -61,6 +63,12 @@ class Auditor:
         return bool(span.hidden) and self.policy.should_audit(self.book.status(span.peer_id))
 
     async def audit(self, span: ServedSpan) -> AuditResult:
+        result = await self._judge(span)
+        if self.publish is not None and result.verdict != Verdict.IMPOSSIBLE:
+            await self.publish(result, span)
+        return result
+
+    async def _judge(self, span: ServedSpan) -> AuditResult:
         x = torch.cat(span.hidden, dim=1)  # (batch, T, hidden): the whole prefix
         positions = torch.cat(span.position_ids, dim=1)  # (batch, T)
         y_a = torch.cat(span.outputs, dim=1)
