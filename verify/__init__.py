@@ -1,9 +1,12 @@
-"""swarmllm verify: catching peers that compute wrong results (issue 4; not built yet).
+"""swarmllm verify: catching peers that compute wrong results.
 
-Planned files (see ../shared/notes/verification.md and the README's architecture section):
-- policy.py      which steps to re-run on a redundant peer (pure, seeded)
-- compare.py     activation comparison with per-dtype tolerances (pure)
-- auditor.py     replays sampled hops on other peers serving the same blocks (network injected)
-- reputation.py  the reputation book that routing respects
-Nothing here is imported yet; the package exists so the layout and the import rules hold.
+Files:
+- compare.py     per-token relative error of the span's update (output - input), per-dtype thresholds (pure)
+- policy.py      which sessions to audit, by the peer's standing; detection probability (pure)
+- reputation.py  the reputation book: Beta reputation with forgetting, probation, growing bans (pure)
+- auditor.py     re-runs a sampled span on another same-dtype peer, asks a referee on disagreement,
+                 records and publishes the verdict (network access injected; never imports client)
+
+The client (client/swarm.py) wires these in: every closed session offers its spans to the auditor,
+routing skips banned peers, and verdicts are published on the DHT signed by the client.
 """
