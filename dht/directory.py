@@ -7,7 +7,7 @@ never block an event loop.
 from __future__ import annotations
 
 import logging
-from typing import Sequence
+from typing import Any, Callable, Sequence, TypeVar
 
 import hivemind
 from hivemind.utils import get_dht_time
@@ -17,6 +17,7 @@ from dht.identity import Identity
 from dht.validator import PeerRecordValidator
 
 logger = logging.getLogger(__name__)
+T = TypeVar("T")
 
 DEFAULT_STARTUP_TIMEOUT = 30.0  # seconds
 
@@ -93,25 +94,30 @@ async def announce(dht: hivemind.DHT, record: records.PeerRecord, *, ttl: float)
     return bool(stored)
 
 
-async def fetch_peers(dht: hivemind.DHT, model_id: str) -> list[records.PeerRecord]:
-    """Every valid, unexpired record for ``model_id``. Malformed entries are skipped with a log line."""
-    found = await dht.get(records.model_key(model_id), latest=True, return_future=True)
+async def _fetch(dht: hivemind.DHT, key: str, decode: Callable[[Any], T], belongs: Callable[[str, T], bool]
+                 ) -> list[T]:
+    """Decode every subkey's value under ``key``; malformed or misfiled entries are skipped with a log line."""
+    found = await dht.get(key, latest=True, return_future=True)
     if found is None or not isinstance(found.value, dict):
         return []
     result = []
     for subkey, item in found.value.items():
         try:
-            record = records.decode(item.value)
+            value = decode(item.value)
         except records.RecordError as e:
-            logger.warning("skipping a malformed record under %r: %s", subkey, e)
+            logger.warning("skipping a malformed entry under %r: %s", subkey, e)
             continue
-        if records.peer_id_from_subkey(subkey) != record.peer_id:
-            logger.warning("skipping a record whose subkey %r names another peer than %s", subkey, record.peer_id)
-            continue
-        if record.model_id != model_id:
-            continue
-        result.append(record)
+        if belongs(subkey, value):
+            result.append(value)
+        else:
+            logger.warning("skipping an entry filed under the wrong subkey %r", subkey)
     return result
+
+
+async def fetch_peers(dht: hivemind.DHT, model_id: str) -> list[records.PeerRecord]:
+    """Every valid, unexpired record for ``model_id``."""
+    return await _fetch(dht, records.model_key(model_id), records.decode,
+                        lambda subkey, r: records.peer_id_from_subkey(subkey) == r.peer_id and r.model_id == model_id)
 
 
 async def publish_verdict(dht: hivemind.DHT, verdict: records.VerdictRecord, *, ttl: float = 7 * 86400.0) -> bool:
@@ -124,19 +130,9 @@ async def publish_verdict(dht: hivemind.DHT, verdict: records.VerdictRecord, *, 
 
 async def fetch_verdicts(dht: hivemind.DHT, model_id: str) -> list[records.VerdictRecord]:
     """Every valid verdict published about peers of ``model_id`` (each signed by its author)."""
-    found = await dht.get(records.verdict_key(model_id), latest=True, return_future=True)
-    if found is None or not isinstance(found.value, dict):
-        return []
-    result = []
-    for subkey, item in found.value.items():
-        try:
-            verdict = records.decode_verdict(item.value)
-        except records.RecordError as e:
-            logger.warning("skipping a malformed verdict under %r: %s", subkey, e)
-            continue
-        if subkey == records.verdict_subkey(verdict.author, verdict.target) and verdict.model_id == model_id:
-            result.append(verdict)
-    return result
+    return await _fetch(dht, records.verdict_key(model_id), records.decode_verdict,
+                        lambda subkey, v: subkey == records.verdict_subkey(v.author, v.target)
+                        and v.model_id == model_id)
 
 
 __all__ = ["start_node", "visible_maddrs", "announce", "fetch_peers", "publish_verdict", "fetch_verdicts"]
