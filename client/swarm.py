@@ -181,7 +181,7 @@ class SwarmCore:
                 if not wait or waited > self.cfg.route_timeout:
                     raise MissingBlocksError(e.model_id, e.missing, e.num_blocks, waited) from None
             await asyncio.sleep(0.5)
-            await self.refresh()  # a DHT read can be slow while a frozen peer is among its nodes
+            await self.refresh()  # peers may have joined meanwhile
 
     def step_timeout(self, tokens: int) -> float:
         return self.cfg.step_timeout + self.cfg.step_timeout_per_token * tokens
