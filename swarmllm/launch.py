@@ -32,6 +32,7 @@ class SwarmProcess:
         )
         self.pid = self.popen.pid
         self.ready: dict | None = None
+        self._stopped = False
         self._lines: queue.Queue = queue.Queue()
         self._echo = echo
         self._reader = threading.Thread(target=self._read_stdout, name=f"{name}-stdout", daemon=True)
@@ -80,6 +81,8 @@ class SwarmProcess:
 
     def signal(self, sig: int) -> None:
         """Send ``sig`` to the process's whole group (the process, its DHT child and p2pd)."""
+        if self._stopped:
+            return
         try:
             os.killpg(self.pid, sig)
         except ProcessLookupError:
@@ -87,7 +90,11 @@ class SwarmProcess:
 
     def stop(self, timeout: float = 15.0) -> int | None:
         """SIGTERM the process (it shuts its own children down), wait up to ``timeout`` seconds, then
-        SIGKILL whatever is left of its group."""
+        SIGKILL whatever is left of its group. Idempotent: a second call signals nothing (the PID may
+        belong to another process by then)."""
+        if self._stopped:
+            return self.popen.returncode
+        self._stopped = True
         if self.alive():
             try:
                 os.kill(self.pid, signal.SIGTERM)
@@ -97,7 +104,10 @@ class SwarmProcess:
                 self.popen.wait(timeout=timeout)
             except subprocess.TimeoutExpired:
                 pass
-        self.signal(signal.SIGKILL)  # the group may outlive its leader (p2pd, the DHT child)
+        try:  # the group may outlive its leader (p2pd, the DHT child); while it has members its id stays theirs
+            os.killpg(self.pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
         try:
             self.popen.wait(timeout=5)
         except subprocess.TimeoutExpired:
@@ -105,6 +115,10 @@ class SwarmProcess:
         if self.popen.stdout:
             self.popen.stdout.close()
         self.stderr_file.close()
+        try:
+            os.unlink(self.stderr_file.name)
+        except FileNotFoundError:
+            pass
         return self.popen.returncode
 
 
