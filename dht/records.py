@@ -80,9 +80,6 @@ class PeerRecord:
     def num_blocks(self) -> int:
         return self.end - self.start
 
-    def covers(self, block: int) -> bool:
-        return self.start <= block < self.end
-
 
 def encode(record: PeerRecord) -> dict[str, Any]:
     """PeerRecord -> plain dict ready for msgpack (the DHT value)."""
