@@ -130,15 +130,13 @@ def test_churn_during_a_long_generation(fleet, models, capsys):
     local, remote = models
     ids = _prompt(7, length=4)
     ref = local.generate(ids, max_new_tokens=200, do_sample=False, pad_token_id=0)
-    events, errors, done = [], [], threading.Event()
+    events, errors, churned = [], [], threading.Event()
 
     def churn():
         try:
             plan = [("join", (0, 3)), ("term", (0, 3)), ("join", (3, 6)), ("kill", (3, 6)),
                     ("join", (0, 6)), ("kill", (0, 3)), ("term", (3, 6))]
             for action, span in plan:
-                if done.is_set():
-                    break
                 if action == "join":
                     fleet.add([span])
                 else:
@@ -155,15 +153,21 @@ def test_churn_during_a_long_generation(fleet, models, capsys):
                 time.sleep(0.5)
         except BaseException as e:  # reported by the assert below
             errors.append(e)
+        finally:
+            churned.set()
 
-    slow = OnStep(lambda step: time.sleep(0.05))  # ~10 s of generation: long enough to churn through
+    def pace(step):
+        time.sleep(0.05)
+        if step == 150:  # the last 50 tokens come only after every churn event has happened
+            churned.wait(timeout=240)
+
+    slow = OnStep(pace)
     thread = threading.Thread(target=churn)
     thread.start()
     try:
         out = remote.generate(ids, max_new_tokens=200, do_sample=False, pad_token_id=0,
                               logits_processor=LogitsProcessorList([slow]))
     finally:
-        done.set()
         thread.join(timeout=300)
     assert not errors, errors
     assert len(events) >= 5, events
