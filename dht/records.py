@@ -56,6 +56,7 @@ class PeerRecord:
     maddrs: tuple[str, ...] = ()  # multiaddrs the peer is reachable at
     relayed: bool = False  # reachable only through a libp2p circuit relay
     num_sessions: int = 0  # inference sessions open right now
+    model_blocks: int = 0  # blocks in the whole model (0 = not said), so a monitor can draw coverage
 
     def __post_init__(self) -> None:
         _check_model_id(self.model_id)
@@ -99,6 +100,7 @@ def encode(record: PeerRecord) -> dict[str, Any]:
         "maddrs": list(record.maddrs),
         "relayed": record.relayed,
         "num_sessions": record.num_sessions,
+        "model_blocks": record.model_blocks,
     }
 
 
@@ -148,6 +150,7 @@ def decode(obj: Any) -> PeerRecord:
         maddrs=tuple(maddrs),
         relayed=_field(obj, "relayed", bool, False),
         num_sessions=_field(obj, "num_sessions", int, 0),
+        model_blocks=_field(obj, "model_blocks", int, 0),
     )
 
 
@@ -156,6 +159,9 @@ def _check_model_id(model_id: Any) -> None:
         raise RecordError(
             f"model id must be 1-128 characters of letters, digits, '.', '_' or '-', got {model_id!r}"
         )
+
+
+INDEX_KEY = f"{KEY_PREFIX}:index"  # every peer's record again, all models together (for monitors)
 
 
 def model_key(model_id: str) -> str:

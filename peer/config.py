@@ -36,6 +36,7 @@ class PeerConfig:
     use_auto_relay: bool = False  # behind NAT: become reachable through relays (the initial peers by default)
     relay_maddrs: tuple[str, ...] = ()  # relays to announce this peer through
     no_listen: bool = False  # accept no direct connections (outbound only; implies --use-auto-relay)
+    metrics_port: int | None = None  # serve Prometheus metrics over HTTP here (0 = any free port)
     adversary: str | None = None  # TESTING AID: "MODE[:RATE]", see peer/adversary.py
 
 
@@ -93,6 +94,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="relays to announce this peer through (default: the initial peers)")
     parser.add_argument("--no-listen", action="store_true",
                         help="accept no direct connections, only relayed ones (implies --use-auto-relay)")
+    parser.add_argument("--metrics-port", type=int, default=None,
+                        help="serve this peer's Prometheus metrics at http://HOST:PORT/metrics (0 = any free port)")
     parser.add_argument("--adversary", default=None, metavar="MODE[:RATE]",
                         help="TESTING AID: lie on a fraction RATE of steps; MODE is one of noise, identity, "
                              "skip, wrong_weights, low_precision (see peer/adversary.py)")
@@ -119,4 +122,5 @@ def from_args(args: argparse.Namespace) -> PeerConfig:
         throughput=args.throughput, num_blocks=args.num_blocks, balance_period=args.balance_period, balance_threshold=args.balance_threshold,
         placement_jitter=args.placement_jitter, use_auto_relay=args.use_auto_relay or args.no_listen,
         relay_maddrs=tuple(args.relay_maddrs), no_listen=args.no_listen, adversary=args.adversary,
+        metrics_port=args.metrics_port,
     )

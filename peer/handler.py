@@ -7,6 +7,7 @@ nothing; a failure while computing closes only the session it happened in.
 from __future__ import annotations
 
 import asyncio
+import collections
 import logging
 import uuid
 from concurrent.futures import ThreadPoolExecutor
@@ -57,6 +58,8 @@ class PeerHandler:
         self._statistics = statistics
         self._compute = ThreadPoolExecutor(max_workers=1, thread_name_prefix="compute")
         self.requests_served = 0
+        self.steps_computed = 0  # tokens x batch rows through the blocks
+        self.errors: collections.Counter[str] = collections.Counter()  # wire errors sent, by code
 
     async def register(self, p2p: P2P) -> None:
         await p2p.add_protobuf_handler(wire.RPC_INFO, self.rpc_info, runtime_pb2.ExpertUID)
@@ -122,6 +125,7 @@ class PeerHandler:
                         raise WireError(ErrorCode.BAD_REQUEST, f"unknown op {op!r}: expected 'open' or 'step'")
                 except WireError as e:
                     logger.info("rejected a message: %s", e)
+                    self.errors[e.code.value] += 1
                     yield wire.error_response(e)
                     if e.code == ErrorCode.INTERNAL:
                         return
@@ -207,4 +211,5 @@ class PeerHandler:
             raise WireError(ErrorCode.INTERNAL, f"the peer failed computing this step ({type(e).__name__}): re-route") from e
         session.length += hidden.shape[1]
         self.requests_served += 1
+        self.steps_computed += hidden.shape[0] * hidden.shape[1]
         return wire.response({"op": "result", "length": session.length}, [out.to(hidden.dtype)])

@@ -86,7 +86,38 @@ class Peer:
             "requests_served": self.handler.requests_served, "num_parameters": runner.num_parameters,
             "loaded_tensors": list(runner.loaded_tensor_names), "relayed": self.relayed, "moves": self.moves,
             "uptime": time.time() - self.started_at, "version": SOFTWARE_VERSION,
+            "tokens_computed": self.handler.steps_computed, "errors": dict(self.handler.errors),
         }
+
+    def metrics_text(self) -> str:
+        """This peer's Prometheus metrics (for --metrics-port)."""
+        stats = self.statistics()
+        lines = [
+            "# TYPE swarmllm_peer_sessions gauge", f"swarmllm_peer_sessions {stats['sessions']}",
+            "# TYPE swarmllm_peer_cache_tokens_used gauge",
+            f"swarmllm_peer_cache_tokens_used {stats['cache_tokens_total'] - stats['cache_tokens_left']}",
+            "# TYPE swarmllm_peer_cache_tokens_total gauge", f"swarmllm_peer_cache_tokens_total {stats['cache_tokens_total']}",
+            "# TYPE swarmllm_peer_throughput_steps_per_second gauge",
+            f"swarmllm_peer_throughput_steps_per_second {stats['throughput']}",
+            "# TYPE swarmllm_peer_requests_total counter", f"swarmllm_peer_requests_total {stats['requests_served']}",
+            "# TYPE swarmllm_peer_tokens_total counter", f"swarmllm_peer_tokens_total {stats['tokens_computed']}",
+            "# TYPE swarmllm_peer_errors_total counter",
+        ]
+        lines += [f'swarmllm_peer_errors_total{{code="{code}"}} {n}' for code, n in sorted(stats["errors"].items())]
+        return "\n".join(lines) + "\n"
+
+    async def _serve_metrics(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        """A minimal HTTP/1.0 responder: any request gets the metrics."""
+        try:
+            await asyncio.wait_for(reader.readuntil(b"\r\n\r\n"), timeout=5)
+            body = self.metrics_text().encode()
+            writer.write(b"HTTP/1.0 200 OK\r\nContent-Type: text/plain; version=0.0.4\r\n"
+                         + f"Content-Length: {len(body)}\r\n\r\n".encode() + body)
+            await writer.drain()
+        except (asyncio.TimeoutError, asyncio.IncompleteReadError, asyncio.LimitOverrunError, ConnectionError):
+            pass  # a client that sends no proper request gets nothing
+        finally:
+            writer.close()
 
     def record(self) -> PeerRecord:
         return PeerRecord(
@@ -94,7 +125,7 @@ class Peer:
             state=self.state, throughput=self.throughput, dtype=self.cfg.dtype,
             cache_tokens_left=self.sessions.tokens_left, version=SOFTWARE_VERSION,
             public_name=self.cfg.public_name, maddrs=tuple(self.maddrs[: records.MAX_MADDRS]),
-            relayed=self.relayed, num_sessions=len(self.sessions),
+            relayed=self.relayed, num_sessions=len(self.sessions), model_blocks=self.num_model_blocks,
         )
 
     async def announce(self, state: PeerState, timeout: float = 10.0) -> bool:
@@ -151,9 +182,15 @@ class Peer:
             if time.monotonic() > deadline:
                 raise RuntimeError("no DHT node accepted this peer's announcement within 60 s: check --initial-peers")
             await asyncio.sleep(0.5)
+        metrics_server = None
+        if cfg.metrics_port is not None:
+            metrics_server = await asyncio.start_server(self._serve_metrics, cfg.host, cfg.metrics_port)
+            _say(f"metrics at http://{cfg.host}:{metrics_server.sockets[0].getsockname()[1]}/metrics")
         write_maddr_file(cfg.maddr_file, self.maddrs)
         print(ready_line("peer", peer_id=self.identity.peer_id, model_id=self.model_id, maddrs=self.maddrs,
-                         blocks=[self.start, self.end], relayed=self.relayed), flush=True)
+                         blocks=[self.start, self.end], relayed=self.relayed,
+                         metrics_port=metrics_server.sockets[0].getsockname()[1] if metrics_server else None),
+              flush=True)
 
         stop = asyncio.Event()
         for sig in (signal.SIGTERM, signal.SIGINT):
@@ -169,6 +206,9 @@ class Peer:
         while len(self.sessions) and time.monotonic() < deadline:
             await asyncio.sleep(0.1)
         await self.announce(PeerState.OFFLINE, timeout=3.0)
+        if metrics_server is not None:
+            metrics_server.close()
+            await metrics_server.wait_closed()
         await p2p.shutdown()
         _say(f"peer {self.identity.peer_id} left the swarm")
 

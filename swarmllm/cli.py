@@ -15,12 +15,14 @@ def main(argv: list[str] | None = None) -> None:
 
     from client import cli as client_cli
     from dht import bootstrap
+    from health import cli as health_cli
     from peer import config as peer_config
     from swarmllm import demo
 
     bootstrap.add_arguments(sub.add_parser("dht", help="run a bootstrap DHT node"))
     peer_config.add_arguments(sub.add_parser("peer", help="serve a range of a model's blocks"))
     client_cli.add_arguments(sub.add_parser("generate", help="generate text through the swarm"))
+    health_cli.add_arguments(sub.add_parser("health", help="serve the swarm health page"))
     demo.add_arguments(sub.add_parser("demo", help="start a local swarm of 3 peers and generate through it"))
 
     args = parser.parse_args(argv)
@@ -32,6 +34,8 @@ def main(argv: list[str] | None = None) -> None:
         server.main(peer_config.from_args(args))
     elif args.command == "generate":
         client_cli.main(args)
+    elif args.command == "health":
+        health_cli.main(args)
     elif args.command == "demo":
         demo.main(args)
 

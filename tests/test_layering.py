@@ -17,7 +17,7 @@ ALLOWED = {
     "peer": {"dht", "peer"},
     "verify": {"dht", "peer.wire", "verify"},
     "client": {"dht", "peer.wire", "verify", "client"},
-    "health": {"dht", "verify", "health"},
+    "health": {"dht", "verify", "peer.wire", "health"},  # peer.wire: to ping peers' info RPC
     "swarmllm": set(OURS),
 }
 

@@ -1,0 +1,75 @@
+"""The health monitor: reads every announcement and verdict from the DHT and pings every peer with
+its info RPC, then builds a snapshot (health/snapshot.py). Runs in the web server's event loop."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+
+import hivemind
+import msgpack
+from hivemind.p2p import P2P, PeerID
+from hivemind.proto import runtime_pb2
+
+from dht import directory
+from dht.addressing import daemon_maddr
+from dht.records import PeerRecord
+from health import snapshot
+from health.schema import Snapshot
+from peer import wire
+
+logger = logging.getLogger(__name__)
+
+
+class Monitor:
+    def __init__(self, dht: hivemind.DHT, *, period: float = 10.0, ping_timeout: float = 3.0,
+                 min_interval: float = 2.0):
+        self.dht = dht
+        self.period = period  # seconds between background refreshes
+        self.ping_timeout = ping_timeout  # seconds
+        self.min_interval = min_interval  # seconds: on-demand refreshes are rate-limited to this
+        self.p2p: P2P | None = None
+        self.latest = Snapshot(generated_at=0.0, models=[], audits_passed=0, audits_failed=0)
+        self._refreshed_at = float("-inf")
+        self._lock = asyncio.Lock()
+
+    async def start(self) -> None:
+        self.p2p = await self.dht.replicate_p2p()
+        await self.refresh()
+
+    async def run(self) -> None:
+        while True:
+            await asyncio.sleep(self.period)
+            try:
+                await self.refresh()
+            except (OSError, RuntimeError) as e:  # the DHT process is shutting down or unreachable
+                logger.warning("health refresh failed: %s", e)
+
+    async def refresh(self, *, on_demand: bool = False) -> Snapshot:
+        async with self._lock:
+            if on_demand and time.monotonic() - self._refreshed_at < self.min_interval:
+                return self.latest
+            records = await directory.fetch_index(self.dht)
+            pings = dict(zip([r.peer_id for r in records], await asyncio.gather(*(self._ping(r) for r in records))))
+            verdicts = []
+            for model_id in sorted({r.model_id for r in records}):
+                verdicts += await directory.fetch_verdicts(self.dht, model_id)
+            self.latest = snapshot.build(records, pings, verdicts, time.time())
+            self._refreshed_at = time.monotonic()
+            return self.latest
+
+    async def _ping(self, record: PeerRecord) -> snapshot.Ping:
+        peer = PeerID.from_base58(record.peer_id)
+        began = time.perf_counter()
+        try:
+            if record.maddrs:
+                await asyncio.wait_for(self.p2p._client.connect(  # hivemind's P2P has no public connect
+                    peer, [daemon_maddr(m, record.peer_id) for m in record.maddrs]), self.ping_timeout)
+            reply = await asyncio.wait_for(self.p2p.call_protobuf_handler(
+                peer, wire.RPC_INFO, runtime_pb2.ExpertUID(uid=""), runtime_pb2.ExpertResponse), self.ping_timeout)
+            info = msgpack.unpackb(reply.metadata, raw=False)
+        except Exception as e:  # any failure to answer means "unreachable" on the page; logged, not hidden
+            logger.info("peer %s did not answer: %s", record.peer_id, e)
+            return snapshot.Ping(None)
+        return snapshot.Ping(time.perf_counter() - began, info if isinstance(info, dict) else None)

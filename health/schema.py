@@ -1,0 +1,48 @@
+"""The health snapshot's schema: pydantic models shared by the page, the JSON API and /docs."""
+
+from __future__ import annotations
+
+from pydantic import BaseModel
+
+
+class PeerView(BaseModel):
+    peer_id: str
+    short_id: str
+    public_name: str
+    start: int
+    end: int
+    state: str
+    dtype: str
+    throughput: float  # announced steps/s over the span
+    rtt_ms: float | None  # measured by the monitor; None = no answer
+    reachable: bool  # answered the monitor's info RPC
+    cache_tokens_left: int
+    num_sessions: int
+    relayed: bool
+    version: str
+    uptime_s: float | None  # from the peer's info RPC
+    audits_passed: int | None  # None: no verdict about this peer has been published
+    audits_failed: int | None
+    last_verdict: str | None
+
+
+class BlockCell(BaseModel):
+    block: int
+    online: int  # online peers serving this block
+    peers: list[str]  # their names (public name or short id)
+
+
+class ModelHealth(BaseModel):
+    model_id: str
+    num_blocks: int
+    coverage: list[BlockCell]
+    gaps: list[tuple[int, int]]  # [start, end) ranges no online peer serves
+    min_coverage: int
+    peers: list[PeerView]
+
+
+class Snapshot(BaseModel):
+    generated_at: float  # unix seconds
+    models: list[ModelHealth]
+    audits_passed: int
+    audits_failed: int

@@ -1,0 +1,125 @@
+"""The health page: a pure snapshot builder, and a real swarm seen through the page in headless Chromium."""
+
+from __future__ import annotations
+
+import json
+import os
+import pathlib
+import shutil
+import signal
+import time
+import urllib.request
+
+import pytest
+
+from dht.records import PeerRecord, PeerState, VerdictRecord
+from health.snapshot import Ping, build
+from swarmllm import launch
+
+ARTIFACTS = pathlib.Path(__file__).resolve().parents[1] / "test-artifacts"
+
+
+def rec(peer, start, end, state=PeerState.ONLINE, model="m-6L-x", **kw):
+    return PeerRecord(peer_id=peer, model_id=model, start=start, end=end, state=state, throughput=5.0,
+                      dtype="float32", cache_tokens_left=100, version="t", model_blocks=6, **kw)
+
+
+def test_snapshot_coverage_gaps_and_states():
+    records = [rec("a", 0, 3), rec("b", 0, 2), rec("c", 4, 6, PeerState.DRAINING), rec("d", 4, 6),
+               rec("gone", 0, 6, PeerState.OFFLINE), rec("x", 0, 6, model="other-6L-y")]
+    pings = {p: Ping(0.01) for p in "abcx"}  # d does not answer
+    snap = build(records, pings, [], now=1.0)
+    m = {s.model_id: s for s in snap.models}["m-6L-x"]
+    assert [c.online for c in m.coverage] == [2, 2, 1, 0, 0, 0]
+    assert m.gaps == [(3, 6)] and m.min_coverage == 0
+    assert {p.peer_id for p in m.peers} == {"a", "b", "c", "d"}  # offline peers are not listed
+    assert {p.peer_id: p.reachable for p in m.peers}["d"] is False
+    assert all(p.audits_passed is None for p in m.peers)  # no verdicts: no reputation columns
+    assert len(snap.models) == 2
+
+
+def test_snapshot_counts_published_verdicts():
+    v = lambda target, verdict, t: VerdictRecord(author="client", target=target, model_id="m-6L-x", start=0, end=3,
+                                                 verdict=verdict, median_error=0.1, max_error=0.2, time=t)
+    snap = build([rec("a", 0, 6), rec("b", 0, 6)], {"a": Ping(0.01), "b": Ping(0.01)},
+                 [v("a", "pass", 1), v("a", "gross_fail", 2), v("a", "pass", 0.5)], now=3.0)
+    peers = {p.peer_id: p for p in snap.models[0].peers}
+    assert (peers["a"].audits_passed, peers["a"].audits_failed, peers["a"].last_verdict) == (2, 1, "gross_fail")
+    assert peers["b"].audits_passed is None
+    assert (snap.audits_passed, snap.audits_failed) == (2, 1)
+
+
+def _get(url: str):
+    with urllib.request.urlopen(url, timeout=10) as r:
+        return r.read().decode()
+
+
+@pytest.fixture(scope="module")
+def health_swarm(tiny_checkpoint, make_swarm):
+    path = tiny_checkpoint("llama")
+    swarm = make_swarm()
+    peers = swarm.add_peers(path, [(0, 2), (0, 3)], extra=["--metrics-port", "0"])
+    peers += swarm.add_peers(path, [(4, 6)], extra=["--name", "<script>alert('x')</script>"])  # blocks 3 uncovered
+    health = launch.SwarmProcess("health", launch.swarmllm_command(
+        "health", "--initial-peers", *swarm.initial_peers, "--port", "0", "--refresh-period", "1"))
+    swarm.procs.append(health)
+    health.wait_ready(60)
+    return swarm, peers, health.ready["url"]
+
+
+def test_json_state_and_metrics(health_swarm):
+    _, peers, url = health_swarm
+    state = json.loads(_get(url + "api/v1/state?refresh=true"))
+    model, = state["models"]
+    assert [c["online"] for c in model["coverage"]] == [2, 2, 1, 0, 1, 1]
+    assert model["gaps"] == [[3, 4]]
+    assert len(model["peers"]) == 3 and all(p["reachable"] and p["rtt_ms"] > 0 for p in model["peers"])
+    one = json.loads(_get(url + f"api/v1/peers/{peers[0].ready['peer_id']}"))
+    assert (one["start"], one["end"]) == (0, 2)
+    assert "swarmllm_min_coverage" in _get(url + "metrics")
+    assert "/api/v1/state" in _get(url + "openapi.json")
+
+
+def test_page_in_headless_chromium_and_a_killed_peer_disappears(health_swarm):
+    from playwright.sync_api import sync_playwright
+
+    chromium = shutil.which("chromium") or "/usr/bin/chromium"
+    _, peers, url = health_swarm
+    ARTIFACTS.mkdir(exist_ok=True)
+    with sync_playwright() as p:
+        browser = p.chromium.launch(executable_path=chromium, args=["--no-sandbox", "--disable-gpu"])
+        try:
+            page = browser.new_page(viewport={"width": 1100, "height": 700})
+            page.goto(url, timeout=30_000)
+            cells = page.locator(".cell")
+            assert cells.count() == 6
+            assert [cells.nth(i).get_attribute("data-online") for i in range(6)] == ["2", "2", "1", "0", "1", "1"]
+            assert "c0" in cells.nth(3).get_attribute("class")
+            assert page.locator("tr.peer").count() == 3
+            assert "Not served: block 3." in page.content()
+            assert page.locator("script").count() == 0  # the peer's name is shown, never run
+            assert "<script>alert('x')</script>" in page.locator("table").inner_text()
+            page.screenshot(path=str(ARTIFACTS / "health.png"), full_page=True)
+
+            peers[2].signal(signal.SIGKILL)  # serves blocks 4-5 alone
+            deadline = time.monotonic() + 15
+            while True:
+                state = json.loads(_get(url + "api/v1/state"))
+                gaps = state["models"][0]["gaps"]
+                if gaps == [[3, 6]]:
+                    break
+                assert time.monotonic() < deadline, f"killed peer still counted: {gaps}"
+                time.sleep(0.5)
+            page.goto(url, timeout=30_000)
+            assert "Not served: blocks 3–5" in page.content()
+            row = page.locator(f"tr[data-peer='{peers[2].ready['peer_id']}']")
+            assert row.count() == 0 or "no" in row.inner_text()
+        finally:
+            browser.close()
+
+
+def test_peer_metrics_port(health_swarm):
+    _, peers, _ = health_swarm
+    text = _get(f"http://127.0.0.1:{peers[0].ready['metrics_port']}/metrics")
+    assert "swarmllm_peer_sessions 0" in text and "swarmllm_peer_cache_tokens_total 16384" in text
+    assert "swarmllm_peer_throughput_steps_per_second" in text
