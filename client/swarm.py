@@ -128,13 +128,14 @@ class SwarmCore:
                                replay_errors=(PeerError,), publish=self._publish)
         self._audits: set[asyncio.Task] = set()  # owned here: awaited by wait_audits() and at shutdown
 
-    async def refresh(self) -> list[PeerRecord]:
-        """Fetch every record of the model and ping the peers not measured yet."""
+    async def refresh(self, *, ping_all: bool = False) -> None:
+        """Fetch every record of the model and ping the peers not measured yet (all of them with
+        ``ping_all``, which is how a dead peer that still has a record gets noticed)."""
         self.records = await directory.fetch_peers(self.dht, self.cfg.model_id)
         self.records_at = time.monotonic()
-        unmeasured = [r for r in self.records if r.peer_id not in self.rtts and r.peer_id not in self.unreachable]
-        await asyncio.gather(*(self._ping(r) for r in unmeasured))
-        return self.records
+        targets = self.records if ping_all else [
+            r for r in self.records if r.peer_id not in self.rtts and r.peer_id not in self.unreachable]
+        await asyncio.gather(*(self._ping(r) for r in targets))
 
     async def run_refresh_loop(self) -> None:
         """Background: re-read records and re-ping every known peer, so a dead peer stops being routed
@@ -142,9 +143,7 @@ class SwarmCore:
         while True:
             await asyncio.sleep(self.cfg.refresh_period)
             try:
-                self.records = await directory.fetch_peers(self.dht, self.cfg.model_id)
-                self.records_at = time.monotonic()
-                await asyncio.gather(*(self._ping(r) for r in self.records))
+                await self.refresh(ping_all=True)
             except (OSError, RuntimeError) as e:  # the DHT process is shutting down or unreachable
                 logger.info("swarm refresh failed: %s", e)
 
