@@ -13,6 +13,7 @@ from __future__ import annotations
 import contextlib
 import copy
 import logging
+import threading
 from typing import Iterator
 
 import torch
@@ -85,24 +86,54 @@ class RemoteModel(nn.Module):
         return BaseModelOutputWithPast(last_hidden_state=hidden, past_key_values=past_key_values)
 
 
+class _ThreadState(threading.local):
+    """What one thread's generate() / inference_session() is doing on a model (several threads may
+    generate on one model at once, e.g. the OpenAI API's worker threads)."""
+
+    def __init__(self):
+        self.active_session: RemoteSession | None = None
+        self.generate_sessions: list[RemoteSession] = []
+
+
+_STATE_LOCK = threading.Lock()
+
+
 class DistributedMixin:
-    """Mixed in front of the model's own XForCausalLM class."""
+    """Mixed in front of the model's own XForCausalLM class. generate() is safe to call from several
+    threads at once: each call opens its own swarm sessions and keeps them in per-thread state."""
 
     swarm: RemoteSwarm
-    _active_session: RemoteSession | None = None
-    _generate_sessions: list[RemoteSession]
+
+    @property
+    def _thread_state(self) -> _ThreadState:
+        state = self.__dict__.get("_swarm_thread_state")
+        if state is None:
+            with _STATE_LOCK:
+                state = self.__dict__.setdefault("_swarm_thread_state", _ThreadState())
+        return state
+
+    @property
+    def _active_session(self) -> RemoteSession | None:
+        """The calling thread's inference_session(), if any."""
+        return self._thread_state.active_session
+
+    @property
+    def _generate_sessions(self) -> list[RemoteSession]:
+        """Sessions opened by the calling thread's running generate()."""
+        return self._thread_state.generate_sessions
 
     @contextlib.contextmanager
     def inference_session(self, max_length: int, batch_size: int = 1) -> Iterator[RemoteSession]:
-        """A session that generate() calls inside the block reuse: later calls continue the text."""
-        if self._active_session is not None:
-            raise RuntimeError("an inference session is already active on this model")
+        """A session that generate() calls inside the block (in this thread) reuse: later calls continue the text."""
+        state = self._thread_state
+        if state.active_session is not None:
+            raise RuntimeError("an inference session is already active on this model in this thread")
         session = self.swarm.open_session(batch_size, max_length)
-        self._active_session = session
+        state.active_session = session
         try:
             yield session
         finally:
-            self._active_session = None
+            state.active_session = None
             session.close()
 
     def _prepare_cache_for_generation(self, generation_config, model_kwargs, generation_mode, batch_size,
@@ -144,13 +175,14 @@ class DistributedMixin:
         raise SwarmError(f"every attempt was served by a peer that audits caught lying (last: {liars})")
 
     def _generate_once(self, inputs, kwargs):
-        self._generate_sessions = []
+        state = self._thread_state
+        state.generate_sessions = opened = []
         try:
-            return super().generate(inputs, **kwargs), self._generate_sessions
+            return super().generate(inputs, **kwargs), opened
         finally:
-            for s in self._generate_sessions:
+            state.generate_sessions = []
+            for s in opened:
                 s.close()
-            self._generate_sessions = []
 
     @staticmethod
     def _continue_session(session: RemoteSession, inputs, kwargs):
