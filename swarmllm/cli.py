@@ -1,4 +1,4 @@
-"""The `swarmllm` console script: dht | peer | generate | demo."""
+"""The `swarmllm` console script: dht | peer | generate | api | health | demo."""
 
 from __future__ import annotations
 
@@ -13,6 +13,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--log-level", default="WARNING")
     sub = parser.add_subparsers(dest="command", required=True)
 
+    from api import cli as api_cli
     from client import cli as client_cli
     from dht import bootstrap
     from health import cli as health_cli
@@ -22,6 +23,7 @@ def main(argv: list[str] | None = None) -> None:
     bootstrap.add_arguments(sub.add_parser("dht", help="run a bootstrap DHT node"))
     peer_config.add_arguments(sub.add_parser("peer", help="serve a range of a model's blocks"))
     client_cli.add_arguments(sub.add_parser("generate", help="generate text through the swarm"))
+    api_cli.add_arguments(sub.add_parser("api", help="serve an OpenAI-compatible API in front of the swarm"))
     health_cli.add_arguments(sub.add_parser("health", help="serve the swarm health page"))
     demo.add_arguments(sub.add_parser("demo", help="start a local swarm of 3 peers and generate through it"))
 
@@ -34,6 +36,8 @@ def main(argv: list[str] | None = None) -> None:
         server.main(peer_config.from_args(args))
     elif args.command == "generate":
         client_cli.main(args)
+    elif args.command == "api":
+        api_cli.main(args)
     elif args.command == "health":
         health_cli.main(args)
     elif args.command == "demo":

@@ -1,0 +1,209 @@
+"""The FastAPI app: `/v1/models`, `/v1/completions`, `/v1/chat/completions` (JSON or server-sent events),
+every error in OpenAI's shape, and an optional API key checked in constant time."""
+
+from __future__ import annotations
+
+import dataclasses
+import hmac
+import logging
+import time
+import uuid
+from typing import AsyncIterator
+
+from fastapi import Depends, FastAPI, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse, StreamingResponse
+from starlette.exceptions import HTTPException as StarletteHTTPException
+
+from api import core
+from api.core import ApiError, ResponseMeta, SamplingParams, Usage
+from api.engine import Delta, Engine
+from api.schema import ChatCompletionRequest, CompletionRequest
+
+logger = logging.getLogger(__name__)
+
+
+@dataclasses.dataclass(frozen=True)
+class ApiConfig:
+    model_name: str  # the name clients pass as "model"
+    aliases: tuple[str, ...] = ()  # other accepted names (the swarm's model id)
+    api_key: str | None = None  # None = no key needed
+    context_length: int = 2048  # tokens, prompt + completion
+    default_max_tokens: int = 256  # completion tokens when a request gives no max_tokens
+    owned_by: str = "swarmllm"
+
+
+def _error_response(e: ApiError) -> JSONResponse:
+    return JSONResponse(e.body(), status_code=e.status, headers=e.headers)
+
+
+class _GenerationStream(StreamingResponse):
+    """A streamed response that always closes its event iterator, so a client that goes away mid-stream
+    cancels its generation (and frees its swarm session) whatever way the server noticed."""
+
+    async def __call__(self, scope, receive, send) -> None:
+        try:
+            await super().__call__(scope, receive, send)
+        finally:
+            await self.body_iterator.aclose()
+
+
+def make_app(engine: Engine, cfg: ApiConfig) -> FastAPI:
+    app = FastAPI(title="swarmllm OpenAI-compatible API", version="1")
+    names = {cfg.model_name, *cfg.aliases}
+
+    @app.exception_handler(ApiError)
+    async def api_error(request: Request, e: ApiError) -> JSONResponse:
+        return _error_response(e)
+
+    @app.exception_handler(RequestValidationError)
+    async def invalid(request: Request, e: RequestValidationError) -> JSONResponse:
+        return _error_response(core.validation_error(e.errors()))
+
+    @app.exception_handler(StarletteHTTPException)
+    async def http_error(request: Request, e: StarletteHTTPException) -> JSONResponse:
+        return _error_response(core.http_error(e.status_code, e.detail))
+
+    @app.exception_handler(Exception)
+    async def unexpected(request: Request, e: Exception) -> JSONResponse:
+        logger.exception("unexpected error serving %s", request.url.path)
+        return _error_response(ApiError(500, f"internal error: {type(e).__name__}: {e}", type="server_error"))
+
+    async def check_key(request: Request) -> None:
+        if cfg.api_key is None:
+            return
+        header = request.headers.get("authorization", "")
+        given = header[7:].strip() if header[:7].lower() == "bearer " else ""
+        if not hmac.compare_digest(given.encode(), cfg.api_key.encode()):
+            raise ApiError(401, "Incorrect API key provided: pass it as 'Authorization: Bearer KEY' "
+                                "(the key the server was started with, --api-key)", code="invalid_api_key")
+
+    def model_card() -> dict:
+        return {"id": cfg.model_name, "object": "model", "created": 0, "owned_by": cfg.owned_by}
+
+    def check_model(name: str) -> None:
+        if name not in names:
+            raise ApiError(404, f"The model '{name}' does not exist: this server serves '{cfg.model_name}' "
+                                "(GET /v1/models lists it)", param="model", code="model_not_found")
+
+    @app.get("/v1/models", dependencies=[Depends(check_key)])
+    async def models() -> dict:
+        return {"object": "list", "data": [model_card()]}
+
+    @app.get("/v1/models/{name:path}", dependencies=[Depends(check_key)])
+    async def model(name: str) -> dict:
+        check_model(name)
+        return model_card()
+
+    @app.post("/v1/chat/completions", dependencies=[Depends(check_key)])
+    async def chat(req: ChatCompletionRequest):
+        check_model(req.model)
+        _refuse_unsupported(req)
+        prompt_ids = _chat_prompt(engine.tokenizer, req, cfg.model_name)
+        max_tokens, param = (req.max_completion_tokens, "max_completion_tokens") if req.max_completion_tokens \
+            is not None else (req.max_tokens, "max_tokens")
+        params = _params(req, prompt_ids, max_tokens, param)
+        meta = ResponseMeta(f"chatcmpl-{uuid.uuid4().hex}", int(time.time()), req.model, chat=True)
+        return await _respond(engine, meta, prompt_ids, params, req.stream, req.include_usage, "")
+
+    @app.post("/v1/completions", dependencies=[Depends(check_key)])
+    async def completions(req: CompletionRequest):
+        check_model(req.model)
+        _refuse_unsupported(req)
+        prompt_ids, echo = _completion_prompt(engine, req.prompt)
+        params = _params(req, prompt_ids, req.max_tokens, "max_tokens")
+        meta = ResponseMeta(f"cmpl-{uuid.uuid4().hex}", int(time.time()), req.model, chat=False)
+        return await _respond(engine, meta, prompt_ids, params, req.stream, req.include_usage,
+                              echo if req.echo else "")
+
+    def _params(req, prompt_ids: list[int], max_tokens: int | None, param: str) -> SamplingParams:
+        return core.check_sampling(max_tokens=max_tokens, temperature=req.temperature, top_p=req.top_p,
+                                   stop=req.stop, seed=req.seed, n=req.n, prompt_tokens=len(prompt_ids),
+                                   context_length=cfg.context_length, default_max_tokens=cfg.default_max_tokens,
+                                   max_tokens_param=param)
+
+    return app
+
+
+def _chat_prompt(tokenizer, req: ChatCompletionRequest, model_name: str) -> list[int]:
+    """The prompt's token ids: the messages through the tokenizer's chat template."""
+    if not tokenizer.chat_template:
+        raise ApiError(400, f"model '{model_name}' has no chat template: use /v1/completions",
+                       param="messages", code="no_chat_template")
+    messages = [{"role": m.role, "content": core.message_text(m.content)} for m in req.messages]
+    text = tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+    return tokenizer(text, add_special_tokens=False)["input_ids"]
+
+
+def _completion_prompt(engine: Engine, prompt) -> tuple[list[int], str]:
+    """The prompt's token ids and text: a string, token ids, or a list holding one of those."""
+    if isinstance(prompt, list) and prompt and isinstance(prompt[0], (str, list)):
+        if len(prompt) != 1:
+            raise ApiError(400, f"send one prompt per request (got {len(prompt)}); use n for several "
+                                "completions of one prompt", param="prompt", code="invalid_value")
+        prompt = prompt[0]
+    if isinstance(prompt, str):
+        return engine.tokenizer(prompt)["input_ids"], prompt
+    vocab = len(engine.tokenizer)
+    bad = [t for t in prompt if not 0 <= t < vocab]
+    if not prompt or bad:
+        raise ApiError(400, f"prompt token ids must be a non-empty list of integers in [0, {vocab}), "
+                            f"got {bad[:5] or 'an empty list'}", param="prompt", code="invalid_value")
+    return list(prompt), engine.decode(list(prompt))
+
+
+def _refuse_unsupported(req) -> None:
+    if req.logprobs:
+        raise ApiError(400, "logprobs are not supported by this server: leave 'logprobs' unset",
+                       param="logprobs", code="unsupported_parameter")
+
+
+async def _respond(engine: Engine, meta: ResponseMeta, prompt_ids: list[int], params: SamplingParams,
+                   stream: bool | None, include_usage: bool, prefix: str):
+    events = engine.generate(prompt_ids, params)
+    if not stream:
+        try:
+            texts, reasons, usage = [prefix] * params.n, ["length"] * params.n, None
+            async for event in events:
+                if isinstance(event, Delta):
+                    texts[event.index] += event.text
+                    reasons[event.index] = event.finish_reason or reasons[event.index]
+                else:
+                    usage = event
+        finally:
+            await events.aclose()
+        return core.response_body(meta, texts, reasons, usage)
+    # Wait for the first token, so that an error opening the session is an HTTP error, not a broken stream.
+    try:
+        first = await anext(events)
+    except BaseException:
+        await events.aclose()
+        raise
+    return _GenerationStream(_sse(meta, params.n, first, events, include_usage, prefix),
+                             media_type="text/event-stream", headers={"Cache-Control": "no-cache"})
+
+
+async def _sse(meta: ResponseMeta, n: int, first: Delta | Usage, events: AsyncIterator, include_usage: bool,
+               prefix: str) -> AsyncIterator[bytes]:
+    try:
+        for i in range(n):
+            if meta.chat:
+                yield core.sse(core.chunk_body(meta, i, None, None, role=True))
+            if prefix:
+                yield core.sse(core.chunk_body(meta, i, prefix, None))
+        event = first
+        while True:
+            if isinstance(event, Usage):
+                if include_usage:
+                    yield core.sse(core.usage_chunk(meta, event))
+                break
+            if event.text:
+                yield core.sse(core.chunk_body(meta, event.index, event.text, None))
+            if event.finish_reason:
+                yield core.sse(core.chunk_body(meta, event.index, None if meta.chat else "", event.finish_reason))
+            event = await anext(events)
+        yield core.SSE_DONE
+    except ApiError as e:  # the stream has begun: the error goes in the stream, as OpenAI does
+        yield core.sse(e.body())
+    finally:
+        await events.aclose()

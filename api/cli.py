@@ -1,0 +1,74 @@
+"""`swarmllm api MODEL_DIR --initial-peers MADDR... [--host 127.0.0.1] [--port 8080] [--api-key KEY]`:
+serve the OpenAI API for the model whose blocks the swarm runs."""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import os
+import signal
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("model_dir", help="local checkpoint directory (embeddings, norm, head, tokenizer)")
+    parser.add_argument("--initial-peers", nargs="+", required=True, metavar="MADDR")
+    parser.add_argument("--host", default="127.0.0.1")
+    parser.add_argument("--port", type=int, default=8080, help="HTTP port (0 = any free port)")
+    parser.add_argument("--api-key", default=os.environ.get("SWARMLLM_API_KEY"),
+                        help="require 'Authorization: Bearer KEY' (default: $SWARMLLM_API_KEY; unset = no key)")
+    parser.add_argument("--model-name", default=None,
+                        help="the name clients pass as 'model' (default: the checkpoint directory's name)")
+    parser.add_argument("--model-id", default=None, help="the swarm's model id (default: derived from the config)")
+    parser.add_argument("--max-concurrency", type=int, default=8,
+                        help="generations run at once (each holds one swarm session); more requests wait")
+    parser.add_argument("--default-max-tokens", type=int, default=256,
+                        help="completion tokens when a request sets no max_tokens")
+    parser.add_argument("--route-timeout", type=float, default=10.0,
+                        help="seconds a request waits for peers to cover missing blocks before a 503")
+    parser.add_argument("--token-timeout", type=float, default=120.0,
+                        help="seconds a request waits for its next token before a 504")
+
+
+def model_name(model_dir: str) -> str:
+    return os.path.basename(os.path.normpath(model_dir))
+
+
+def main(args: argparse.Namespace) -> None:
+    import uvicorn
+    from transformers import AutoTokenizer
+
+    from api.app import ApiConfig, make_app
+    from api.engine import Engine
+    from client import AutoDistributedModelForCausalLM
+    from dht.ready import ready_line
+
+    tokenizer = AutoTokenizer.from_pretrained(args.model_dir)
+    model = AutoDistributedModelForCausalLM.from_pretrained(args.model_dir, args.initial_peers, model_id=args.model_id,
+                                                            route_timeout=args.route_timeout)
+    engine = Engine(model, tokenizer, max_concurrency=args.max_concurrency, token_timeout=args.token_timeout)
+    text_config = model.config.get_text_config(decoder=True)
+    cfg = ApiConfig(model_name=args.model_name or model_name(args.model_dir), aliases=(model.swarm.cfg.model_id,),
+                    api_key=args.api_key or None, context_length=text_config.max_position_embeddings,
+                    default_max_tokens=args.default_max_tokens)
+
+    async def serve() -> None:
+        server = uvicorn.Server(uvicorn.Config(make_app(engine, cfg), host=args.host, port=args.port,
+                                               log_level="warning"))
+        server.install_signal_handlers = lambda: None  # we handle SIGTERM ourselves, below
+        loop = asyncio.get_running_loop()
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            loop.add_signal_handler(sig, lambda: setattr(server, "should_exit", True))
+        async with asyncio.TaskGroup() as tasks:
+            serving = tasks.create_task(server.serve())
+            while not server.started:
+                if serving.done():
+                    return
+                await asyncio.sleep(0.05)
+            port = server.servers[0].sockets[0].getsockname()[1]
+            print(ready_line("api", url=f"http://{args.host}:{port}/v1", model=cfg.model_name, maddrs=[]), flush=True)
+
+    try:
+        asyncio.run(serve())
+    finally:
+        engine.close()
+        model.swarm.shutdown()

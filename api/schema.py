@@ -1,0 +1,49 @@
+"""Pydantic models of the requests the API accepts (shared by the endpoints and /docs).
+
+Unknown fields are ignored, as OpenAI-compatible servers do, so any client version works; fields that
+would change the output and that the swarm cannot honour are refused in ``app.py``.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field
+
+
+class _Request(BaseModel):
+    model_config = ConfigDict(extra="ignore")
+
+    model: str
+    max_tokens: int | None = Field(None, description="new tokens per choice (default: the server's "
+                                                      "--default-max-tokens, capped by the context left)")
+    temperature: float | None = Field(None, description="0 = greedy; default 1")
+    top_p: float | None = None
+    n: int | None = Field(None, description="choices, sampled in one swarm session")
+    stream: bool | None = False
+    stream_options: dict[str, Any] | None = None
+    stop: str | list[str] | None = None
+    seed: int | None = Field(None, description="makes sampling reproducible (per request, even under concurrency)")
+    logprobs: bool | int | None = None
+    user: str | None = None
+
+    @property
+    def include_usage(self) -> bool:
+        return bool((self.stream_options or {}).get("include_usage"))
+
+
+class ChatMessage(BaseModel):
+    model_config = ConfigDict(extra="ignore")
+
+    role: Literal["system", "developer", "user", "assistant", "tool"]
+    content: str | list[dict[str, Any]] | None = None
+
+
+class ChatCompletionRequest(_Request):
+    messages: list[ChatMessage] = Field(min_length=1)
+    max_completion_tokens: int | None = Field(None, description="the newer name of max_tokens")
+
+
+class CompletionRequest(_Request):
+    prompt: str | list[int] | list[str] | list[list[int]]
+    echo: bool | None = False

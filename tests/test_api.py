@@ -1,0 +1,321 @@
+"""The OpenAI-compatible API: its pure core, then the unmodified `openai` package against a uvicorn server
+in front of a real swarm (a DHT node and two peer processes of a tiny Llama carrying SmolLM2's tokenizer
+and chat template)."""
+
+from __future__ import annotations
+
+import json
+import re
+import threading
+import time
+import urllib.request
+from concurrent.futures import ThreadPoolExecutor
+
+import httpx
+import openai
+import pytest
+import uvicorn
+from transformers import AutoTokenizer
+
+from api import ApiConfig, Engine, make_app
+from api.core import ApiError, ChoiceDecoder, ResponseMeta, Usage, check_sampling, chunk_body, response_body, \
+    sse, validation_error
+from client import AutoDistributedModelForCausalLM
+from swarmllm import checkpoints, demo, launch
+
+# ---------------------------------------------------------------- pure core
+
+PIECES = {1: "Hel", 2: "lo", 3: " wor", 4: "ld", 5: "!", 6: "\xe2", 7: "\x82\xac", 9: "<eos>"}
+
+
+def _decode(ids):
+    """A byte-level-like decoder: pieces are Latin-1 bytes, decoded together as UTF-8."""
+    return "".join(PIECES[i] for i in ids).encode("latin-1").decode("utf-8", errors="replace")
+
+
+def _feed(decoder, ids):
+    return [decoder.feed(i) for i in ids]
+
+
+def test_decoder_holds_back_a_possible_stop_and_excludes_it():
+    d = ChoiceDecoder(_decode, eos_ids=[9], stop=[" world"], max_tokens=10)
+    deltas = _feed(d, [1, 2, 3, 4, 5])
+    assert deltas == ["Hel", "lo", "", "", ""]  # " wor" might begin " world": held, then cut
+    assert d.finish_reason == "stop" and d.text == "Hello" and d.tokens == 4
+
+
+def test_decoder_releases_a_false_alarm_and_ends_at_eos_or_length():
+    d = ChoiceDecoder(_decode, eos_ids=[9], stop=[" worm"], max_tokens=10)
+    assert _feed(d, [1, 3, 4, 9, 1]) == ["Hel", "", " world", "", ""]
+    assert (d.finish_reason, d.tokens) == ("stop", 4)
+    d = ChoiceDecoder(_decode, eos_ids=[9], stop=["zz"], max_tokens=3)
+    assert "".join(_feed(d, [1, 2, 3, 4])) == "Hello wor" and d.finish_reason == "length"
+
+
+def test_decoder_waits_for_a_whole_utf8_character():
+    d = ChoiceDecoder(_decode, eos_ids=[], stop=[], max_tokens=10)
+    assert _feed(d, [1, 6, 7]) == ["Hel", "", "€"]
+    assert d.finish("length") == "" and d.text == "Hel€"
+    d = ChoiceDecoder(_decode, eos_ids=[], stop=[], max_tokens=10)
+    _feed(d, [1, 6])
+    assert d.finish("length") == "\ufffd"  # what is held back comes out at the end
+
+
+def test_sampling_checks_name_the_field_and_the_limit():
+    ok = dict(max_tokens=10, temperature=None, top_p=None, stop=None, seed=None, n=None, prompt_tokens=20,
+              context_length=100, default_max_tokens=256)
+    p = check_sampling(**ok)
+    assert (p.max_tokens, p.temperature, p.top_p, p.stop, p.n, p.greedy) == (10, 1.0, 1.0, (), 1, False)
+    assert check_sampling(**{**ok, "max_tokens": None}).max_tokens == 80  # the default is capped by the room left
+    assert check_sampling(**{**ok, "stop": "x", "temperature": 0}).stop == ("x",)
+    cases = [({"max_tokens": -1}, "max_tokens", "minimum of 1"), ({"max_tokens": 81}, "max_tokens", "at most 80"),
+             ({"temperature": 3}, "temperature", "[0, 2]"), ({"top_p": 0}, "top_p", "(0, 1]"),
+             ({"n": 0}, "n", "between 1"), ({"stop": list("abcde")}, "stop", "at most 4"),
+             ({"prompt_tokens": 100}, "messages", "context length")]
+    for change, param, words in cases:
+        with pytest.raises(ApiError) as e:
+            check_sampling(**{**ok, **change})
+        assert (e.value.status, e.value.param) == (400, param) and words in e.value.message, change
+
+
+def test_validation_errors_become_openai_400s():
+    bad_json = validation_error([{"type": "json_invalid", "loc": ("body", 3), "msg": "JSON decode error",
+                                  "ctx": {"error": "Expecting value"}}])
+    assert bad_json.status == 400 and "could not parse the JSON body" in bad_json.message
+    missing = validation_error([{"type": "missing", "loc": ("body", "model"), "msg": "Field required"}])
+    assert missing.body() == {"error": {"message": "you must provide the 'model' parameter",
+                                        "type": "invalid_request_error", "param": "model", "code": None}}
+    wrong = validation_error([{"type": "int_parsing", "loc": ("body", "max_tokens"), "msg": "not an int", "input": "x"}])
+    assert wrong.param == "max_tokens" and '"x"' in wrong.message
+
+
+def test_response_and_chunk_shapes():
+    meta = ResponseMeta("id1", 5, "m", chat=True)
+    body = response_body(meta, ["hi"], ["stop"], Usage(3, 1))
+    assert body["choices"][0]["message"] == {"role": "assistant", "content": "hi"}
+    assert body["usage"] == {"prompt_tokens": 3, "completion_tokens": 1, "total_tokens": 4}
+    assert chunk_body(meta, 0, None, None, role=True)["choices"][0]["delta"] == {"role": "assistant", "content": ""}
+    assert chunk_body(meta, 1, None, "length")["choices"][0] == {"index": 1, "delta": {}, "logprobs": None,
+                                                                "finish_reason": "length"}
+    text = chunk_body(ResponseMeta("id2", 5, "m", chat=False), 0, "a", None)
+    assert text["object"] == "text_completion" and text["choices"][0]["text"] == "a"
+    assert sse({"a": "é"}) == 'data: {"a": "é"}\n\n'.encode()
+
+
+def test_demo_snippets_talk_to_the_api():
+    text = demo.api_snippets("http://127.0.0.1:8080/v1", "smollm2", ["/ip4/127.0.0.1/tcp/1/p2p/Qm"], "/models/x")
+    assert "swarmllm api /models/x --initial-peers /ip4/127.0.0.1/tcp/1/p2p/Qm --port 8080" in text
+    assert "curl http://127.0.0.1:8080/v1/chat/completions" in text
+    assert 'OpenAI(base_url="http://127.0.0.1:8080/v1"' in text and '"model": "smollm2"' in text
+
+
+# ---------------------------------------------------------------- a real swarm behind the API
+
+class Server:
+    """uvicorn in a thread of this process; stop() ends it (joined with a timeout)."""
+
+    def __init__(self, app):
+        self.server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=0, log_level="warning"))
+        self.server.install_signal_handlers = lambda: None
+        self.thread = threading.Thread(target=self.server.run, name="api-test-server", daemon=True)
+        self.thread.start()
+        deadline = time.monotonic() + 30
+        while not self.server.started:
+            assert self.thread.is_alive() and time.monotonic() < deadline, "uvicorn did not start within 30 s"
+            time.sleep(0.05)
+        self.url = f"http://127.0.0.1:{self.server.servers[0].sockets[0].getsockname()[1]}/v1"
+
+    def stop(self) -> None:
+        self.server.should_exit = True
+        self.thread.join(timeout=15)
+
+
+@pytest.fixture(scope="module")
+def chat_checkpoint(tmp_path_factory):
+    return checkpoints.tiny_chat(str(tmp_path_factory.mktemp("ckpt-chat")))
+
+
+@pytest.fixture(scope="module")
+def api(chat_checkpoint, make_swarm):
+    swarm = make_swarm()
+    peers = swarm.add_peers(chat_checkpoint, [(0, 3), (3, 6)], extra=["--metrics-port", "0"])
+    tokenizer = AutoTokenizer.from_pretrained(chat_checkpoint)
+    model = AutoDistributedModelForCausalLM.from_pretrained(chat_checkpoint, swarm.initial_peers)
+    engine = Engine(model, tokenizer, max_concurrency=4, token_timeout=60)
+    server = Server(make_app(engine, ApiConfig(model_name="tiny-chat", context_length=512)))
+    try:
+        yield dict(swarm=swarm, peers=peers, tokenizer=tokenizer, model=model, engine=engine, url=server.url,
+                   client=openai.OpenAI(base_url=server.url, api_key="unused", max_retries=0, timeout=60))
+    finally:
+        server.stop()
+        engine.close()
+        model.swarm.shutdown()
+
+
+def _chat_ids(tokenizer, content):
+    text = tokenizer.apply_chat_template([{"role": "user", "content": content}], tokenize=False,
+                                         add_generation_prompt=True)
+    return tokenizer(text, add_special_tokens=False, return_tensors="pt")["input_ids"]
+
+
+def _reference(api, ids, max_new_tokens):
+    """What the client's own generate() says, greedy, decoded as the API decodes."""
+    out = api["model"].generate(ids, max_new_tokens=max_new_tokens, do_sample=False)
+    new = out[0, ids.shape[1]:].tolist()
+    return api["tokenizer"].decode(new, skip_special_tokens=True, clean_up_tokenization_spaces=False), new
+
+
+def test_models_chat_and_completion_equal_generate(api):
+    client, tokenizer = api["client"], api["tokenizer"]
+    assert [m.id for m in client.models.list().data] == ["tiny-chat"]
+    ids = _chat_ids(tokenizer, "What is the capital of France?")
+    expected, new = _reference(api, ids, 12)
+    assert expected  # the random model says something
+    chat = client.chat.completions.create(model="tiny-chat", max_tokens=12, temperature=0,
+                                          messages=[{"role": "user", "content": "What is the capital of France?"}])
+    assert chat.choices[0].message.content == expected
+    assert chat.choices[0].finish_reason == ("stop" if len(new) < 12 or new[-1] == tokenizer.eos_token_id else "length")
+    assert (chat.usage.prompt_tokens, chat.usage.completion_tokens) == (ids.shape[1], len(new))
+
+    stream = client.chat.completions.create(model="tiny-chat", max_tokens=12, temperature=0, stream=True,
+                                            stream_options={"include_usage": True},
+                                            messages=[{"role": "user", "content": "What is the capital of France?"}])
+    chunks = list(stream)
+    assert "".join(c.choices[0].delta.content or "" for c in chunks if c.choices) == expected
+    assert sum(1 for c in chunks if c.choices and c.choices[0].delta.content) >= 2  # it streamed
+    assert chunks[-1].usage.completion_tokens == len(new)
+
+    prompt = "Once upon a time"
+    pids = tokenizer(prompt, return_tensors="pt")["input_ids"]
+    expected, _ = _reference(api, pids, 10)
+    done = client.completions.create(model="tiny-chat", prompt=prompt, max_tokens=10, temperature=0)
+    assert done.choices[0].text == expected
+    streamed = client.completions.create(model="tiny-chat", prompt=prompt, max_tokens=10, temperature=0, stream=True)
+    assert "".join(c.choices[0].text for c in streamed) == expected
+
+
+def test_stop_seed_and_n(api):
+    client = api["client"]
+    full = client.completions.create(model="tiny-chat", prompt="The sky is", max_tokens=16, temperature=0).choices[0]
+    stop = full.text[len(full.text) // 2:][:3]
+    assert stop.strip(), f"pick another prompt: reply {full.text!r} has no usable middle"
+    cut = client.completions.create(model="tiny-chat", prompt="The sky is", max_tokens=16, temperature=0,
+                                    stop=[stop]).choices[0]
+    assert cut.text == full.text[:full.text.index(stop)] and cut.finish_reason == "stop"
+    streamed = client.completions.create(model="tiny-chat", prompt="The sky is", max_tokens=16, temperature=0,
+                                         stop=stop, stream=True)
+    assert "".join(c.choices[0].text for c in streamed) == cut.text
+
+    kw = dict(model="tiny-chat", messages=[{"role": "user", "content": "hi"}], max_tokens=8, temperature=1.0, n=2)
+    a = client.chat.completions.create(seed=7, **kw)
+    b = client.chat.completions.create(seed=7, **kw)
+    assert len(a.choices) == 2 and [c.message.content for c in a.choices] == [c.message.content for c in b.choices]
+    assert a.choices[0].message.content != a.choices[1].message.content  # each choice samples on its own
+    assert a.usage.completion_tokens >= 2  # both choices count
+
+
+def test_four_concurrent_streams(api):
+    client, tokenizer = api["client"], api["tokenizer"]
+    prompts = [f"Tell me about the number {i}" for i in range(4)]
+    expected = [_reference(api, _chat_ids(tokenizer, p), 24)[0] for p in prompts]
+    before = api["engine"].statistics()["finished"]
+
+    def ask(prompt):
+        stream = client.chat.completions.create(model="tiny-chat", max_tokens=24, temperature=0, stream=True,
+                                                messages=[{"role": "user", "content": prompt}])
+        return "".join(c.choices[0].delta.content or "" for c in stream if c.choices)
+
+    with ThreadPoolExecutor(4) as pool:
+        got = list(pool.map(ask, prompts, timeout=120))
+    assert got == expected
+    stats = api["engine"].statistics()
+    assert stats["finished"] - before == 4 and stats["peak_running"] >= 2  # served side by side
+
+
+def _post(url, body: bytes, headers=None):
+    return httpx.post(url, content=body, headers={"Content-Type": "application/json", **(headers or {})}, timeout=30)
+
+
+def test_bad_requests_get_openai_errors_and_the_server_keeps_serving(api):
+    client, url = api["client"], api["url"]
+    with pytest.raises(openai.NotFoundError) as e:
+        client.chat.completions.create(model="gpt-9", messages=[{"role": "user", "content": "x"}])
+    assert e.value.code == "model_not_found" and "tiny-chat" in e.value.message
+    for max_tokens, words in [(-1, "minimum of 1"), (10**9, "max_tokens is too large")]:
+        with pytest.raises(openai.BadRequestError) as e:
+            client.completions.create(model="tiny-chat", prompt="hi", max_tokens=max_tokens)
+        assert words in e.value.message and e.value.param == "max_tokens"
+    for body in [b'{"model": "tiny-chat", "prompt": ', b"\xff\xfe", b"[1, 2]", b'{"prompt": "x"}',
+                 b'{"model": "tiny-chat", "messages": "hello"}']:
+        r = _post(url + "/chat/completions", body)
+        assert r.status_code == 400, (body, r.text)
+        error = r.json()["error"]
+        assert set(error) >= {"message", "type", "param", "code"} and error["type"] == "invalid_request_error"
+    r = httpx.get(url + "/nowhere", timeout=30)
+    assert r.status_code == 404 and "error" in r.json()
+    reply = client.completions.create(model="tiny-chat", prompt="still there?", max_tokens=3, temperature=0)
+    assert reply.usage.completion_tokens >= 1
+
+
+def _peer_sessions(peer) -> int:
+    with urllib.request.urlopen(f"http://127.0.0.1:{peer.ready['metrics_port']}/metrics", timeout=10) as r:
+        return int(re.search(r"^swarmllm_peer_sessions (\d+)", r.read().decode(), re.M).group(1))
+
+
+def test_a_client_that_leaves_mid_stream_frees_its_session(api):
+    engine = api["engine"]
+    before = engine.statistics()
+    body = {"model": "tiny-chat", "prompt": "Count forever:", "max_tokens": 400, "temperature": 0, "stream": True}
+    with httpx.stream("POST", api["url"] + "/completions", json=body, timeout=30) as r:
+        assert r.status_code == 200
+        first = next(line for line in r.iter_lines() if line.startswith("data: {"))
+        assert json.loads(first[6:])["object"] == "text_completion"
+        assert [_peer_sessions(p) for p in api["peers"]] == [1, 1]  # mid-generation
+    deadline = time.monotonic() + 20
+    while True:
+        stats, sessions = engine.statistics(), [_peer_sessions(p) for p in api["peers"]]
+        if stats["running"] == 0 and sessions == [0, 0]:
+            break
+        assert time.monotonic() < deadline, f"generation still running after the client left: {stats}, {sessions}"
+        time.sleep(0.2)
+    assert stats["cancelled"] == before["cancelled"] + 1
+
+
+def test_no_route_is_a_503_naming_the_missing_blocks(api, chat_checkpoint):
+    from fastapi.testclient import TestClient
+
+    lonely = AutoDistributedModelForCausalLM.from_pretrained(chat_checkpoint, api["swarm"].initial_peers,
+                                                             model_id="nobody-serves-this", route_timeout=0.5)
+    engine = Engine(lonely, api["tokenizer"], max_concurrency=1)
+    try:
+        with TestClient(make_app(engine, ApiConfig(model_name="tiny-chat", context_length=512))) as http:
+            for stream in (False, True):
+                r = http.post("/v1/completions", json={"model": "tiny-chat", "prompt": "hi", "max_tokens": 2,
+                                                       "stream": stream})
+                assert r.status_code == 503, r.text
+                error = r.json()["error"]
+                assert error["code"] == "missing_blocks" and error["missing_blocks"] == [[0, 6]]
+                assert "blocks [0, 6)" in error["message"] and "swarmllm peer" in error["message"]
+    finally:
+        engine.close()
+        lonely.swarm.shutdown()
+
+
+def test_the_api_command_with_a_key(api, chat_checkpoint):
+    proc = launch.SwarmProcess("api", launch.swarmllm_command(
+        "api", chat_checkpoint, "--initial-peers", *api["swarm"].initial_peers, "--port", "0",
+        "--api-key", "s3cret", "--model-name", "tiny"))
+    api["swarm"].procs.append(proc)  # stopped by PID with the swarm, whatever happens here
+    try:
+        url = proc.wait_ready(120)["url"]
+        with pytest.raises(openai.AuthenticationError) as e:
+            openai.OpenAI(base_url=url, api_key="wrong", max_retries=0, timeout=60).models.list()
+        assert e.value.code == "invalid_api_key"
+        assert httpx.get(url + "/models", timeout=30).status_code == 401  # no key at all
+        client = openai.OpenAI(base_url=url, api_key="s3cret", max_retries=0, timeout=60)
+        reply = client.chat.completions.create(model="tiny", max_tokens=5, temperature=0,
+                                               messages=[{"role": "user", "content": "hi"}])
+        expected, _ = _reference(api, _chat_ids(api["tokenizer"], "hi"), 5)
+        assert reply.choices[0].message.content == expected
+    finally:
+        proc.stop()
