@@ -1,13 +1,18 @@
 """`swarmllm demo`: a whole local swarm (a DHT node and 3 peers) and one generation through it.
 
 It prints the reply as it streams, then tokens/s through the swarm next to local transformers on the
-same checkpoint, and stops every process it started.
+same checkpoint, how to reach the swarm through the OpenAI API (with ``--api``, it serves that API and
+keeps the swarm up until Ctrl-C), and stops every process it started.
 """
 
 from __future__ import annotations
 
 import argparse
+import os
+import shlex
+import signal
 import sys
+import threading
 import time
 
 DEFAULT_PROMPT = "What is the capital of France? Answer in one sentence."
@@ -18,6 +23,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--prompt", default=DEFAULT_PROMPT)
     parser.add_argument("--max-new-tokens", type=int, default=40)
     parser.add_argument("--peers", type=int, default=3, help="how many peers split the blocks")
+    parser.add_argument("--api", action="store_true",
+                        help="then serve the OpenAI-compatible API on this swarm until Ctrl-C")
+    parser.add_argument("--api-port", type=int, default=8080)
 
 
 def _say(msg: str) -> None:
@@ -27,6 +35,47 @@ def _say(msg: str) -> None:
 def _spans(num_blocks: int, parts: int) -> list[tuple[int, int]]:
     bounds = [round(i * num_blocks / parts) for i in range(parts + 1)]
     return [(a, b) for a, b in zip(bounds, bounds[1:]) if b > a]
+
+
+def api_snippets(url: str, model: str, maddrs: list[str], model_dir: str) -> str:
+    """How to start `swarmllm api` on a swarm and talk to it with curl and the openai package."""
+    port = url.rsplit(":", 1)[1].split("/")[0]
+    command = shlex.join(["swarmllm", "api", model_dir, "--initial-peers", *maddrs, "--port", port])
+    question = '{"role": "user", "content": "What is the capital of France?"}'
+    return f"""# serve the OpenAI API on this swarm:
+{command}
+
+# then, from a shell:
+curl {url}/chat/completions -H "Content-Type: application/json" \\
+  -d '{{"model": "{model}", "messages": [{question}], "max_tokens": 30}}'
+
+# or from Python (pip install openai):
+from openai import OpenAI
+client = OpenAI(base_url="{url}", api_key="unused")
+stream = client.chat.completions.create(model="{model}", max_tokens=30, stream=True,
+                                        messages=[{question}])
+for chunk in stream:
+    print(chunk.choices[0].delta.content or "", end="", flush=True)
+"""
+
+
+def _serve_api(model_dir: str, maddrs: list[str], port: int, procs: list) -> None:
+    """Start `swarmllm api` on the demo's swarm, print how to use it, and wait for Ctrl-C or SIGTERM."""
+    from swarmllm import launch
+
+    api = launch.SwarmProcess("api", launch.swarmllm_command("api", model_dir, "--initial-peers", *maddrs,
+                                                             "--port", str(port)))
+    procs.append(api)
+    url = api.wait_ready(timeout=300)["url"]
+    print("\n" + api_snippets(url, api.ready["model"], maddrs, model_dir), flush=True)
+    _say(f"serving the OpenAI API at {url}; press Ctrl-C to stop the swarm")
+    stop = threading.Event()
+    signal.signal(signal.SIGTERM, lambda *_: stop.set())
+    try:
+        while not stop.wait(1.0) and api.alive():
+            pass
+    except KeyboardInterrupt:
+        pass
 
 
 def main(args: argparse.Namespace) -> None:
@@ -82,6 +131,13 @@ def main(args: argparse.Namespace) -> None:
         print(f"local: {local_tokens / local_s:.1f} tokens/s ({local_tokens} tokens in {local_s:.2f} s)")
         print(f"swarm/local speed ratio: {(swarm_tokens / swarm_s) / (local_tokens / local_s):.2f}; "
               f"tokens identical to local: {same}")
+        if args.api:
+            _serve_api(model_dir, dht.maddrs, args.api_port, procs)
+        else:
+            url = f"http://127.0.0.1:{args.api_port}/v1"
+            print(f"\nTo talk to a swarm through the OpenAI API, run `swarmllm demo --api` (keeps this swarm up and "
+                  f"serves {url}), or on a swarm of your own:\n")
+            print(api_snippets(url, os.path.basename(os.path.normpath(model_dir)), dht.maddrs, model_dir))
     finally:
         for p in reversed(procs):
             p.stop()
