@@ -1,0 +1,104 @@
+"""Draw docs/bench.png from bench/results/{decode,concurrency,memory}.json (whichever exist).
+
+    .venv/bin/python -m bench.plot [--out docs/bench.png]
+
+Needs matplotlib (`pip install -e .[bench]`).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+
+import matplotlib
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt  # noqa: E402
+
+from bench.harness import RESULTS_DIR  # noqa: E402
+
+MIB = 2**20
+DEFAULT_OUT = os.path.join(os.path.dirname(RESULTS_DIR), "..", "docs", "bench.png")
+
+
+def _load(name: str) -> dict | None:
+    path = os.path.join(RESULTS_DIR, f"{name}.json")
+    if not os.path.isfile(path):
+        return None
+    with open(path) as f:
+        return json.load(f)
+
+
+def _decode(ax, doc: dict) -> None:
+    rows = doc["summary"]
+    labels, values, ideals = ["local"], [rows[0]["local_per_token_ms"]], [None]
+    for r in rows:
+        labels.append(f"{r['network']}\n{'push' if r['push'] else 'relay'} ({r['messages']} msgs)")
+        values.append(r["per_token_ms"])
+        ideals.append(r["ideal_ms"] * r["per_token_limit"])
+    bars = ax.bar(range(len(values)), values, color=["#888"] + ["#3a7" if r["per_token_met"] else "#d54" for r in rows])
+    for i, limit in enumerate(ideals):
+        if limit is not None:
+            ax.hlines(limit, i - 0.4, i + 0.4, colors="k", linestyles="--")
+    ax.bar_label(bars, fmt="%.0f", fontsize=8)
+    ax.set_xticks(range(len(values)), labels, fontsize=7)
+    ax.set_ylabel("ms per token (median)")
+    ax.set_title("decode latency (dashed: target)", fontsize=10)
+
+
+def _concurrency(ax, doc: dict) -> None:
+    rows = doc["summary"]
+    clients = [r["clients"] for r in rows]
+    tps = [r["tokens_per_s"] for r in rows]
+    ax.plot(clients, tps, "o-", label="swarm, aggregate")
+    ax.plot(clients, [tps[0] * c / clients[0] for c in clients], ":", color="#888", label="linear")
+    if 8 in clients:
+        ax.plot([8], [tps[0] * 4], "k_", markersize=20, label="target at 8 (4x)")
+    ax.axhline(doc["local_tokens_per_s"], color="#888", linestyle="--", label="local, one stream")
+    ax.set_xscale("log", base=2)
+    ax.set_xticks(clients, [str(c) for c in clients])
+    ax.set_xlabel("concurrent clients")
+    ax.set_ylabel("tokens/s")
+    ax.legend(fontsize=7)
+    ax.set_title("throughput", fontsize=10)
+
+
+def _memory(ax, doc: dict) -> None:
+    peers = doc["peers"]
+    runtime = doc["runtime_rss_bytes"] / MIB
+    labels = [f"{p['dtype']}\n[{p['blocks'][0]},{p['blocks'][1]})" for p in peers]
+    weights = [p["weights_bytes"] / MIB for p in peers]
+    rest = [p["rss_after_bytes"] / MIB - w - runtime for p, w in zip(peers, weights)]
+    x = range(len(peers))
+    ax.bar(x, weights, label="block weights", color="#3a7")
+    ax.bar(x, [runtime] * len(peers), bottom=weights, label="runtime (imports)", color="#888")
+    ax.bar(x, rest, bottom=[w + runtime for w in weights], label="rest", color="#d54")
+    ax.set_xticks(list(x), labels, fontsize=7)
+    ax.set_ylabel("peer RSS, MiB")
+    ax.legend(fontsize=7)
+    ax.set_title("peer memory", fontsize=10)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--out", default=os.path.normpath(DEFAULT_OUT))
+    args = parser.parse_args()
+    panels = [(name, draw, doc) for name, draw in [("decode", _decode), ("concurrency", _concurrency),
+                                                   ("memory", _memory)] if (doc := _load(name)) is not None]
+    if not panels:
+        raise SystemExit(f"no results in {RESULTS_DIR}: run python -m bench.decode (or concurrency, memory) first")
+    fig, axes = plt.subplots(1, len(panels), figsize=(5 * len(panels), 4.2), squeeze=False)
+    for ax, (_, draw, doc) in zip(axes[0], panels):
+        draw(ax, doc)
+    first = panels[0][2]
+    fig.suptitle(f"SmolLM2-135M-Instruct, 3 peers, {first['machine']['cpus']}-core CPU, no GPU, {first['date'][:10]}",
+                 fontsize=10)
+    fig.tight_layout()
+    os.makedirs(os.path.dirname(args.out), exist_ok=True)
+    fig.savefig(args.out, dpi=110)
+    print(f"wrote {args.out}")
+
+
+if __name__ == "__main__":
+    main()
