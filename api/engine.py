@@ -166,7 +166,7 @@ class Engine:
             self._running += 1
             self._stats["started"] += 1
             self._stats["peak_running"] = max(self._stats["peak_running"], self._running)
-        outcome = "failed"
+        outcome, result = "failed", None
         try:
             choices = [ChoiceDecoder(self.decode, self.eos_ids, params.stop, params.max_tokens) for _ in range(params.n)]
             if not cancel.is_set():
@@ -175,16 +175,17 @@ class Engine:
                 if not choice.done:
                     emit(Delta(i, choice.finish("length"), choice.finish_reason))
             outcome = "cancelled" if cancel.is_set() else "finished"
-            emit(_Done(Usage(len(prompt_ids), sum(c.tokens for c in choices))))
+            result = _Done(Usage(len(prompt_ids), sum(c.tokens for c in choices)))
         except BaseException as e:  # handed to the request, which maps it to an HTTP error
             if not isinstance(e, SwarmError):
                 logger.exception("generation failed")
-            emit(_Failed(e))
+            result = _Failed(e)
         finally:
-            with self._lock:
+            with self._lock:  # counted before the request hears the end, so statistics() never lags a reply
                 self._running -= 1
                 self._stats[outcome] += 1
                 self._cancels.discard(cancel)
+        emit(result)
 
     def _generate(self, prompt_ids, params: SamplingParams, choices, emit, cancel) -> None:
         ids = torch.tensor([prompt_ids] * params.n, dtype=torch.long)  # (n, prompt) one row per choice

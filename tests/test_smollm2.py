@@ -75,3 +75,4 @@ def test_demo_command(tmp_path):
     assert "tokens identical to local: True" in result.stdout
     assert "swarm/local speed ratio" in result.stdout
     assert "stopped 4 processes" in result.stderr
+    assert "swarmllm api " in result.stdout and "/v1/chat/completions" in result.stdout  # how to reach its API
