@@ -3,12 +3,13 @@ every error in OpenAI's shape, and an optional API key checked in constant time.
 
 from __future__ import annotations
 
+import asyncio
 import dataclasses
 import hmac
 import logging
 import time
 import uuid
-from typing import AsyncIterator
+from typing import AsyncIterator, Awaitable
 
 from fastapi import Depends, FastAPI, Request
 from fastapi.exceptions import RequestValidationError
@@ -96,7 +97,7 @@ def make_app(engine: Engine, cfg: ApiConfig) -> FastAPI:
         return model_card()
 
     @app.post("/v1/chat/completions", dependencies=[Depends(check_key)])
-    async def chat(req: ChatCompletionRequest):
+    async def chat(req: ChatCompletionRequest, request: Request):
         check_model(req.model)
         _refuse_unsupported(req)
         prompt_ids = _chat_prompt(engine.tokenizer, req, cfg.model_name)
@@ -104,16 +105,16 @@ def make_app(engine: Engine, cfg: ApiConfig) -> FastAPI:
             is not None else (req.max_tokens, "max_tokens")
         params = _params(req, prompt_ids, max_tokens, param)
         meta = ResponseMeta(f"chatcmpl-{uuid.uuid4().hex}", int(time.time()), req.model, chat=True)
-        return await _respond(engine, meta, prompt_ids, params, req.stream, req.include_usage, "")
+        return await _respond(engine, request, meta, prompt_ids, params, req.stream, req.include_usage, "")
 
     @app.post("/v1/completions", dependencies=[Depends(check_key)])
-    async def completions(req: CompletionRequest):
+    async def completions(req: CompletionRequest, request: Request):
         check_model(req.model)
         _refuse_unsupported(req)
         prompt_ids, echo = _completion_prompt(engine, req.prompt)
         params = _params(req, prompt_ids, req.max_tokens, "max_tokens")
         meta = ResponseMeta(f"cmpl-{uuid.uuid4().hex}", int(time.time()), req.model, chat=False)
-        return await _respond(engine, meta, prompt_ids, params, req.stream, req.include_usage,
+        return await _respond(engine, request, meta, prompt_ids, params, req.stream, req.include_usage,
                               echo if req.echo else "")
 
     def _params(req, prompt_ids: list[int], max_tokens: int | None, param: str) -> SamplingParams:
@@ -158,29 +159,69 @@ def _refuse_unsupported(req) -> None:
                        param="logprobs", code="unsupported_parameter")
 
 
-async def _respond(engine: Engine, meta: ResponseMeta, prompt_ids: list[int], params: SamplingParams,
-                   stream: bool | None, include_usage: bool, prefix: str):
+async def _respond(engine: Engine, request: Request, meta: ResponseMeta, prompt_ids: list[int],
+                   params: SamplingParams, stream: bool | None, include_usage: bool, prefix: str):
     events = engine.generate(prompt_ids, params)
-    if not stream:
-        try:
-            texts, reasons, usage = [prefix] * params.n, ["length"] * params.n, None
-            async for event in events:
-                if isinstance(event, Delta):
-                    texts[event.index] += event.text
-                    reasons[event.index] = event.finish_reason or reasons[event.index]
-                else:
-                    usage = event
-        finally:
-            await events.aclose()
-        return core.response_body(meta, texts, reasons, usage)
-    # Wait for the first token, so that an error opening the session is an HTTP error, not a broken stream.
     try:
-        first = await anext(events)
+        # Streamed: wait for the first token here, so that an error opening the session is an HTTP error.
+        first = await _unless_client_leaves(request, _whole(meta, params.n, events, prefix) if not stream
+                                            else anext(events))
     except BaseException:
         await events.aclose()
         raise
+    if first is _GONE or not stream:
+        await events.aclose()
+        return _gone() if first is _GONE else first
     return _GenerationStream(_sse(meta, params.n, first, events, include_usage, prefix),
                              media_type="text/event-stream", headers={"Cache-Control": "no-cache"})
+
+
+async def _whole(meta: ResponseMeta, n: int, events: AsyncIterator, prefix: str) -> dict:
+    """The non-streamed response: every delta gathered."""
+    try:
+        texts, reasons, usage = [prefix] * n, ["length"] * n, None
+        async for event in events:
+            if isinstance(event, Delta):
+                texts[event.index] += event.text
+                reasons[event.index] = event.finish_reason or reasons[event.index]
+            else:
+                usage = event
+    finally:
+        await events.aclose()
+    return core.response_body(meta, texts, reasons, usage)
+
+
+async def _wait_disconnect(request: Request) -> None:
+    """Returns when the client closes its connection (the body has been read: the next message says so)."""
+    while (await request.receive())["type"] != "http.disconnect":
+        pass
+
+
+_GONE = object()
+
+
+def _gone() -> JSONResponse:
+    """Nobody reads it: the client left (499, as nginx logs such requests)."""
+    return JSONResponse(ApiError(499, "the client closed the connection before the reply", type="client_closed").body(),
+                        status_code=499)
+
+
+async def _unless_client_leaves(request: Request, work: Awaitable):
+    """The result of ``work``, or _GONE if the client closed its connection first (``work`` is then
+    cancelled, which cancels its generation and closes its swarm session)."""
+    working = asyncio.ensure_future(work)  # both tasks are owned here: cancelled and awaited below
+    watching = asyncio.ensure_future(_wait_disconnect(request))
+    try:
+        await asyncio.wait({working, watching}, return_when=asyncio.FIRST_COMPLETED)
+    finally:
+        for task in (working, watching):
+            if not task.done():
+                task.cancel()
+        await asyncio.gather(working, watching, return_exceptions=True)
+    if working.cancelled():
+        logger.info("a client left %s before its reply; its generation was cancelled", request.url.path)
+        return _GONE
+    return working.result()
 
 
 async def _sse(meta: ResponseMeta, n: int, first: Delta | Usage, events: AsyncIterator, include_usage: bool,

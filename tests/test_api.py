@@ -262,24 +262,37 @@ def _peer_sessions(peer) -> int:
         return int(re.search(r"^swarmllm_peer_sessions (\d+)", r.read().decode(), re.M).group(1))
 
 
-def test_a_client_that_leaves_mid_stream_frees_its_session(api):
-    engine = api["engine"]
-    before = engine.statistics()
-    body = {"model": "tiny-chat", "prompt": "Count forever:", "max_tokens": 400, "temperature": 0, "stream": True}
-    with httpx.stream("POST", api["url"] + "/completions", json=body, timeout=30) as r:
-        assert r.status_code == 200
-        first = next(line for line in r.iter_lines() if line.startswith("data: {"))
-        assert json.loads(first[6:])["object"] == "text_completion"
-        during = [_peer_sessions(p) for p in api["peers"]]
-        assert min(during) >= 1, during  # mid-generation (a previous test's session may still be closing)
+def _wait_until_idle(api, before):
+    """Wait (20 s at most) until no generation runs and the peers hold no session; check it was cancelled."""
     deadline = time.monotonic() + 20
     while True:
-        stats, sessions = engine.statistics(), [_peer_sessions(p) for p in api["peers"]]
+        stats, sessions = api["engine"].statistics(), [_peer_sessions(p) for p in api["peers"]]
         if stats["running"] == 0 and sessions == [0, 0]:
             break
         assert time.monotonic() < deadline, f"generation still running after the client left: {stats}, {sessions}"
         time.sleep(0.2)
     assert stats["cancelled"] == before["cancelled"] + 1, (before, stats)  # stopped early, not run to the end
+
+
+LONG = {"model": "tiny-chat", "prompt": "Count forever:", "max_tokens": 480, "temperature": 0}
+
+
+def test_a_client_that_leaves_mid_stream_frees_its_session(api):
+    before = api["engine"].statistics()
+    with httpx.stream("POST", api["url"] + "/completions", json={**LONG, "stream": True}, timeout=30) as r:
+        assert r.status_code == 200
+        first = next(line for line in r.iter_lines() if line.startswith("data: {"))
+        assert json.loads(first[6:])["object"] == "text_completion"
+        during = [_peer_sessions(p) for p in api["peers"]]
+        assert min(during) >= 1, during  # mid-generation (a previous test's session may still be closing)
+    _wait_until_idle(api, before)
+
+
+def test_a_client_that_gives_up_waiting_frees_its_session(api):
+    before = api["engine"].statistics()
+    with pytest.raises(httpx.ReadTimeout):  # 480 tokens take seconds; the client waits 0.3 s and hangs up
+        httpx.post(api["url"] + "/completions", json=LONG, timeout=httpx.Timeout(30, read=0.3))
+    _wait_until_idle(api, before)
 
 
 def test_no_route_is_a_503_naming_the_missing_blocks(api, chat_checkpoint):
