@@ -57,8 +57,7 @@ def _jsonable(value: Any) -> bool:
 
 def http_error(status: int, detail: Any) -> ApiError:
     """Any other HTTP error (unknown path, wrong method) in OpenAI's shape."""
-    kinds = {401: "invalid_request_error", 404: "invalid_request_error", 405: "invalid_request_error"}
-    return ApiError(status, str(detail), type=kinds.get(status, "server_error" if status >= 500 else "invalid_request_error"))
+    return ApiError(status, str(detail), type="server_error" if status >= 500 else "invalid_request_error")
 
 
 @dataclasses.dataclass(frozen=True)
