@@ -75,15 +75,17 @@ def measure_network(args, model_dir, spans, ids, pad, local, network: str, delay
 
 
 def summarize(runs: list[dict]) -> list[dict]:
-    local = [r for r in runs if r["kind"] == "local"]
-    local_tok = harness.median([r["per_token_s"] for r in local])
-    local_first = harness.median([r["first_token_s"] for r in local])
+    """One row per (network, mode); each compared with the local runs interleaved with it (same swarm,
+    same minutes of a shared machine)."""
     groups: dict[tuple, list[dict]] = {}
     for r in runs:
         if r["kind"] == "swarm":
             groups.setdefault((r["network"], r["push"]), []).append(r)
     rows = []
     for (network, push), rs in groups.items():
+        local = [r for r in runs if r["kind"] == "local" and r["network"] == network]
+        local_tok = harness.median([r["per_token_s"] for r in local])
+        local_first = harness.median([r["first_token_s"] for r in local])
         hops, delay = rs[0]["hops"], rs[0]["delay_ms"] / 1000
         tok = harness.median([r["per_token_s"] for r in rs])
         first = harness.median([r["first_token_s"] for r in rs])
