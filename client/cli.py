@@ -18,6 +18,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--top-p", type=float, default=0.9)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--model-id", default=None)
+    parser.add_argument("--no-push", action="store_true",
+                        help="relay every hop through this client instead of peers pushing to each other")
+    parser.add_argument("--wire-dtype", choices=["bfloat16", "float16"], default=None,
+                        help="send hidden states in 16 bits (half the bytes; default: as computed, exact)")
 
 
 def main(args: argparse.Namespace) -> None:
@@ -27,7 +31,8 @@ def main(args: argparse.Namespace) -> None:
     from client import AutoDistributedModelForCausalLM
 
     tokenizer = AutoTokenizer.from_pretrained(args.model_dir)
-    model = AutoDistributedModelForCausalLM.from_pretrained(args.model_dir, args.initial_peers, model_id=args.model_id)
+    model = AutoDistributedModelForCausalLM.from_pretrained(args.model_dir, args.initial_peers, model_id=args.model_id,
+                                                            push=not args.no_push, wire_dtype=args.wire_dtype)
     try:
         if args.chat and tokenizer.chat_template:
             text = tokenizer.apply_chat_template([{"role": "user", "content": args.prompt}], tokenize=False,

@@ -59,6 +59,14 @@ class ClientConfig:
     identity_path: str | None = None  # the client's key (signs its verdicts); None = a fresh one per run
     verify_mode: str = "background"  # "background": audits never delay generate(); "redo": generate() waits
     # for the audits of its sessions and generates again (avoiding the cheater) if one confirms a lie
+    push: bool = True  # peers forward each step to the next peer (k + 1 messages per token); False = the
+    # client relays every hop itself (2k messages), which is also the fallback for a link that fails
+    wire_dtype: str | None = None  # hidden states on the wire: None = as computed (float32 stays bit-exact);
+    # "bfloat16" / "float16" = half the bytes, negotiated with each peer when the session opens
+
+    def __post_init__(self):
+        if self.wire_dtype is not None and self.wire_dtype not in wire.HIDDEN_DTYPE_NAMES:
+            raise ValueError(f"wire_dtype must be None or one of {sorted(wire.HIDDEN_DTYPE_NAMES)}, got {self.wire_dtype!r}")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -69,6 +77,10 @@ class StepInput:
     position_ids: torch.Tensor  # (batch, t)
     mask: torch.Tensor | None  # (batch, offset + t)
     offset: int
+
+
+class Equivocation(PeerError):
+    """A peer pushed the next peer different hidden states from the ones it returned to the client."""
 
 
 class HopSession:
@@ -85,12 +97,22 @@ class HopSession:
                           [x.hidden for x in self.history], [x.position_ids for x in self.history], last_mask,
                           list(self.outputs))
 
-    async def step(self, x: StepInput, timeout: float, probe=None) -> torch.Tensor:
-        """Send one step and wait up to ``timeout`` seconds; meanwhile ``probe`` (if given) is awaited
-        every time the reply is late by another probe interval, and may raise to give up early."""
-        tensors = [x.hidden, x.position_ids] + ([] if x.mask is None else [x.mask])
-        call = asyncio.ensure_future(self.stream.call(
-            {"op": "step", "session_id": self.session_id, "offset": x.offset}, tensors, timeout))
+    def push_target(self) -> dict:
+        """This hop as an entry of a step's push chain."""
+        return {"peer_id": self.hop.peer_id, "session_id": self.session_id, "maddrs": list(self.hop.maddrs)}
+
+    def send(self, x: StepInput, chain: list[dict] | None = None) -> None:
+        """Send one step; with ``chain`` the peer pushes its output on along it."""
+        meta = {"op": "step", "session_id": self.session_id, "offset": x.offset}
+        if chain:
+            meta["next"] = chain
+        self.stream.send(meta, [x.hidden, x.position_ids] + ([] if x.mask is None else [x.mask]))
+
+    async def receive(self, x: StepInput, timeout: float, probe=None) -> tuple[dict, torch.Tensor]:
+        """Wait up to ``timeout`` seconds for the result of step ``x`` (sent by us or pushed to the peer);
+        meanwhile ``probe`` (if given) is awaited every time the reply is late by another probe interval,
+        and may raise to give up early. Records the step for replay and audits."""
+        call = asyncio.ensure_future(self.stream.receive(timeout))
         try:  # the call is owned here: awaited below, cancelled if the probe gives up
             while probe is not None and not call.done():
                 done, _ = await asyncio.wait({call}, timeout=probe.interval)
@@ -107,7 +129,12 @@ class HopSession:
             raise PeerError(self.hop.peer_id, "returned NaN or infinite hidden states")
         self.history.append(x)
         self.outputs.append(out[0])
-        return out[0]
+        return meta, out[0]
+
+    async def step(self, x: StepInput, timeout: float, probe=None) -> torch.Tensor:
+        """Send one step and wait for its result (client-relayed)."""
+        self.send(x)
+        return (await self.receive(x, timeout, probe))[1]
 
 
 class SwarmCore:
@@ -312,14 +339,17 @@ class SessionCore:
     async def _open_hop(self, hop: Hop) -> HopSession:
         await self.swarm.transport.connect(hop.peer_id, hop.maddrs)
         stream = await self.swarm.transport.open_stream(hop.peer_id, self.rpc)
+        session_id = uuid.uuid4().hex  # per hop: it is also the capability to push into the peer's session
+        meta = {"op": "open", "session_id": session_id, "start": hop.start, "end": hop.end,
+                "batch_size": self.batch_size, "max_length": self.max_length}
+        if self.swarm.cfg.wire_dtype is not None:
+            meta["wire_dtype"] = self.swarm.cfg.wire_dtype
         try:
-            await stream.call({"op": "open", "session_id": self.session_id, "start": hop.start, "end": hop.end,
-                               "batch_size": self.batch_size, "max_length": self.max_length},
-                              [], timeout=self.swarm.cfg.step_timeout)
+            await stream.call(meta, [], timeout=self.swarm.cfg.step_timeout)
         except BaseException:
             await stream.close()
             raise
-        return HopSession(hop, stream, self.session_id)
+        return HopSession(hop, stream, session_id)
 
     async def step(self, hidden: torch.Tensor, position_ids: torch.Tensor, attention_mask: torch.Tensor | None,
                    *, recover: bool = True) -> torch.Tensor:
@@ -330,42 +360,96 @@ class SessionCore:
             raise SwarmError(f"session was opened for batch size {self.batch_size}, step has {batch}")
         if self.position + tokens > self.max_length:
             raise SwarmError(f"session max_length is {self.max_length} tokens; this step would reach {self.position + tokens}")
-        chunk = self.swarm.cfg.max_chunk_tokens or wire.chunk_tokens(batch, hidden.shape[2])
-        outputs = []
+        cfg = self.swarm.cfg
+        wire_dtype = wire.HIDDEN_DTYPE_NAMES[cfg.wire_dtype] if cfg.wire_dtype else hidden.dtype
+        element_bytes = torch.empty((), dtype=wire_dtype).element_size()
+        chunk = cfg.max_chunk_tokens or wire.chunk_tokens(batch, hidden.shape[2], element_bytes)
+        steps = []
         for begin in range(0, tokens, chunk):
             pos = position_ids[:, begin:begin + chunk]
-            mask = None if attention_mask is None else attention_mask[:, : self.position + pos.shape[1]]
-            x = StepInput(hidden[:, begin:begin + chunk], pos, mask, self.position)
-            outputs.append(await self._through_route(x, recover))
-            self.position += pos.shape[1]
-        return torch.cat(outputs, dim=1)
+            mask = None if attention_mask is None else attention_mask[:, : self.position + begin + pos.shape[1]]
+            steps.append(StepInput(wire.to_wire_dtype(hidden[:, begin:begin + chunk], wire_dtype), pos, mask,
+                                   self.position + begin))
+        outputs = await self._through_route(steps, recover, push=cfg.push and self.rpc == wire.RPC_INFERENCE)
+        self.position += tokens
+        return torch.cat(outputs, dim=1).to(hidden.dtype)
 
-    async def _through_route(self, x: StepInput, recover: bool = True) -> torch.Tensor:
+    def _chain(self, first: int, push: bool) -> list[dict] | None:
+        """The push chain from hop ``first`` to the last (None when the client relays)."""
+        return [h.push_target() for h in self.hops[first:]] if push else None
+
+    async def _through_route(self, steps: list[StepInput], recover: bool, push: bool) -> list[torch.Tensor]:
+        """Every chunk goes to the first hop at once, so chunks pipeline across peers. With ``push`` each
+        peer pushes its output to the next one (k + 1 messages per token on the critical path); without,
+        the client relays each output to the next hop as it arrives (2k). Either way the client reads
+        every hop's result in order: failover replays and audits need them."""
+        for x in steps:
+            self.hops[0].send(x, self._chain(1, push))
+        return [await self._one_step(x, steps[n + 1:], recover, push) for n, x in enumerate(steps)]
+
+    async def _one_step(self, x: StepInput, later: list[StepInput], recover: bool, push: bool) -> torch.Tensor:
+        """Collect chunk ``x`` from every hop; ``later`` chunks are already queued on the first hop. A link
+        whose push failed is relayed by the client; a failed peer is replaced and the chunk (and, for the
+        first hop, the later ones) re-sent from there."""
         timeout = self.swarm.step_timeout(x.hidden.shape[0] * x.hidden.shape[1])
         probe = self.swarm.probe()
         retries, i = 0, 0
         while i < len(self.hops):
             hop = self.hops[i]
             try:
-                out = await hop.step(x, timeout, probe)
+                meta, out = await hop.receive(x, timeout, probe)
+                if i > 0 and meta.get("input_digest") != wire.digest(x.hidden):
+                    hop.history.pop()
+                    hop.outputs.pop()
+                    raise Equivocation(self.hops[i - 1].hop.peer_id, "pushed the next peer other hidden states "
+                                       "than it returned to the client")
             except PeerError as e:
-                if not e.recoverable or not recover:
-                    raise
-                retries += 1
-                if retries > self.swarm.cfg.max_retries:
-                    raise SwarmError(f"gave up after {retries - 1} failovers in one step; last error: {e}") from e
-                await self._replace(i, e)
-                continue  # the same input goes to the replacement of hop i
+                retries = self._one_more_retry(retries, e, recover)
+                if isinstance(e, Equivocation):
+                    i, x = await self._rebuild(i - 1, e)
+                else:
+                    await self._replace(i, e)
+                if i < len(self.hops):
+                    for resend in [x] + (later if i == 0 else []):
+                        self.hops[i].send(resend, self._chain(i + 1, push))
+                continue
             self.swarm.bans.succeed(hop.hop.peer_id)
             x = dataclasses.replace(x, hidden=out)
             i += 1
+            if i < len(self.hops) and meta.get("pushed") is not True:
+                if "push_error" in meta:
+                    logger.info("peer %s could not push to the next peer (%s): relaying that link",
+                                hop.hop.peer_id, meta["push_error"])
+                self.hops[i].send(x, self._chain(i + 1, push))
         return x.hidden
 
-    async def _replace(self, i: int, error: PeerError) -> None:
+    def _one_more_retry(self, retries: int, error: PeerError, recover: bool) -> int:
+        """Count one more failover in this step, or raise ``error`` if it may not be recovered from."""
+        if not error.recoverable or not recover:
+            raise error
+        if retries >= self.swarm.cfg.max_retries:
+            raise SwarmError(f"gave up after {retries} failovers in one step; last error: {error}") from error
+        return retries + 1
+
+    async def _rebuild(self, culprit: int, error: PeerError) -> tuple[int, StepInput]:
+        """Hop ``culprit`` pushed one thing and told us another: every hop after it computed on what we
+        never saw. Replace the culprit (banned) and every later hop (not banned), replaying what each was
+        sent; returns where the route resumes and the input for it (the culprit's replacement's output)."""
+        for j in reversed(range(culprit + 1, len(self.hops))):
+            await self._replace(j, error, ban=False)
+        old_len = len(self.hops)
+        await self._replace(culprit, error)
+        resume = culprit + 1 + len(self.hops) - old_len
+        last = self.hops[resume - 1]
+        return resume, dataclasses.replace(last.history[-1], hidden=last.outputs[-1])
+
+    async def _replace(self, i: int, error: PeerError, *, ban: bool = True) -> None:
         """Swap hop i for a fresh route over its blocks and replay its history into it. Every peer that
-        fails on the way is avoided too; at most max_retries attempts."""
+        fails on the way is avoided too; at most max_retries attempts. ``ban=False``: the hop is rebuilt
+        but its peer did nothing wrong."""
         failed = self.hops[i]
-        self.swarm.mark_failed(failed.hop.peer_id, error)
+        if ban:
+            self.swarm.mark_failed(failed.hop.peer_id, error)
         await failed.stream.close(timeout=0)
         for _ in range(self.swarm.cfg.max_retries):
             replacement: list[HopSession] = []

@@ -109,24 +109,36 @@ class Stream:
                 return
             yield item
 
-    async def call(self, meta: dict[str, Any], tensors: list[torch.Tensor], timeout: float
-                   ) -> tuple[dict[str, Any], list[torch.Tensor]]:
-        """Send one message and wait up to ``timeout`` seconds for its reply."""
+    def send(self, meta: dict[str, Any], tensors: list[torch.Tensor]) -> None:
+        """Queue one message; its reply is read by ``receive``."""
         if self.closed:
             raise PeerError(self.peer_id, "stream already closed")
         self._queue.put_nowait(wire.request(meta, tensors))
-        try:
-            reply = await asyncio.wait_for(self._replies.__anext__(), timeout)
-        except StopAsyncIteration:
-            self.closed = True
-            raise PeerError(self.peer_id, "closed the stream without replying") from None
-        except asyncio.TimeoutError:
-            await self.close()
-            raise PeerError(self.peer_id, f"no reply within {timeout:.1f} s") from None
-        except _NETWORK_ERRORS as e:
-            self.closed = True
-            raise PeerError(self.peer_id, f"stream failed: {type(e).__name__}: {e}") from None
-        return _check(self.peer_id, reply)
+
+    async def receive(self, timeout: float) -> tuple[dict[str, Any], list[torch.Tensor]]:
+        """The next reply that is not a duplicate acknowledgement, within ``timeout`` seconds."""
+        deadline = time.monotonic() + timeout
+        while True:
+            try:
+                reply = await asyncio.wait_for(self._replies.__anext__(), max(0.0, deadline - time.monotonic()))
+            except StopAsyncIteration:
+                self.closed = True
+                raise PeerError(self.peer_id, "closed the stream without replying") from None
+            except asyncio.TimeoutError:
+                await self.close()
+                raise PeerError(self.peer_id, f"no reply within {timeout:.1f} s") from None
+            except _NETWORK_ERRORS as e:
+                self.closed = True
+                raise PeerError(self.peer_id, f"stream failed: {type(e).__name__}: {e}") from None
+            meta, tensors = _check(self.peer_id, reply)
+            if not meta.get("duplicate"):  # a step it had already computed (push raced a re-send)
+                return meta, tensors
+
+    async def call(self, meta: dict[str, Any], tensors: list[torch.Tensor], timeout: float
+                   ) -> tuple[dict[str, Any], list[torch.Tensor]]:
+        """Send one message and wait up to ``timeout`` seconds for its reply."""
+        self.send(meta, tensors)
+        return await self.receive(timeout)
 
     async def close(self, timeout: float = 2.0) -> None:
         """End our side of the stream, let the peer end its side (up to ``timeout`` seconds; 0 = don't

@@ -7,6 +7,8 @@ the steps it serves:
 - skip           runs every block of the request but the last
 - wrong_weights  computes with different weights (re-drawn with another seed)
 - low_precision  computes with weights rounded to a 4-bit grid (a cheaper format than declared)
+- equivocate     computes honestly and returns the honest output to the client, but pushes the next
+                 peer of the route a noisy copy (the client catches it by the next peer's input digest)
 The peer still keeps its cache consistent with what it pretends, and announces itself as honest.
 """
 
@@ -19,7 +21,7 @@ import torch
 
 from peer.blocks import BlockRunner, SpanCache
 
-MODES = ("noise", "identity", "skip", "wrong_weights", "low_precision")
+MODES = ("noise", "identity", "skip", "wrong_weights", "low_precision", "equivocate")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -71,9 +73,15 @@ class AdversarialRunner:
     def __getattr__(self, name):  # everything else (start, end, hidden_size, new_cache, ...) is the honest runner's
         return getattr(self.honest, name)
 
+    def tamper_push(self, out: torch.Tensor) -> torch.Tensor:
+        """What this peer pushes to the next peer instead of ``out`` (the handler asks)."""
+        if self.adversary.mode != "equivocate" or self._rng.random() >= self.adversary.rate:
+            return out
+        return (out.float() + 0.1 * out.float().std() * torch.randn_like(out.float())).to(out.dtype)
+
     def forward(self, hidden: torch.Tensor, position_ids: torch.Tensor, attention_mask: torch.Tensor | None,
                 cache: SpanCache) -> torch.Tensor:
-        if self._rng.random() >= self.adversary.rate:
+        if self.adversary.mode == "equivocate" or self._rng.random() >= self.adversary.rate:
             return self.honest.forward(hidden, position_ids, attention_mask, cache)
         mode = self.adversary.mode
         if mode in ("wrong_weights", "low_precision"):

@@ -66,6 +66,8 @@ def span_config(config: PretrainedConfig, start: int, end: int) -> PretrainedCon
 class BlockRunner:
     """Runs blocks [start, end) of one model; one per peer. Not thread-safe: one compute owner calls it."""
 
+    supports_batching = True  # decode steps of sessions over the same span may share a forward pass
+
     def __init__(self, model_dir: str, start: int, end: int, *, dtype: str = "float32", device: str = "cpu"):
         if dtype not in DTYPES:
             raise ValueError(f"dtype must be one of {sorted(DTYPES)}, got {dtype!r}")

@@ -1,7 +1,9 @@
-"""The peer's RPC handlers: validate every message, run blocks on the compute owner, answer.
+"""The peer's RPC handlers: validate every message, run blocks on the compute owner, answer, and push
+the output on to the next peer when the client asked for it.
 
 Only this module turns failures into wire errors. A bad message gets a typed error and changes
-nothing; a failure while computing closes only the session it happened in.
+nothing; a failure while computing closes only the session it happened in. A session's steps come
+from its client stream or from pushes (``rpc_push``) into the same inbox, and run in arrival order.
 """
 
 from __future__ import annotations
@@ -10,7 +12,6 @@ import asyncio
 import collections
 import logging
 import uuid
-from concurrent.futures import ThreadPoolExecutor
 from typing import Any, AsyncIterator, Callable
 
 import torch
@@ -19,6 +20,8 @@ from hivemind.proto import runtime_pb2
 
 from peer import wire
 from peer.blocks import BlockRunner
+from peer.compute import ComputeOwner
+from peer.push import PushSender, parse_next
 from peer.sessions import Session, SessionTable
 from peer.wire import ErrorCode, WireError
 
@@ -26,6 +29,8 @@ logger = logging.getLogger(__name__)
 
 MAX_BATCH_SIZE = 64
 MAX_SESSION_ID_CHARS = 128
+MAX_INBOX = 64  # steps queued on one session (pushed ahead of compute); more get 'busy'
+_END = object()  # the client closed its side of the stream
 
 
 def _int_field(meta: dict, name: str, low: int, high: int | None = None) -> int:
@@ -36,6 +41,7 @@ def _int_field(meta: dict, name: str, low: int, high: int | None = None) -> int:
         bound = f"[{low}, {high}]" if high is not None else f">= {low}"
         raise WireError(ErrorCode.BAD_REQUEST, f"field {name!r} must be in {bound}, got {value}")
     return value
+
 
 
 class PeerHandler:
@@ -56,13 +62,18 @@ class PeerHandler:
         self.max_session_length = max_session_length
         self.accepting = True  # False while draining: no new sessions
         self._statistics = statistics
-        self._compute = ThreadPoolExecutor(max_workers=1, thread_name_prefix="compute")
+        self.compute = ComputeOwner()
+        self.pusher: PushSender | None = None  # set by register()
+        self._inboxes: dict[str, asyncio.Queue] = {}  # session id -> its inbox, for pushes
         self.requests_served = 0
         self.steps_computed = 0  # tokens x batch rows through the blocks
+        self.pushes_received = 0
         self.errors: collections.Counter[str] = collections.Counter()  # wire errors sent, by code
 
     async def register(self, p2p: P2P) -> None:
+        self.pusher = PushSender(p2p, lambda request: self.rpc_push(request, None))
         await p2p.add_protobuf_handler(wire.RPC_INFO, self.rpc_info, runtime_pb2.ExpertUID)
+        await p2p.add_protobuf_handler(wire.RPC_PUSH, self.rpc_push, runtime_pb2.ExpertRequest)
         await p2p.add_protobuf_handler(
             wire.RPC_FORWARD, self.rpc_forward, runtime_pb2.ExpertRequest, stream_input=True, stream_output=True
         )
@@ -71,7 +82,14 @@ class PeerHandler:
         )
 
     def shutdown(self) -> None:
-        self._compute.shutdown(wait=True, cancel_futures=True)
+        self.compute.shutdown()
+
+    def counters(self) -> dict[str, int]:
+        """Work counters for statistics(): pushes and batching."""
+        return {"pushes_sent": self.pusher.sent if self.pusher else 0,
+                "pushes_failed": self.pusher.failed if self.pusher else 0,
+                "pushes_received": self.pushes_received,
+                "batched_passes": self.compute.batches, "batched_steps": self.compute.batched_steps}
 
     # ---- RPCs ---------------------------------------------------------------------------------------
 
@@ -92,28 +110,55 @@ class PeerHandler:
         async for reply in self._serve_stream(requests, ephemeral=False):
             yield reply
 
+    async def rpc_push(self, request: runtime_pb2.ExpertRequest, context: P2PContext | None
+                       ) -> runtime_pb2.ExpertResponse:
+        """A step pushed by the previous peer of a route: queued on the session, answered to its client."""
+        try:
+            meta, tensors = wire.unpack(request, max_bytes=self.max_message_bytes)
+            session_id = meta.get("session_id")
+            inbox = self._inboxes.get(session_id) if isinstance(session_id, str) else None
+            if inbox is None:
+                raise WireError(ErrorCode.UNKNOWN_SESSION,
+                                f"no open inference session {session_id!r} here to push into: the client relays instead")
+            if meta.get("op") != "step":
+                raise WireError(ErrorCode.BAD_REQUEST, f"only steps can be pushed, got op {meta.get('op')!r}")
+            if inbox.qsize() >= MAX_INBOX:
+                raise WireError(ErrorCode.BUSY, f"session {session_id!r} already has {MAX_INBOX} steps queued",
+                                retry_after=0.1)
+        except WireError as e:
+            self.errors[e.code.value] += 1
+            return wire.error_response(e)
+        self.pushes_received += 1
+        inbox.put_nowait((meta, tensors))
+        return wire.response({"op": "queued"})
+
     # ---- one stream = one session -------------------------------------------------------------------
 
     async def _serve_stream(self, requests: AsyncIterator[runtime_pb2.ExpertRequest], *, ephemeral: bool):
         session: Session | None = None
-        iterator = requests.__aiter__()
+        inbox: asyncio.Queue = asyncio.Queue()  # (meta, tensors) | WireError | _END, in arrival order
+        reader = asyncio.ensure_future(self._read_client(requests, inbox))  # owned: cancelled in finally
         try:
             while True:
                 try:
-                    message = await asyncio.wait_for(iterator.__anext__(), timeout=self.idle_timeout)
-                except StopAsyncIteration:
-                    return
+                    item = await asyncio.wait_for(inbox.get(), timeout=self.idle_timeout)
                 except asyncio.TimeoutError:
                     yield wire.error_response(WireError(
                         ErrorCode.EXPIRED, f"session idle for over {self.idle_timeout:.0f} s: it was closed"))
                     return
+                if item is _END:
+                    return
                 try:
-                    meta, tensors = wire.unpack(message, max_bytes=self.max_message_bytes)
+                    if isinstance(item, WireError):
+                        raise item
+                    meta, tensors = item
                     op = meta.get("op")
                     if op == "open":
                         if session is not None:
                             raise WireError(ErrorCode.BAD_REQUEST, "this stream already has an open session")
                         session = self._open(meta, ephemeral)
+                        if not ephemeral:
+                            self._inboxes[session.session_id] = inbox
                         yield wire.response({"op": "opened", "session_id": session.session_id,
                                              "cache_tokens_left": self.sessions.tokens_left})
                     elif op == "step":
@@ -130,8 +175,23 @@ class PeerHandler:
                     if e.code == ErrorCode.INTERNAL:
                         return
         finally:
+            reader.cancel()
+            await asyncio.gather(reader, return_exceptions=True)
             if session is not None and not ephemeral:
+                if self._inboxes.get(session.session_id) is inbox:
+                    del self._inboxes[session.session_id]
                 self.sessions.close(session.session_id)
+
+    async def _read_client(self, requests: AsyncIterator[runtime_pb2.ExpertRequest], inbox: asyncio.Queue) -> None:
+        """Moves the client's messages into the session's inbox (decoded, or the error decoding them)."""
+        try:
+            async for message in requests:
+                try:
+                    inbox.put_nowait(wire.unpack(message, max_bytes=self.max_message_bytes))
+                except WireError as e:
+                    inbox.put_nowait(e)
+        finally:
+            inbox.put_nowait(_END)
 
     def _open(self, meta: dict, ephemeral: bool) -> Session:
         if not ephemeral and not self.accepting:
@@ -150,12 +210,20 @@ class PeerHandler:
         session_id = meta.get("session_id") or uuid.uuid4().hex
         if not isinstance(session_id, str) or len(session_id) > MAX_SESSION_ID_CHARS:
             raise WireError(ErrorCode.BAD_REQUEST, f"session_id must be a string of at most {MAX_SESSION_ID_CHARS} chars")
+        wire_dtype = meta.get("wire_dtype")
+        if wire_dtype is not None and wire_dtype not in wire.HIDDEN_DTYPE_NAMES:
+            raise WireError(ErrorCode.BAD_DTYPE,
+                            f"wire_dtype must be one of {sorted(wire.HIDDEN_DTYPE_NAMES)}, got {wire_dtype!r}")
+
         def make_cache():
             return runner.new_cache(start, end)
 
         if ephemeral:
-            return Session(session_id, batch_size, max_length, runner, make_cache())
-        return self.sessions.open(session_id, batch_size, max_length, runner, make_cache)
+            session = Session(session_id, batch_size, max_length, runner, make_cache())
+        else:
+            session = self.sessions.open(session_id, batch_size, max_length, runner, make_cache)
+        session.wire_dtype = None if wire_dtype is None else wire.HIDDEN_DTYPE_NAMES[wire_dtype]
+        return session
 
     def _validate_step(self, session: Session, meta: dict, tensors: list[torch.Tensor]):
         offset = _int_field(meta, "offset", 0)
@@ -201,15 +269,39 @@ class PeerHandler:
         return hidden, position_ids.long(), None if mask is None else mask.long()
 
     async def _step(self, session: Session, meta: dict, tensors: list[torch.Tensor]) -> runtime_pb2.ExpertResponse:
+        if (duplicate := self._duplicate(session, meta, tensors)) is not None:
+            return duplicate
         hidden, position_ids, mask = self._validate_step(session, meta, tensors)
-        loop = asyncio.get_running_loop()
+        chain = parse_next(meta.get("next"))
         try:
-            out = await loop.run_in_executor(
-                self._compute, session.runner.forward, hidden, position_ids, mask, session.cache)
+            out = await self.compute.run(session.runner, hidden, position_ids, mask, session.cache)
         except Exception as e:  # a compute failure must not take the peer down; this session is lost
             logger.exception("compute failed in session %s", session.session_id)
             raise WireError(ErrorCode.INTERNAL, f"the peer failed computing this step ({type(e).__name__}): re-route") from e
-        session.length += hidden.shape[1]
+        offset, tokens = session.length, hidden.shape[1]
+        session.length += tokens
+        session.steps.add((offset, tokens))
         self.requests_served += 1
-        self.steps_computed += hidden.shape[0] * hidden.shape[1]
-        return wire.response({"op": "result", "length": session.length}, [out.to(hidden.dtype)])
+        self.steps_computed += hidden.shape[0] * tokens
+        out = wire.to_wire_dtype(out, session.wire_dtype or hidden.dtype)
+        reply = {"op": "result", "length": session.length, "input_digest": wire.digest(hidden)}
+        if chain:
+            step = {"op": "step", "offset": offset}
+            tamper = getattr(session.runner, "tamper_push", None)  # only a testing adversary has one
+            pushed = out if tamper is None else tamper(out)
+            failure = await self.pusher.push(chain, step, [pushed, *tensors[1:]])
+            reply["pushed"] = failure is None
+            if failure is not None:
+                reply["push_error"] = failure
+        return wire.response(reply, [out])
+
+    @staticmethod
+    def _duplicate(session: Session, meta: dict, tensors: list[torch.Tensor]) -> runtime_pb2.ExpertResponse | None:
+        """A step this session already computed (pushed by one peer, then re-sent by the client or by a
+        replacement after a failover) is acknowledged without computing or pushing it again."""
+        offset = meta.get("offset")
+        if not isinstance(offset, int) or offset >= session.length or not tensors or tensors[0].ndim != 3:
+            return None
+        if (offset, tensors[0].shape[1]) not in session.steps:
+            return None
+        return wire.response({"op": "result", "length": offset + tensors[0].shape[1], "duplicate": True})

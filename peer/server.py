@@ -87,6 +87,7 @@ class Peer:
             "loaded_tensors": list(runner.loaded_tensor_names), "relayed": self.relayed, "moves": self.moves,
             "uptime": time.time() - self.started_at, "version": SOFTWARE_VERSION,
             "tokens_computed": self.handler.steps_computed, "errors": dict(self.handler.errors),
+            **self.handler.counters(),
         }
 
     def metrics_text(self) -> str:
@@ -101,6 +102,13 @@ class Peer:
             f"swarmllm_peer_throughput_steps_per_second {stats['throughput']}",
             "# TYPE swarmllm_peer_requests_total counter", f"swarmllm_peer_requests_total {stats['requests_served']}",
             "# TYPE swarmllm_peer_tokens_total counter", f"swarmllm_peer_tokens_total {stats['tokens_computed']}",
+            "# TYPE swarmllm_peer_pushes_sent_total counter", f"swarmllm_peer_pushes_sent_total {stats['pushes_sent']}",
+            "# TYPE swarmllm_peer_pushes_failed_total counter",
+            f"swarmllm_peer_pushes_failed_total {stats['pushes_failed']}",
+            "# TYPE swarmllm_peer_pushes_received_total counter",
+            f"swarmllm_peer_pushes_received_total {stats['pushes_received']}",
+            "# TYPE swarmllm_peer_batched_steps_total counter",
+            f"swarmllm_peer_batched_steps_total {stats['batched_steps']}",
             "# TYPE swarmllm_peer_errors_total counter",
         ]
         lines += [f'swarmllm_peer_errors_total{{code="{code}"}} {n}' for code, n in sorted(stats["errors"].items())]

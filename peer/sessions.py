@@ -21,6 +21,8 @@ class Session:
     runner: Any  # the BlockRunner computing this session (kept even if the peer moves to other blocks)
     cache: Any  # the runner's cache object (a SpanCache over the session's blocks)
     length: int = 0  # tokens already in the cache
+    wire_dtype: Any = None  # torch dtype of the hidden states it answers and pushes; None = as the input
+    steps: set[tuple[int, int]] = dataclasses.field(default_factory=set)  # (offset, tokens) of computed steps
 
     @property
     def reserved_tokens(self) -> int:

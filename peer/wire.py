@@ -10,11 +10,20 @@ RPCs (all on hivemind P2P, handle names below):
             sequence, sent as chunks of tokens; nothing is kept after the stream ends.
 - INFERENCE stream  [open, step, ...] -> [opened, result, ...]: a session with a server-side KV cache
             that lives as long as the stream (closing the stream closes the session).
+- PUSH      unary   step -> {"op": "queued"} | error: a peer hands its output straight to the next
+            peer's open session (server-to-server push); that peer answers the step on its own
+            INFERENCE stream to the client, as if the client had sent it.
 
-open:   {"op": "open", "session_id": str, "start": int, "end": int, "batch_size": int, "max_length": int}
-step:   {"op": "step", "session_id": str, "offset": int}  tensors: hidden (batch, t, hidden) float,
-        position_ids (batch, t) int64, [attention_mask (batch, offset + t) 0/1]
-result: {"op": "result", "length": int}  tensors: hidden (batch, t, hidden)
+open:   {"op": "open", "session_id": str, "start": int, "end": int, "batch_size": int, "max_length": int,
+         ["wire_dtype": "float32" | "bfloat16" | "float16"]}  (the dtype of the hidden states it answers
+         and pushes; default: the dtype of each step's input)
+step:   {"op": "step", "session_id": str, "offset": int, ["next": [{"peer_id", "session_id", "maddrs"}, ...]]}
+        tensors: hidden (batch, t, hidden) float, position_ids (batch, t) int64,
+        [attention_mask (batch, offset + t) 0/1]. With "next", the peer pushes its output (same
+        position_ids and mask) to next[0]'s session, carrying next[1:] along.
+result: {"op": "result", "length": int, "input_digest": str, ["pushed": bool, "push_error": str],
+         ["duplicate": true]}  tensors: hidden (batch, t, hidden), none for a duplicate (a step this
+         session already computed, e.g. pushed and then re-sent by a client after a failover)
 error:  {"error": {"code": ErrorCode, "message": str, "retry_after": float | None}}
 A peer answers a bad message with an error and keeps the session as it was.
 """
@@ -23,6 +32,7 @@ from __future__ import annotations
 
 import dataclasses
 import enum
+import hashlib
 import json
 import os
 import re
@@ -39,10 +49,13 @@ PROTOCOL_VERSION = 1
 RPC_INFO = "swarmllm.v1.info"
 RPC_FORWARD = "swarmllm.v1.forward"
 RPC_INFERENCE = "swarmllm.v1.inference"
+RPC_PUSH = "swarmllm.v1.push"
+MAX_NEXT_HOPS = 64  # length of a step's push chain
 
 DEFAULT_MAX_MESSAGE_BYTES = 64 * 2**20  # a peer rejects a message whose tensors exceed this (bytes)
 CHUNK_TARGET_BYTES = 2 * 2**20  # clients split long sequences into messages of about this size (bytes)
 HIDDEN_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
+HIDDEN_DTYPE_NAMES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
 class ErrorCode(str, enum.Enum):
@@ -84,7 +97,30 @@ class WireError(Exception):
 
 
 def serialize(tensor: torch.Tensor) -> runtime_pb2.Tensor:
-    return serialize_torch_tensor(tensor.detach().cpu(), CompressionType.NONE)
+    tensor = tensor.detach().cpu()
+    if tensor.dtype == torch.bfloat16:
+        # hivemind 1.1.12 widens bfloat16 to float32 on the wire by default (USE_LEGACY_BFLOAT16); send the
+        # 2-byte payload as it is (its deserializer reads either form).
+        return runtime_pb2.Tensor(compression=CompressionType.NONE, buffer=tensor.view(torch.int16).numpy().tobytes(),
+                                  size=tensor.shape, dtype="bfloat16")
+    return serialize_torch_tensor(tensor, CompressionType.NONE)
+
+
+def to_wire_dtype(hidden: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """Hidden states cast for the wire; float16 saturates instead of overflowing to infinity."""
+    if dtype == torch.float16 and hidden.dtype != torch.float16:
+        limit = torch.finfo(torch.float16).max
+        hidden = hidden.clamp(-limit, limit)
+    return hidden.to(dtype)
+
+
+def digest(tensor: torch.Tensor) -> str:
+    """A short fingerprint of a tensor's bytes: a peer reports the one of the input it computed on, so a
+    client can tell that a pushed input is what the previous peer told the client it sent."""
+    data = tensor.detach().cpu().contiguous()
+    if data.dtype == torch.bfloat16:
+        data = data.view(torch.int16)
+    return hashlib.blake2b(data.numpy().tobytes(), digest_size=16).hexdigest()
 
 
 def deserialize(proto: runtime_pb2.Tensor) -> torch.Tensor:

@@ -198,3 +198,59 @@ def test_client_gets_a_prompt_busy_error_when_no_other_peer_can_serve(setup):
         except PeerBusy:
             assert time.monotonic() < deadline
             time.sleep(0.1)
+
+
+def _push(client, ready, message):
+    from hivemind.proto import runtime_pb2
+
+    async def call():
+        reply = await client.core.transport.p2p.call_protobuf_handler(
+            PeerID.from_base58(ready["peer_id"]), wire.RPC_PUSH, message, runtime_pb2.ExpertResponse)
+        return wire.unpack(reply)[0]
+    return _run(client, call())
+
+
+def test_bad_pushes_and_push_chains_are_rejected_and_the_session_survives(setup):
+    """Pushes into unknown sessions, garbage pushes, malformed 'next' chains and wire dtypes get typed
+    errors; a chain that points nowhere is reported as a failed push and the step still counts."""
+    client, ready, other, _ = setup
+    s = _stream(client, ready)
+    try:
+        _expect(wire.ErrorCode.BAD_DTYPE, _call, client, s, {"op": "open", "session_id": "p1", "start": 0, "end": 3,
+                                                            "batch_size": 1, "max_length": 16, "wire_dtype": "int8"})
+        _open(client, s, 0, 3, session_id="p1")
+        hidden, positions = torch.randn(1, 2, HIDDEN), torch.arange(2)[None]
+        step = {"op": "step", "session_id": "p1", "offset": 0}
+        for chain, match in [("peer", "list"), ([{"peer_id": "x"}], "session_id"),
+                             ([{"peer_id": "not-a-peer-id", "session_id": "a"}], "invalid peer id"),
+                             ([{"peer_id": ready["peer_id"], "session_id": "a", "maddrs": [1]}], "maddrs")]:
+            _expect(wire.ErrorCode.BAD_REQUEST, _call, client, s, {**step, "next": chain}, [hidden, positions],
+                    match=match)
+        unknown = _push(client, ready, wire.request({**step, "session_id": "nope"}, [hidden, positions]))
+        assert unknown["error"]["code"] == wire.ErrorCode.UNKNOWN_SESSION.value
+        garbage = _push(client, ready, wire.runtime_pb2.ExpertRequest(metadata=b"\xc1\xff"))
+        assert garbage["error"]["code"] == wire.ErrorCode.BAD_REQUEST.value
+        not_a_step = _push(client, ready, wire.request({"op": "open", "session_id": "p1"}))
+        assert not_a_step["error"]["code"] == wire.ErrorCode.BAD_REQUEST.value
+        # a push chain to a session the next peer does not have: computed, answered, push reported failed
+        target = {"peer_id": other["peer_id"], "session_id": "gone", "maddrs": other["maddrs"]}
+        meta, (out,) = _call(client, s, {**step, "next": [target]}, [hidden, positions])
+        assert meta["length"] == 2 and meta["pushed"] is False and "unknown_session" in meta["push_error"]
+        assert meta["input_digest"] == wire.digest(hidden)
+        # the same step again is a duplicate: acknowledged, not computed twice
+        again, tensors = _run(client, _resend(s, {**step}, [hidden, positions]))
+        assert again == {"op": "result", "length": 2, "duplicate": True} and tensors == []
+        # a push to this very peer (two consecutive hops on it) is delivered without dialing
+        here = {"peer_id": ready["peer_id"], "session_id": "gone-too"}
+        meta, _ = _call(client, s, {"op": "step", "session_id": "p1", "offset": 2, "next": [here]},
+                        [torch.randn(1, 1, HIDDEN), torch.tensor([[2]])])
+        assert meta["length"] == 3 and "unknown_session" in meta["push_error"]
+    finally:
+        _run(client, s.close())
+
+
+async def _resend(stream, meta, tensors):
+    """Send and read the raw next reply (Stream.receive skips duplicate acknowledgements)."""
+    stream.send(meta, tensors)
+    from client.transport import _check
+    return _check(stream.peer_id, await stream._replies.__anext__())

@@ -1,0 +1,177 @@
+"""The compute owner: one thread runs every forward pass of the peer, and decode steps of different
+sessions that are waiting at the same time go through the blocks together (continuous batching).
+
+There is no waiting window: a step that finds the thread idle starts at once, alone, exactly as it
+would unbatched (a lone session is neither slower nor numerically different). Steps that arrive while
+the thread is busy queue up, and when it frees they run as one batch if they can: one new token per
+row, the same span of blocks, the same dtype, and caches made only of plain ``DynamicLayer``s (no
+sliding window). Each session keeps its own cache: the batch pads the caches on the left to the
+longest one, masks the padding, runs once, and appends each row's new keys/values to its own cache.
+
+A batched step is correct but not bit-identical to the same step run alone (different kernel shapes
+and masked padding change the last bits in fp32); it is still well inside the verifier's tolerances.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import dataclasses
+import logging
+from concurrent.futures import ThreadPoolExecutor
+from typing import Any
+
+import torch
+from transformers.cache_utils import DynamicLayer
+
+logger = logging.getLogger(__name__)
+
+MAX_BATCH_ROWS = 64  # rows (sequences) in one batched forward pass
+
+
+@dataclasses.dataclass
+class Job:
+    runner: Any  # BlockRunner (or a wrapper with the same forward/new_cache)
+    hidden: torch.Tensor  # (batch, t, hidden)
+    position_ids: torch.Tensor  # (batch, t)
+    mask: torch.Tensor | None  # (batch, past + t)
+    cache: Any  # SpanCache
+    future: asyncio.Future
+
+
+def _batchable(job: Job) -> bool:
+    cache = job.cache
+    return (job.hidden.shape[1] == 1 and getattr(job.runner, "supports_batching", False)
+            and cache.get_seq_length() > 0 and all(type(layer) is DynamicLayer for layer in cache.layers))
+
+
+def _group_key(job: Job) -> tuple:
+    return id(job.runner), job.cache.start, job.cache.end, job.hidden.dtype
+
+
+class ComputeOwner:
+    """Owns the compute thread. ``run`` is awaited on the peer's event loop."""
+
+    def __init__(self, *, max_batch_rows: int = MAX_BATCH_ROWS):
+        self.max_batch_rows = max_batch_rows
+        self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="compute")
+        self._pending: list[Job] = []
+        self._busy = False
+        self.batches = 0  # forward passes that carried more than one session
+        self.batched_steps = 0  # session steps that went through such passes
+
+    async def run(self, runner, hidden, position_ids, mask, cache) -> torch.Tensor:
+        """Run ``runner.forward`` for one session step; may be batched with other sessions' steps."""
+        loop = asyncio.get_running_loop()
+        job = Job(runner, hidden, position_ids, mask, cache, loop.create_future())
+        self._pending.append(job)
+        if not self._busy:
+            self._start(loop)
+        return await job.future
+
+    def _start(self, loop: asyncio.AbstractEventLoop) -> None:
+        jobs, self._pending = self._pending, []
+        self._busy = True
+        done = loop.run_in_executor(self._executor, self._compute, jobs)
+        done.add_done_callback(lambda f: self._finish(loop, jobs, f))
+
+    def _finish(self, loop, jobs: list[Job], done: asyncio.Future) -> None:
+        self._busy = False
+        error = done.exception() if not done.cancelled() else asyncio.CancelledError()
+        for job in jobs:
+            if job.future.done():
+                continue  # its waiter was cancelled (the stream closed)
+            if error is not None:
+                job.future.set_exception(error)  # _compute itself failed: nothing to attribute
+        if self._pending:
+            self._start(loop)
+
+    def _compute(self, jobs: list[Job]) -> None:
+        """On the compute thread: every job gets its result or its own exception."""
+        groups: dict[tuple, list[Job]] = {}
+        alone: list[Job] = []
+        for job in jobs:
+            (groups.setdefault(_group_key(job), []) if _batchable(job) else alone).append(job)
+        for group in groups.values():
+            while group:
+                batch, rows = [], 0
+                while group and (not batch or rows + group[0].hidden.shape[0] <= self.max_batch_rows):
+                    rows += group[0].hidden.shape[0]
+                    batch.append(group.pop(0))
+                if len(batch) == 1:
+                    alone.append(batch[0])
+                else:
+                    self._run_batch(batch)
+        for job in alone:
+            self._run_one(job)
+
+    @staticmethod
+    def _resolve(job: Job, result=None, error: BaseException | None = None) -> None:
+        def settle():
+            if job.future.done():
+                return
+            if error is not None:
+                job.future.set_exception(error)
+            else:
+                job.future.set_result(result)
+        job.future.get_loop().call_soon_threadsafe(settle)
+
+    def _run_one(self, job: Job) -> None:
+        try:
+            out = job.runner.forward(job.hidden, job.position_ids, job.mask, job.cache)
+        except Exception as e:  # handed to the session's waiter, which turns it into a wire error
+            self._resolve(job, error=e)
+            return
+        self._resolve(job, out)
+
+    def _run_batch(self, jobs: list[Job]) -> None:
+        try:
+            outs = batched_decode(jobs)
+        except Exception:  # a batch must not fail its sessions for one another: run them one by one
+            logger.exception("batched step of %d sessions failed; running them one at a time", len(jobs))
+            for job in jobs:
+                self._run_one(job)
+            return
+        self.batches += 1
+        self.batched_steps += len(jobs)
+        for job, out in zip(jobs, outs):
+            self._resolve(job, out)
+
+    def shutdown(self) -> None:
+        self._executor.shutdown(wait=True, cancel_futures=True)
+
+
+@torch.inference_mode()
+def batched_decode(jobs: list[Job]) -> list[torch.Tensor]:
+    """One forward pass for the one-token steps of several sessions over the same blocks; appends each
+    row's new keys/values to its own session's cache. Returns each job's (batch, 1, hidden) output."""
+    runner = jobs[0].runner
+    first = jobs[0].cache
+    lengths = [job.cache.get_seq_length() for job in jobs]
+    longest = max(lengths)
+    batched = runner.new_cache(first.start, first.end)
+    shift = first.start - runner.start
+
+    def padded(t: torch.Tensor, length: int) -> torch.Tensor:  # (b, kv_heads, length, head_dim), left pad
+        return torch.nn.functional.pad(t, (0, 0, longest - length, 0))
+
+    for layer_idx in range(len(first.layers)):
+        keys = torch.cat([padded(j.cache.layers[layer_idx].keys, n) for j, n in zip(jobs, lengths)])
+        values = torch.cat([padded(j.cache.layers[layer_idx].values, n) for j, n in zip(jobs, lengths)])
+        batched.update(keys, values, layer_idx + shift)
+    masks = []
+    for job, n in zip(jobs, lengths):
+        rows = job.hidden.shape[0]
+        own = job.mask if job.mask is not None else torch.ones(rows, n + 1, dtype=torch.long)
+        masks.append(torch.cat([torch.zeros(rows, longest - n, dtype=torch.long), own.long()], dim=1))
+    hidden = torch.cat([job.hidden for job in jobs])  # (rows, 1, hidden)
+    position_ids = torch.cat([job.position_ids for job in jobs])  # (rows, 1)
+    out = runner.forward(hidden, position_ids, torch.cat(masks), batched)  # (rows, 1, hidden)
+    outs, row = [], 0
+    for job in jobs:
+        rows = job.hidden.shape[0]
+        for layer_idx, layer in enumerate(batched.layers):
+            job.cache.update(layer.keys[row:row + rows, :, -1:], layer.values[row:row + rows, :, -1:],
+                             layer_idx + shift)
+        outs.append(out[row:row + rows])
+        row += rows
+    return outs

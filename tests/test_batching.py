@@ -1,0 +1,100 @@
+"""Continuous batching on the peer's compute owner (in-process, no network): decode steps of sessions
+with different cache lengths share one forward pass and give what each would get alone."""
+
+from __future__ import annotations
+
+import asyncio
+
+import pytest
+import torch
+
+from peer.blocks import BlockRunner
+from peer.compute import ComputeOwner, Job, batched_decode
+
+
+def _sessions(runner: BlockRunner, lengths, seed=0):
+    """Caches prefilled with ``lengths`` random tokens each, plus each one's next input."""
+    g = torch.Generator().manual_seed(seed)
+    out = []
+    for n in lengths:
+        cache = runner.new_cache()
+        runner.forward(torch.randn(1, n, runner.hidden_size, generator=g), torch.arange(n)[None], None, cache)
+        out.append((cache, torch.randn(1, 1, runner.hidden_size, generator=g), torch.tensor([[n]])))
+    return out
+
+
+def _clone(cache, runner):
+    copy = runner.new_cache()
+    for i, layer in enumerate(cache.layers):
+        copy.update(layer.keys.clone(), layer.values.clone(), i)  # a full-span cache: no index shift
+    return copy
+
+
+@pytest.mark.parametrize("arch", ["llama", "qwen2"])
+def test_batched_decode_matches_each_session_alone(tiny_checkpoint, arch):
+    runner = BlockRunner(tiny_checkpoint(arch), 1, 4)
+    sessions = _sessions(runner, [3, 9, 5])
+    alone = []
+    for cache, hidden, pos in sessions:
+        c = _clone(cache, runner)
+        alone.append((runner.forward(hidden, pos, None, c), c))
+    jobs = [Job(runner, hidden, pos, None, cache, None) for cache, hidden, pos in sessions]
+    outs = batched_decode(jobs)
+    for (ref, ref_cache), out, (cache, _, _) in zip(alone, outs, sessions):
+        assert out.shape == ref.shape == (1, 1, runner.hidden_size)
+        torch.testing.assert_close(out, ref, atol=1e-5, rtol=1e-4)
+        assert cache.get_seq_length() == ref_cache.get_seq_length()
+        for a, b in zip(cache.layers, ref_cache.layers):
+            torch.testing.assert_close(a.keys, b.keys, atol=1e-5, rtol=1e-4)
+            torch.testing.assert_close(a.values, b.values, atol=1e-5, rtol=1e-4)
+    # the next step of each session, alone, continues from the cache the batch left
+    for (cache, _, pos), (_, ref_cache) in zip(sessions, alone):
+        x = torch.ones(1, 1, runner.hidden_size)
+        torch.testing.assert_close(runner.forward(x, pos + 1, None, cache), runner.forward(x, pos + 1, None, ref_cache),
+                                   atol=1e-5, rtol=1e-4)
+
+
+def test_compute_owner_batches_steps_that_wait_and_runs_a_lone_step_unbatched(tiny_checkpoint):
+    runner = BlockRunner(tiny_checkpoint("llama"), 0, 6)
+    sessions = _sessions(runner, [4, 7, 2, 6], seed=1)
+    refs = []
+    for cache, hidden, pos in sessions:
+        refs.append(runner.forward(hidden, pos, None, _clone(cache, runner)))
+
+    async def main():
+        owner = ComputeOwner()
+        try:
+            lone = _sessions(runner, [5], seed=2)[0]
+            ref = runner.forward(lone[1], lone[2], None, _clone(lone[0], runner))
+            out = await owner.run(runner, lone[1], lone[2], None, lone[0])
+            assert torch.equal(out, ref)  # alone: the very same computation, bit for bit
+            assert owner.batches == 0
+            # four sessions submit while the thread is busy with the first: the other three share a pass
+            outs = await asyncio.gather(*(owner.run(runner, h, p, None, c) for c, h, p in sessions))
+            return outs, owner.batches, owner.batched_steps
+        finally:
+            owner.shutdown()
+
+    outs, batches, batched_steps = asyncio.run(main())
+    assert batches == 1 and batched_steps == 3
+    for out, ref in zip(outs, refs):
+        torch.testing.assert_close(out, ref, atol=1e-5, rtol=1e-4)
+
+
+def test_sliding_window_caches_are_not_batched(tiny_checkpoint):
+    runner = BlockRunner(tiny_checkpoint("mistral"), 0, 2)
+    sessions = _sessions(runner, [6, 3], seed=3)
+    refs = [runner.forward(h, p, None, _clone(c, runner)) for c, h, p in sessions]
+
+    async def main():
+        owner = ComputeOwner()
+        try:
+            outs = await asyncio.gather(*(owner.run(runner, h, p, None, c) for c, h, p in sessions))
+            return outs, owner.batches
+        finally:
+            owner.shutdown()
+
+    outs, batches = asyncio.run(main())
+    assert batches == 0
+    for out, ref in zip(outs, refs):
+        assert torch.equal(out, ref)
