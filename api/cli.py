@@ -6,7 +6,6 @@ from __future__ import annotations
 import argparse
 import asyncio
 import os
-import signal
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -34,13 +33,12 @@ def model_name(model_dir: str) -> str:
 
 
 def main(args: argparse.Namespace) -> None:
-    import uvicorn
     from transformers import AutoTokenizer
 
     from api.app import ApiConfig, make_app
     from api.engine import Engine
     from client import AutoDistributedModelForCausalLM
-    from dht.ready import ready_line
+    from dht.ready import serve_http
 
     tokenizer = AutoTokenizer.from_pretrained(args.model_dir)
     model = AutoDistributedModelForCausalLM.from_pretrained(args.model_dir, args.initial_peers, model_id=args.model_id,
@@ -52,20 +50,7 @@ def main(args: argparse.Namespace) -> None:
                     default_max_tokens=args.default_max_tokens)
 
     async def serve() -> None:
-        server = uvicorn.Server(uvicorn.Config(make_app(engine, cfg), host=args.host, port=args.port,
-                                               log_level="warning"))
-        server.install_signal_handlers = lambda: None  # we handle SIGTERM ourselves, below
-        loop = asyncio.get_running_loop()
-        for sig in (signal.SIGTERM, signal.SIGINT):
-            loop.add_signal_handler(sig, lambda: setattr(server, "should_exit", True))
-        async with asyncio.TaskGroup() as tasks:
-            serving = tasks.create_task(server.serve())
-            while not server.started:
-                if serving.done():
-                    return
-                await asyncio.sleep(0.05)
-            port = server.servers[0].sockets[0].getsockname()[1]
-            print(ready_line("api", url=f"http://{args.host}:{port}/v1", model=cfg.model_name, maddrs=[]), flush=True)
+        await serve_http(make_app(engine, cfg), args.host, args.port, "api", path="/v1", model=cfg.model_name)
 
     try:
         asyncio.run(serve())

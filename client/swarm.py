@@ -305,6 +305,10 @@ class SessionCore:
 
     async def open(self) -> None:
         self.hops = await self._open_route(0, self.swarm.cfg.num_blocks)
+        cfg = self.swarm.cfg
+        mode = "peers push to each other" if cfg.push and self.rpc == wire.RPC_INFERENCE else "the client relays every hop"
+        logger.info("session over %s: %s; wire dtype %s", [(h.hop.start, h.hop.end) for h in self.hops], mode,
+                    cfg.wire_dtype or "as computed")
 
     async def _open_route(self, start: int, end: int) -> list[HopSession]:
         """Open sessions on a route over [start, end). A peer that is busy, has moved to other blocks

@@ -7,8 +7,10 @@ that line instead of guessing ports or sleeping.
 
 from __future__ import annotations
 
+import asyncio
 import json
 import os
+import signal
 
 READY_PREFIX = "SWARMLLM_READY"
 
@@ -30,3 +32,23 @@ def write_maddr_file(path: str | None, maddrs: list[str]) -> None:
         with open(tmp, "w") as f:
             f.write("\n".join(maddrs) + "\n")
         os.replace(tmp, path)
+
+
+async def serve_http(app, host: str, port: int, role: str, path: str = "/", **fields) -> None:
+    """Serve an ASGI app with uvicorn until SIGTERM or SIGINT; once it listens, print the ready line with
+    its URL (``path`` appended) and ``fields``. ``port`` 0 picks a free port."""
+    import uvicorn
+
+    server = uvicorn.Server(uvicorn.Config(app, host=host, port=port, log_level="warning"))
+    server.install_signal_handlers = lambda: None  # handled here, as a graceful stop
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, lambda: setattr(server, "should_exit", True))
+    async with asyncio.TaskGroup() as tasks:
+        serving = tasks.create_task(server.serve())
+        while not server.started:
+            if serving.done():
+                return
+            await asyncio.sleep(0.05)
+        bound = server.servers[0].sockets[0].getsockname()[1]
+        print(ready_line(role, url=f"http://{host}:{bound}{path}", maddrs=[], **fields), flush=True)

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import signal
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -15,10 +14,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def main(args: argparse.Namespace) -> None:
-    import uvicorn
 
     from dht import directory
-    from dht.ready import ready_line
+    from dht.ready import serve_http
     from health.app import make_app
     from health.monitor import Monitor
 
@@ -27,21 +25,9 @@ def main(args: argparse.Namespace) -> None:
     async def serve() -> None:
         monitor = Monitor(node, period=args.refresh_period)
         await monitor.start()
-        server = uvicorn.Server(uvicorn.Config(make_app(monitor), host=args.host, port=args.port, log_level="warning"))
-        server.install_signal_handlers = lambda: None  # we handle SIGTERM ourselves, below
-        loop = asyncio.get_running_loop()
-        for sig in (signal.SIGTERM, signal.SIGINT):
-            loop.add_signal_handler(sig, lambda: setattr(server, "should_exit", True))
         async with asyncio.TaskGroup() as tasks:
-            serving = tasks.create_task(server.serve())
             refresher = tasks.create_task(monitor.run())
-            while not server.started:
-                if serving.done():
-                    return
-                await asyncio.sleep(0.05)
-            port = server.servers[0].sockets[0].getsockname()[1]
-            print(ready_line("health", url=f"http://{args.host}:{port}/", maddrs=[]), flush=True)
-            await serving
+            await serve_http(make_app(monitor), args.host, args.port, "health")
             refresher.cancel()
 
     try:
