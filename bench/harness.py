@@ -205,7 +205,7 @@ def _machine() -> dict:
 def _git(*args: str) -> str:
     try:
         return subprocess.run(["git", *args], capture_output=True, text=True, timeout=10,
-                              cwd=os.path.dirname(RESULTS_DIR)).stdout.strip()
+                              cwd=os.path.dirname(RESULTS_DIR)).stdout
     except (OSError, subprocess.SubprocessError):
         return ""
 
@@ -213,7 +213,7 @@ def _git(*args: str) -> str:
 def _source() -> dict:
     """The commit measured, and the tracked files that differ from it (work in progress measured too)."""
     changed = [line[3:] for line in _git("status", "--porcelain", "--untracked-files=no").splitlines()]
-    return {"commit": _git("rev-parse", "--short", "HEAD"), "uncommitted_changes": changed}
+    return {"commit": _git("rev-parse", "--short", "HEAD").strip(), "uncommitted_changes": changed}
 
 
 def write_results(name: str, results: dict, args) -> str:
