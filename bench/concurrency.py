@@ -98,9 +98,9 @@ def main() -> None:
           "" if r["target"] is None else f">= {TARGET} {'met' if r['met'] else 'MISSED'}"] for r in rows]))
     print(f"\nlocal transformers, one stream: {local_tps:.1f} tokens/s")
     mode = {"push": opts.get("push", False), "wire_dtype": opts.get("wire_dtype")}
-    path = harness.write_results("concurrency", {"model_dir": model_dir, "spans": spans, "mode": mode, "summary": rows,
-                                                 "local_tokens_per_s": local_tps, "local_runs": local_rounds,
-                                                 "runs": {str(n): r for n, r in results.items()}}, args)
+    path = harness.write_results(harness.results_name("concurrency", args), {
+        "model_dir": model_dir, "spans": spans, "mode": mode, "summary": rows, "local_tokens_per_s": local_tps,
+        "local_runs": local_rounds, "runs": {str(n): r for n, r in results.items()}}, args)
     print(f"wrote {path}")
 
 

@@ -136,7 +136,8 @@ def main() -> None:
           f"{r['first_token_ratio']:.2f}" + ("" if r["first_token_met"] is None else
                                             f" (<= {TARGET_TTFT} {'met' if r['first_token_met'] else 'MISSED'})"),
           r["identical"]] for r in rows]))
-    path = harness.write_results("decode", {"model_dir": model_dir, "spans": spans, "summary": rows, "runs": runs}, args)
+    path = harness.write_results(harness.results_name("decode", args),
+                                 {"model_dir": model_dir, "spans": spans, "summary": rows, "runs": runs}, args)
     print(f"\nwrote {path}")
 
 

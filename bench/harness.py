@@ -31,7 +31,8 @@ RESULTS_DIR = os.path.join(os.path.dirname(os.path.abspath(__file__)), "results"
 READY_TIMEOUT = 300.0  # seconds a SmolLM2 peer may take to load on a busy 2-core machine
 
 __all__ = ["BenchSwarm", "TokenClock", "Workload", "add_arguments", "workload", "client_options", "supports",
-           "split_blocks", "prompt_ids", "table", "write_results", "critical_path_messages", "median", "RESULTS_DIR"]
+           "split_blocks", "prompt_ids", "table", "results_name", "write_results", "critical_path_messages", "median",
+           "RESULTS_DIR"]
 
 
 def add_arguments(parser: argparse.ArgumentParser, *, trials: int, prompt_tokens: int, delay_ms: float | None,
@@ -214,6 +215,11 @@ def _source() -> dict:
     """The commit measured, and the tracked files that differ from it (work in progress measured too)."""
     changed = [line[3:] for line in _git("status", "--porcelain", "--untracked-files=no").splitlines()]
     return {"commit": _git("rev-parse", "--short", "HEAD").strip(), "uncommitted_changes": changed}
+
+
+def results_name(name: str, args: argparse.Namespace) -> str:
+    """``name``, suffixed with the wire dtype when one was asked for (so a variant keeps the default's file)."""
+    return f"{name}-{args.wire_dtype}" if getattr(args, "wire_dtype", None) else name
 
 
 def write_results(name: str, results: dict, args) -> str:
