@@ -1,12 +1,14 @@
 """The compute owner: one thread runs every forward pass of the peer, and decode steps of different
 sessions that are waiting at the same time go through the blocks together (continuous batching).
 
-There is no waiting window: a step that finds the thread idle starts at once, alone, exactly as it
-would unbatched (a lone session is neither slower nor numerically different). Steps that arrive while
-the thread is busy queue up, and when it frees they run as one batch if they can: one new token per
-row, the same span of blocks, the same dtype, and caches made only of plain ``DynamicLayer``s (no
-sliding window). Each session keeps its own cache: the batch pads the caches on the left to the
-longest one, masks the padding, runs once, and appends each row's new keys/values to its own cache.
+A step that finds the thread idle starts at once, alone, exactly as it would unbatched, unless other
+sessions decoded here within the last ``active_for`` seconds and have no step queued yet: then it
+waits for them, at most ``max_wait`` (bounded by about one pass's compute time). A lone session never
+waits and is neither slower nor numerically different. Steps that arrive while the thread is busy
+queue up and run as one batch when it frees, if they can: one new token per row, the same span of
+blocks, the same dtype, and caches made only of plain ``DynamicLayer``s (no sliding window). Each
+session keeps its own cache: the batch pads the caches on the left to the longest one, masks the
+padding, runs once, and appends each row's new keys/values to its own session's cache.
 
 A batched step is correct but not bit-identical to the same step run alone (different kernel shapes
 and masked padding change the last bits in fp32); it is still well inside the verifier's tolerances.
@@ -17,6 +19,7 @@ from __future__ import annotations
 import asyncio
 import dataclasses
 import logging
+import time
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
@@ -51,11 +54,18 @@ def _group_key(job: Job) -> tuple:
 class ComputeOwner:
     """Owns the compute thread. ``run`` is awaited on the peer's event loop."""
 
-    def __init__(self, *, max_batch_rows: int = MAX_BATCH_ROWS):
+    def __init__(self, *, max_batch_rows: int = MAX_BATCH_ROWS, max_wait: float = 0.05, active_for: float = 0.5,
+                 clock=time.monotonic):
         self.max_batch_rows = max_batch_rows
+        self.max_wait = max_wait  # seconds a step may wait for other active sessions' steps
+        self.active_for = active_for  # seconds since its last decode step that a session counts as active
+        self._clock = clock
         self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="compute")
         self._pending: list[Job] = []
         self._busy = False
+        self._timer: asyncio.TimerHandle | None = None
+        self._last_decode: dict[int, float] = {}  # id(cache) -> when that session last sent a decode step
+        self._pass_seconds: float | None = None  # moving average of one compute pass
         self.batches = 0  # forward passes that carried more than one session
         self.batched_steps = 0  # session steps that went through such passes
 
@@ -64,18 +74,51 @@ class ComputeOwner:
         loop = asyncio.get_running_loop()
         job = Job(runner, hidden, position_ids, mask, cache, loop.create_future())
         self._pending.append(job)
+        if _batchable(job):
+            self._last_decode[id(cache)] = self._clock()
         if not self._busy:
-            self._start(loop)
+            if self._worth_waiting():
+                if self._timer is None:
+                    wait = min(self.max_wait, self._pass_seconds or self.max_wait)
+                    self._timer = loop.call_later(wait, self._on_timer, loop)
+            else:
+                self._start(loop)
         return await job.future
 
+    def forget(self, cache) -> None:
+        """The session of ``cache`` has ended: no step of it is to be waited for."""
+        self._last_decode.pop(id(cache), None)
+
+    def _worth_waiting(self) -> bool:
+        """True if every queued step is a decode step and some other recently active session has none
+        queued yet (its step is probably on its way)."""
+        if not all(_batchable(job) for job in self._pending):
+            return False
+        now = self._clock()
+        for key, seen in list(self._last_decode.items()):
+            if now - seen > self.active_for:
+                del self._last_decode[key]
+        queued = {id(job.cache) for job in self._pending}
+        return bool(self._last_decode.keys() - queued)
+
+    def _on_timer(self, loop: asyncio.AbstractEventLoop) -> None:
+        self._timer = None
+        if not self._busy and self._pending:
+            self._start(loop)
+
     def _start(self, loop: asyncio.AbstractEventLoop) -> None:
+        if self._timer is not None:
+            self._timer.cancel()
+            self._timer = None
         jobs, self._pending = self._pending, []
         self._busy = True
+        began = time.perf_counter()
         done = loop.run_in_executor(self._executor, self._compute, jobs)
-        done.add_done_callback(lambda f: self._finish(loop, jobs, f))
+        done.add_done_callback(lambda f: self._finish(loop, jobs, f, time.perf_counter() - began))
 
-    def _finish(self, loop, jobs: list[Job], done: asyncio.Future) -> None:
+    def _finish(self, loop, jobs: list[Job], done: asyncio.Future, seconds: float) -> None:
         self._busy = False
+        self._pass_seconds = seconds if self._pass_seconds is None else 0.8 * self._pass_seconds + 0.2 * seconds
         error = done.exception() if not done.cancelled() else asyncio.CancelledError()
         for job in jobs:
             if job.future.done():

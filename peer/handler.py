@@ -177,6 +177,8 @@ class PeerHandler:
         finally:
             reader.cancel()
             await asyncio.gather(reader, return_exceptions=True)
+            if session is not None:
+                self.compute.forget(session.cache)
             if session is not None and not ephemeral:
                 if self._inboxes.get(session.session_id) is inbox:
                     del self._inboxes[session.session_id]

@@ -54,29 +54,45 @@ def test_batched_decode_matches_each_session_alone(tiny_checkpoint, arch):
                                    atol=1e-5, rtol=1e-4)
 
 
+class FakeClock:
+    def __init__(self):
+        self.now = 0.0
+
+    def __call__(self) -> float:
+        return self.now
+
+
 def test_compute_owner_batches_steps_that_wait_and_runs_a_lone_step_unbatched(tiny_checkpoint):
     runner = BlockRunner(tiny_checkpoint("llama"), 0, 6)
     sessions = _sessions(runner, [4, 7, 2, 6], seed=1)
-    refs = []
-    for cache, hidden, pos in sessions:
-        refs.append(runner.forward(hidden, pos, None, _clone(cache, runner)))
+    refs = [runner.forward(h, p, None, _clone(c, runner)) for c, h, p in sessions]
+    clock = FakeClock()
 
     async def main():
-        owner = ComputeOwner()
+        owner = ComputeOwner(clock=clock, max_wait=5.0)
         try:
             lone = _sessions(runner, [5], seed=2)[0]
             ref = runner.forward(lone[1], lone[2], None, _clone(lone[0], runner))
             out = await owner.run(runner, lone[1], lone[2], None, lone[0])
             assert torch.equal(out, ref)  # alone: the very same computation, bit for bit
             assert owner.batches == 0
+            clock.now += 1.0  # that session has gone quiet: nobody is waited for
             # four sessions submit while the thread is busy with the first: the other three share a pass
             outs = await asyncio.gather(*(owner.run(runner, h, p, None, c) for c, h, p in sessions))
-            return outs, owner.batches, owner.batched_steps
+            assert (owner.batches, owner.batched_steps) == (1, 3)
+            # now all four are active: three steps wait for the fourth, then all four run as one pass
+            nexts = [(c, torch.randn(1, 1, runner.hidden_size), p + 1) for c, _, p in sessions]
+
+            async def late(c, h, p):
+                await asyncio.sleep(0)  # arrives after the other three are queued, within the wait
+                return await owner.run(runner, h, p, None, c)
+            await asyncio.gather(*(owner.run(runner, h, p, None, c) for c, h, p in nexts[:3]), late(*nexts[3]))
+            assert (owner.batches, owner.batched_steps) == (2, 7)
+            return outs
         finally:
             owner.shutdown()
 
-    outs, batches, batched_steps = asyncio.run(main())
-    assert batches == 1 and batched_steps == 3
+    outs = asyncio.run(main())
     for out, ref in zip(outs, refs):
         torch.testing.assert_close(out, ref, atol=1e-5, rtol=1e-4)
 
