@@ -94,6 +94,7 @@ def main() -> None:
             p.stop()
     token = statistics.median(normal)
     median = statistics.median(recoveries)
+    print("recoveries (ms):", [round(r * 1000) for r in recoveries])
     print(f"seeds: {args.seeds}, identical to local: {identical}/{args.seeds}, failovers: {retries}")
     print(f"ordinary token (median): {token * 1000:.1f} ms")
     print(f"recovery, SIG{args.signal.upper()} -> next token: median {median * 1000:.0f} ms, max {max(recoveries) * 1000:.0f} ms "

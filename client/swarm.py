@@ -51,6 +51,7 @@ class ClientConfig:
     max_chunk_tokens: int | None = None  # tokens per message; None = derived from message size
     refresh_period: float = 5.0  # seconds between background refreshes of records and pings
     ping_timeout: float = 3.0  # seconds
+    stale_refresh_timeout: float = 0.5  # seconds a re-plan waits for the DHT before using its last snapshot
     ban_base: float = 2.0  # seconds a peer is avoided after its first failure (doubles each time)
     probe_after: float = 0.25  # seconds without a reply before the peer is pinged (and every this often after)
     probe_timeout: float = 1.0  # seconds a probed peer has to answer before it counts as dead or hung
@@ -196,7 +197,7 @@ class SwarmCore:
         began = time.monotonic()
         fresh_enough = 2 * self.cfg.refresh_period  # the background loop keeps the snapshot this fresh
         if time.monotonic() - self.records_at > fresh_enough:
-            await self.refresh()
+            await self._refresh_or_keep()
         while True:
             avoid = exclude | self.bans.banned() | self.unreachable | self.book.banned()
             try:
@@ -208,6 +209,19 @@ class SwarmCore:
                     raise MissingBlocksError(e.model_id, e.missing, e.num_blocks, waited) from None
             await asyncio.sleep(0.5)
             await self.refresh()  # peers may have joined meanwhile
+
+    async def _refresh_or_keep(self) -> None:
+        """Refresh before planning, but within ``stale_refresh_timeout`` when there is a snapshot to fall
+        back on: a frozen peer is also a DHT node and can hold a DHT read for seconds (measured 1.5 s),
+        which a failover must not wait for; bans and the unreachable set already avoid the failed peer."""
+        if not self.records:
+            await self.refresh()
+            return
+        try:
+            await asyncio.wait_for(self.refresh(), self.cfg.stale_refresh_timeout)
+        except asyncio.TimeoutError:
+            logger.info("the DHT did not answer within %.1f s: planning from the records of %.0f s ago",
+                        self.cfg.stale_refresh_timeout, time.monotonic() - self.records_at)
 
     def step_timeout(self, tokens: int) -> float:
         return self.cfg.step_timeout + self.cfg.step_timeout_per_token * tokens

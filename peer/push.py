@@ -71,10 +71,14 @@ def parse_next(value: Any) -> list[NextHop]:
 class PushSender:
     """Sends pushes from this peer; remembers which peers its daemon has dialed."""
 
-    def __init__(self, p2p: P2P, deliver_here, *, timeout: float = 5.0):
+    def __init__(self, p2p: P2P, deliver_here, *, timeout: float = 1.0, connect_timeout: float = 5.0):
         self.p2p = p2p
         self._deliver_here = deliver_here  # async (request) -> response: a push to this very peer
-        self.timeout = timeout  # seconds for the next peer to accept a push (it queues, it does not compute)
+        # Seconds for the next peer to accept a push. It only queues the step, so this is about a round
+        # trip; it is short because this peer's answer to the client waits for it, and the client
+        # notices a frozen next peer only after that answer (then it relays, and its probe fails).
+        self.timeout = timeout
+        self.connect_timeout = connect_timeout  # seconds to dial a peer not connected yet
         self._connected: set[str] = set()
         self.sent = 0
         self.failed = 0
@@ -91,7 +95,7 @@ class PushSender:
             else:
                 if target.peer_id not in self._connected and target.maddrs:
                     addrs = [daemon_maddr(m, target.peer_id) for m in target.maddrs]
-                    await asyncio.wait_for(self.p2p._client.connect(peer, addrs), self.timeout)
+                    await asyncio.wait_for(self.p2p._client.connect(peer, addrs), self.connect_timeout)
                     self._connected.add(target.peer_id)
                 reply = await asyncio.wait_for(self.p2p.call_protobuf_handler(
                     peer, wire.RPC_PUSH, message, runtime_pb2.ExpertResponse), self.timeout)
