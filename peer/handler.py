@@ -12,7 +12,7 @@ import asyncio
 import collections
 import logging
 import uuid
-from typing import Any, AsyncIterator, Callable
+from typing import Any, AsyncIterator, Callable, NamedTuple
 
 import torch
 from hivemind.p2p import P2P, P2PContext
@@ -29,8 +29,15 @@ logger = logging.getLogger(__name__)
 
 MAX_BATCH_SIZE = 64
 MAX_SESSION_ID_CHARS = 128
-MAX_INBOX = 64  # steps queued on one session (pushed ahead of compute); more get 'busy'
+MAX_INBOX = 8  # messages queued on one session: the client's stream waits, pushes beyond get 'busy'
 _END = object()  # the client closed its side of the stream
+
+
+class _Pushed(NamedTuple):
+    """A step that came from the previous peer's push rather than from the client's stream."""
+
+    meta: dict
+    tensors: list
 
 
 def _int_field(meta: dict, name: str, low: int, high: int | None = None) -> int:
@@ -41,7 +48,6 @@ def _int_field(meta: dict, name: str, low: int, high: int | None = None) -> int:
         bound = f"[{low}, {high}]" if high is not None else f">= {low}"
         raise WireError(ErrorCode.BAD_REQUEST, f"field {name!r} must be in {bound}, got {value}")
     return value
-
 
 
 class PeerHandler:
@@ -122,32 +128,42 @@ class PeerHandler:
                                 f"no open inference session {session_id!r} here to push into: the client relays instead")
             if meta.get("op") != "step":
                 raise WireError(ErrorCode.BAD_REQUEST, f"only steps can be pushed, got op {meta.get('op')!r}")
-            if inbox.qsize() >= MAX_INBOX:
-                raise WireError(ErrorCode.BUSY, f"session {session_id!r} already has {MAX_INBOX} steps queued",
+            if inbox.full():
+                raise WireError(ErrorCode.BUSY, f"session {session_id!r} already has {MAX_INBOX} messages queued",
                                 retry_after=0.1)
         except WireError as e:
             self.errors[e.code.value] += 1
             return wire.error_response(e)
         self.pushes_received += 1
-        inbox.put_nowait((meta, tensors))
+        inbox.put_nowait(_Pushed(meta, tensors))
         return wire.response({"op": "queued"})
 
     # ---- one stream = one session -------------------------------------------------------------------
 
     async def _serve_stream(self, requests: AsyncIterator[runtime_pb2.ExpertRequest], *, ephemeral: bool):
         session: Session | None = None
-        inbox: asyncio.Queue = asyncio.Queue()  # (meta, tensors) | WireError | _END, in arrival order
+        inbox: asyncio.Queue = asyncio.Queue(MAX_INBOX)  # (meta, tensors) | WireError | _END, arrival order
         reader = asyncio.ensure_future(self._read_client(requests, inbox))  # owned: cancelled in finally
+        early: dict[int, _Pushed] = {}  # pushed steps that overtook an earlier step, by offset
         try:
             while True:
-                try:
-                    item = await asyncio.wait_for(inbox.get(), timeout=self.idle_timeout)
-                except asyncio.TimeoutError:
-                    yield wire.error_response(WireError(
-                        ErrorCode.EXPIRED, f"session idle for over {self.idle_timeout:.0f} s: it was closed"))
-                    return
+                if session is not None and session.length in early:
+                    item = early.pop(session.length)  # the step it was waiting for has run
+                else:
+                    try:
+                        item = await asyncio.wait_for(inbox.get(), timeout=self.idle_timeout)
+                    except asyncio.TimeoutError:
+                        yield wire.error_response(WireError(
+                            ErrorCode.EXPIRED, f"session idle for over {self.idle_timeout:.0f} s: it was closed"))
+                        return
                 if item is _END:
                     return
+                if (isinstance(item, _Pushed) and session is not None and isinstance(item.meta.get("offset"), int)
+                        and item.meta["offset"] > session.length and len(early) < MAX_INBOX):
+                    # A pushed step ahead of the session: an earlier step is on its way (the client relays
+                    # it after a failed push). It waits here rather than failing as out of order.
+                    early[item.meta["offset"]] = item
+                    continue
                 try:
                     if isinstance(item, WireError):
                         raise item
@@ -185,15 +201,18 @@ class PeerHandler:
                 self.sessions.close(session.session_id)
 
     async def _read_client(self, requests: AsyncIterator[runtime_pb2.ExpertRequest], inbox: asyncio.Queue) -> None:
-        """Moves the client's messages into the session's inbox (decoded, or the error decoding them)."""
+        """Moves the client's messages into the session's inbox (decoded, or the error decoding them),
+        waiting while it is full, so a client cannot queue more than MAX_INBOX messages here."""
         try:
             async for message in requests:
                 try:
-                    inbox.put_nowait(wire.unpack(message, max_bytes=self.max_message_bytes))
+                    item = wire.unpack(message, max_bytes=self.max_message_bytes)
                 except WireError as e:
-                    inbox.put_nowait(e)
-        finally:
-            inbox.put_nowait(_END)
+                    item = e
+                await inbox.put(item)
+        except Exception as e:  # the stream broke (hivemind/p2p errors): the session ends as if closed
+            logger.info("a client stream failed: %s: %s", type(e).__name__, e)
+        await inbox.put(_END)
 
     def _open(self, meta: dict, ephemeral: bool) -> Session:
         if not ephemeral and not self.accepting:

@@ -25,7 +25,9 @@ result: {"op": "result", "length": int, "input_digest": str, ["pushed": bool, "p
          ["duplicate": true]}  tensors: hidden (batch, t, hidden), none for a duplicate (a step this
          session already computed, e.g. pushed and then re-sent by a client after a failover)
 error:  {"error": {"code": ErrorCode, "message": str, "retry_after": float | None}}
-A peer answers a bad message with an error and keeps the session as it was.
+A peer answers a bad message with an error and keeps the session as it was. A session queues at most
+a few messages (the client's stream waits; a push beyond that is answered 'busy'); a pushed step
+that arrives ahead of its predecessor (relayed by the client after a failed push) waits for it.
 """
 
 from __future__ import annotations

@@ -245,6 +245,14 @@ def test_bad_pushes_and_push_chains_are_rejected_and_the_session_survives(setup)
         meta, _ = _call(client, s, {"op": "step", "session_id": "p1", "offset": 2, "next": [here]},
                         [torch.randn(1, 1, HIDDEN), torch.tensor([[2]])])
         assert meta["length"] == 3 and "unknown_session" in meta["push_error"]
+        # a pushed step that overtakes the step before it waits for it instead of failing out of order
+        ahead = _push(client, ready, wire.request({"op": "step", "session_id": "p1", "offset": 4},
+                                                  [torch.randn(1, 1, HIDDEN), torch.tensor([[4]])]))
+        assert ahead == {"op": "queued"}
+        meta, _ = _step(client, s, torch.randn(1, 1, HIDDEN), 3, session_id="p1")
+        assert meta["length"] == 4
+        meta, _ = _run(client, s.receive(30))
+        assert meta["length"] == 5
     finally:
         _run(client, s.close())
 
