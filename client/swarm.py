@@ -306,6 +306,24 @@ class Probe:
             raise PeerError(peer_id, f"stopped answering mid-step ({e})") from None
 
 
+class WatchNext:
+    """The probe for a hop whose output is pushed to the next peer: it also checks that next peer, and
+    notes (does not raise) its failure, so the hop's own answer is still read; the caller then replaces
+    the next peer at once (its predecessor's push to it fails only after the push timeout)."""
+
+    def __init__(self, probe: Probe, next_peer: str):
+        self.probe, self.next_peer, self.interval = probe, next_peer, probe.interval
+        self.next_failed: PeerError | None = None
+
+    async def __call__(self, peer_id: str) -> None:
+        await self.probe(peer_id)
+        if self.next_failed is None:
+            try:
+                await self.probe(self.next_peer)
+            except PeerError as e:
+                self.next_failed = e
+
+
 class SessionCore:
     """An inference session across a route. Each hop keeps its KV cache on its peer; the client keeps
     each hop's inputs, so when a peer dies or hangs, a replacement (one peer or several, split any
@@ -414,8 +432,9 @@ class SessionCore:
         retries, i = 0, 0
         while i < len(self.hops):
             hop = self.hops[i]
+            watch = WatchNext(probe, self.hops[i + 1].hop.peer_id) if push and i + 1 < len(self.hops) else probe
             try:
-                meta, out = await hop.receive(x, timeout, probe)
+                meta, out = await hop.receive(x, timeout, watch)
                 if i > 0 and meta.get("input_digest") != wire.digest(x.hidden):
                     hop.history.pop()
                     hop.outputs.pop()
@@ -434,7 +453,13 @@ class SessionCore:
             self.swarm.bans.succeed(hop.hop.peer_id)
             x = dataclasses.replace(x, hidden=out)
             i += 1
-            if i < len(self.hops) and meta.get("pushed") is not True:
+            if isinstance(watch, WatchNext) and watch.next_failed is not None:
+                # the peer this hop pushes to died or froze while we waited: replace it now rather than
+                # relay to it and wait for it to fail a probe again
+                retries = self._one_more_retry(retries, watch.next_failed, recover)
+                await self._replace(i, watch.next_failed)
+                self.hops[i].send(x, self._chain(i + 1, push))
+            elif i < len(self.hops) and meta.get("pushed") is not True:
                 if "push_error" in meta:
                     logger.info("peer %s could not push to the next peer (%s): relaying that link",
                                 hop.hop.peer_id, meta["push_error"])
