@@ -15,7 +15,7 @@ from hivemind.p2p import P2P, P2PDaemonError, P2PHandlerError, PeerID
 from hivemind.proto import runtime_pb2
 
 from client.errors import PeerBusy, PeerError
-from dht.addressing import daemon_maddr
+from dht.addressing import dial
 from peer import wire
 from peer.wire import ErrorCode, WireError
 
@@ -52,9 +52,7 @@ class Transport:
         if peer_id in self._connected or not maddrs:
             return
         try:
-            # hivemind's P2P has no public "connect"; its daemon client does.
-            addrs = [daemon_maddr(m, peer_id) for m in maddrs]
-            await asyncio.wait_for(self.p2p._client.connect(PeerID.from_base58(peer_id), addrs), timeout)
+            await dial(self.p2p, peer_id, maddrs, timeout)
         except (asyncio.TimeoutError, *_NETWORK_ERRORS, ValueError) as e:
             raise PeerError(peer_id, f"could not connect to {list(maddrs)}: {type(e).__name__}: {e}") from None
         self._connected.add(peer_id)

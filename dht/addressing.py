@@ -2,9 +2,12 @@
 
 from __future__ import annotations
 
+import asyncio
 import re
+from typing import Iterable
 
 import base58
+from hivemind.p2p import P2P, PeerID
 from hivemind.utils.multiaddr import Multiaddr
 
 
@@ -50,3 +53,10 @@ def daemon_maddr(text: str, peer_id: str | None = None) -> _DaemonMaddr:
     if peer_id and text.endswith("/p2p/" + peer_id):
         text = text[: -len("/p2p/" + peer_id)]
     return _DaemonMaddr(text)
+
+
+async def dial(p2p: P2P, peer_id: str, maddrs: Iterable[str], timeout: float) -> None:
+    """Make ``p2p``'s daemon connect to ``peer_id`` at ``maddrs`` (hivemind's P2P has no public connect;
+    its daemon client does). Raises the daemon's errors, ValueError for bad addresses, or TimeoutError."""
+    addrs = [daemon_maddr(m, peer_id) for m in maddrs]
+    await asyncio.wait_for(p2p._client.connect(PeerID.from_base58(peer_id), addrs), timeout)

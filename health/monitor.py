@@ -13,7 +13,7 @@ from hivemind.p2p import P2P, PeerID
 from hivemind.proto import runtime_pb2
 
 from dht import directory
-from dht.addressing import daemon_maddr
+from dht.addressing import dial
 from dht.records import PeerRecord
 from health import snapshot
 from health.schema import Snapshot
@@ -64,8 +64,7 @@ class Monitor:
         began = time.perf_counter()
         try:
             if record.maddrs:
-                await asyncio.wait_for(self.p2p._client.connect(  # hivemind's P2P has no public connect
-                    peer, [daemon_maddr(m, record.peer_id) for m in record.maddrs]), self.ping_timeout)
+                await dial(self.p2p, record.peer_id, record.maddrs, self.ping_timeout)
             reply = await asyncio.wait_for(self.p2p.call_protobuf_handler(
                 peer, wire.RPC_INFO, runtime_pb2.ExpertUID(uid=""), runtime_pb2.ExpertResponse), self.ping_timeout)
             info = msgpack.unpackb(reply.metadata, raw=False)

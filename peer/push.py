@@ -16,7 +16,7 @@ from typing import Any
 from hivemind.p2p import P2P, P2PDaemonError, P2PHandlerError, PeerID
 from hivemind.proto import runtime_pb2
 
-from dht.addressing import daemon_maddr
+from dht.addressing import dial
 from peer import wire
 from peer.wire import ErrorCode, WireError
 
@@ -94,8 +94,7 @@ class PushSender:
                 reply = await self._deliver_here(message)
             else:
                 if target.peer_id not in self._connected and target.maddrs:
-                    addrs = [daemon_maddr(m, target.peer_id) for m in target.maddrs]
-                    await asyncio.wait_for(self.p2p._client.connect(peer, addrs), self.connect_timeout)
+                    await dial(self.p2p, target.peer_id, target.maddrs, self.connect_timeout)
                     self._connected.add(target.peer_id)
                 reply = await asyncio.wait_for(self.p2p.call_protobuf_handler(
                     peer, wire.RPC_PUSH, message, runtime_pb2.ExpertResponse), self.timeout)
