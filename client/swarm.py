@@ -331,7 +331,6 @@ class SessionCore:
 
     def __init__(self, swarm: SwarmCore, batch_size: int, max_length: int, *, rpc: str = wire.RPC_INFERENCE):
         self.swarm, self.batch_size, self.max_length, self.rpc = swarm, batch_size, max_length, rpc
-        self.session_id = uuid.uuid4().hex
         self.hops: list[HopSession] = []
         self.position = 0  # tokens every hop holds
 
@@ -398,8 +397,7 @@ class SessionCore:
             raise SwarmError(f"session max_length is {self.max_length} tokens; this step would reach {self.position + tokens}")
         cfg = self.swarm.cfg
         wire_dtype = wire.HIDDEN_DTYPE_NAMES[cfg.wire_dtype] if cfg.wire_dtype else hidden.dtype
-        element_bytes = torch.empty((), dtype=wire_dtype).element_size()
-        chunk = cfg.max_chunk_tokens or wire.chunk_tokens(batch, hidden.shape[2], element_bytes)
+        chunk = cfg.max_chunk_tokens or wire.chunk_tokens(batch, hidden.shape[2], wire_dtype.itemsize)
         steps = []
         for begin in range(0, tokens, chunk):
             pos = position_ids[:, begin:begin + chunk]

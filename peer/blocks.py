@@ -21,7 +21,7 @@ from peer import loader, wire
 
 logger = logging.getLogger(__name__)
 
-DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+DTYPES = wire.HIDDEN_DTYPE_NAMES  # what a peer computes in is what the wire carries
 # Config fields that hold one entry per layer and must be sliced to the span.
 _PER_LAYER_FIELDS = ("layer_types", "no_rope_layers", "mlp_only_layers", "sliding_window_pattern_layers")
 

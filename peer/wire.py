@@ -56,8 +56,8 @@ MAX_NEXT_HOPS = 64  # length of a step's push chain
 
 DEFAULT_MAX_MESSAGE_BYTES = 64 * 2**20  # a peer rejects a message whose tensors exceed this (bytes)
 CHUNK_TARGET_BYTES = 2 * 2**20  # clients split long sequences into messages of about this size (bytes)
-HIDDEN_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 HIDDEN_DTYPE_NAMES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+HIDDEN_DTYPES = tuple(HIDDEN_DTYPE_NAMES.values())
 
 
 class ErrorCode(str, enum.Enum):
