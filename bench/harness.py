@@ -91,16 +91,16 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-class BenchSwarm:
+class BenchSwarm(launch.LocalSwarm):
     """A DHT node and one peer per span; with ``delay_ms``, each peer behind its own WAN proxy (all the
     proxies in one `python -m bench.wanproxy` process, so they never share the client's GIL)."""
 
     def __init__(self, model_dir: str, spans: list[tuple[int, int]], *, delay_ms: float | None = None,
                  rate_mbit: float | None = None, extra: list[str] = ()):
-        self.procs: list[launch.SwarmProcess] = []
+        self.procs: list[launch.SwarmProcess] = []  # so stop() works if the DHT node fails to start
         self.peers: list[launch.SwarmProcess] = []
         try:
-            self.dht = self._track(launch.start_dht())
+            super().__init__()
             ports = [_free_port() for _ in spans]
             announce: list[list[str]] = [[] for _ in spans]
             if delay_ms is not None:
@@ -120,19 +120,6 @@ class BenchSwarm:
         except BaseException:
             self.stop()
             raise
-
-    def _track(self, proc: launch.SwarmProcess) -> launch.SwarmProcess:
-        self.procs.append(proc)
-        return proc
-
-    @property
-    def initial_peers(self) -> list[str]:
-        return self.dht.maddrs
-
-    def stop(self) -> None:
-        for p in reversed(self.procs):
-            p.stop()
-        self.procs.clear()
 
     def __enter__(self) -> "BenchSwarm":
         return self

@@ -144,3 +144,25 @@ def start_peer(model_dir: str, initial_peers: list[str], start: int | None = Non
     if wait:
         proc.wait_ready(timeout)
     return proc
+
+
+class LocalSwarm:
+    """A DHT node on 127.0.0.1 plus the processes tracked with it; stop() stops each by PID, newest
+    first (what the tests and the benchmarks start their swarms from)."""
+
+    def __init__(self, dht_args: list[str] = ()):
+        self.procs: list[SwarmProcess] = []
+        self.dht = self._track(start_dht(extra=list(dht_args)))
+
+    def _track(self, proc: SwarmProcess) -> SwarmProcess:
+        self.procs.append(proc)
+        return proc
+
+    @property
+    def initial_peers(self) -> list[str]:
+        return self.dht.maddrs
+
+    def stop(self) -> None:
+        for p in reversed(self.procs):
+            p.stop()
+        self.procs.clear()

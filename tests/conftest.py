@@ -39,20 +39,8 @@ def tiny_checkpoint(tmp_path_factory):
     return make
 
 
-class Swarm:
+class Swarm(launch.LocalSwarm):
     """A DHT node plus peers, each a real process; stop() stops every one of them by PID."""
-
-    def __init__(self, dht_args: list[str] = ()):
-        self.procs: list[launch.SwarmProcess] = []
-        self.dht = self._track(launch.start_dht(extra=list(dht_args)))
-
-    def _track(self, proc: launch.SwarmProcess) -> launch.SwarmProcess:
-        self.procs.append(proc)
-        return proc
-
-    @property
-    def initial_peers(self) -> list[str]:
-        return self.dht.maddrs
 
     def add_peers(self, model_dir: str, spans: list[tuple[int, int]], extra: list[str] = ()) -> list[launch.SwarmProcess]:
         """Start one peer per span concurrently and wait for all of them."""
@@ -72,11 +60,6 @@ class Swarm:
             for p in started:
                 p.wait_ready(timeout=180)
         return started
-
-    def stop(self) -> None:
-        for p in reversed(self.procs):
-            p.stop()
-        self.procs.clear()
 
 
 @pytest.fixture(scope="module")
