@@ -33,6 +33,7 @@ class SwarmProcess:
         self.pid = self.popen.pid
         self.ready: dict | None = None
         self._stopped = False
+        self._terminated = False
         self._lines: queue.Queue = queue.Queue()
         self._echo = echo
         self._reader = threading.Thread(target=self._read_stdout, name=f"{name}-stdout", daemon=True)
@@ -88,18 +89,24 @@ class SwarmProcess:
         except ProcessLookupError:
             pass
 
+    def terminate(self) -> None:
+        """SIGTERM the process (it shuts its own children down) without waiting; ``stop`` finishes the job."""
+        if not self._stopped and not self._terminated and self.alive():
+            self._terminated = True
+            try:
+                os.kill(self.pid, signal.SIGTERM)
+            except ProcessLookupError:
+                pass
+
     def stop(self, timeout: float = 15.0) -> int | None:
         """SIGTERM the process (it shuts its own children down), wait up to ``timeout`` seconds, then
         SIGKILL whatever is left of its group. Idempotent: a second call signals nothing (the PID may
         belong to another process by then)."""
         if self._stopped:
             return self.popen.returncode
+        self.terminate()
         self._stopped = True
         if self.alive():
-            try:
-                os.kill(self.pid, signal.SIGTERM)
-            except ProcessLookupError:
-                pass
             try:
                 self.popen.wait(timeout=timeout)
             except subprocess.TimeoutExpired:
@@ -162,7 +169,13 @@ class LocalSwarm:
     def initial_peers(self) -> list[str]:
         return self.dht.maddrs
 
-    def stop(self) -> None:
-        for p in reversed(self.procs):
+    def stop(self, procs: list[SwarmProcess] | None = None) -> None:
+        """Stop ``procs`` (default: every process, the DHT node last): signal them all at once (they shut
+        down in parallel, still able to say goodbye on the DHT), then wait for and reap each."""
+        chosen = list(self.procs) if procs is None else list(procs)
+        for p in chosen:
+            if p is not self.dht or procs is not None:
+                p.terminate()
+        for p in reversed(chosen):
             p.stop()
-        self.procs.clear()
+        self.procs = [p for p in self.procs if p not in chosen]
