@@ -21,7 +21,7 @@ from safetensors import safe_open
 
 from bench import harness
 from client import AutoDistributedModelForCausalLM
-from peer import wire
+from peer import layout
 
 BLOCK_PREFIX = "model.layers."  # Llama-style checkpoints name block i's tensors model.layers.<i>.*
 
@@ -67,7 +67,7 @@ def block_weight_bytes(model_dir: str, start: int, end: int, dtype: torch.dtype)
     """Bytes of blocks [start, end)'s tensors once cast to ``dtype``, from the checkpoint's headers."""
     itemsize = torch.empty((), dtype=dtype).element_size()
     total = 0
-    for name, path in wire.checkpoint_files(model_dir).items():
+    for name, path in layout.checkpoint_files(model_dir).items():
         if not name.startswith(BLOCK_PREFIX) or not start <= int(name.split(".")[2]) < end:
             continue
         with safe_open(path, framework="pt") as f:

@@ -1,8 +1,9 @@
 """AutoDistributedModelForCausalLM: the model's own transformers class, with its blocks in the swarm.
 
-The client loads only the embeddings, final norm and LM head (and generation config); the base
-model's block stack is replaced by ``RemoteModel``, which embeds locally, streams hidden states
-through the swarm, and applies the final norm. The causal-LM head and ``generate()`` are
+The client loads, through transformers' ``from_pretrained``, only the embeddings, final norm and LM
+head (and generation config): the model's own class with an empty block stack. Its base model keeps
+its own forward (the family's embedding stage and output class); a pre-hook on the final norm streams
+the hidden states through the swarm's blocks first (``attach_swarm``). The causal-LM head and ``generate()`` are
 transformers' own, unchanged, so sampling, logits processors, streamers and padding all behave as
 they do locally. The KV caches live on the peers; ``RemoteCache`` only tells generate() how many
 tokens they already hold.
@@ -17,16 +18,14 @@ import threading
 from typing import Iterator
 
 import torch
-from safetensors import safe_open
 from torch import nn
-from transformers import AutoConfig, AutoModelForCausalLM, GenerationConfig, PretrainedConfig
+from transformers import AutoConfig, AutoModelForCausalLM, PretrainedConfig
 from transformers.cache_utils import Cache
-from transformers.modeling_outputs import BaseModelOutputWithPast
 
 from client.errors import SwarmError
 from client.swarm import ClientConfig, RemoteSession, RemoteSwarm
 from dht import records
-from peer import wire
+from peer import layout, wire
 
 logger = logging.getLogger(__name__)
 
@@ -49,41 +48,92 @@ class RemoteCache(Cache):
         return self.session.max_length
 
 
-class RemoteModel(nn.Module):
-    """Replaces the base model: local embeddings and final norm around the swarm's blocks."""
+class _SwarmCall(threading.local):
+    """The step the calling thread's base-model forward is running (read by the final norm's pre-hook)."""
 
-    def __init__(self, embed_tokens: nn.Module, norm: nn.Module, swarm: RemoteSwarm):
-        super().__init__()
-        self.embed_tokens = embed_tokens
-        self.norm = norm
-        self.swarm = swarm
+    def __init__(self):
+        self.session: RemoteSession | None = None
+        self.position_ids: torch.Tensor | None = None
+        self.attention_mask: torch.Tensor | None = None
+        self.active = False
 
-    def get_input_embeddings(self) -> nn.Module:
-        return self.embed_tokens
+
+def remote_base_class(base_cls: type) -> type:
+    """The model's own base-model class, whose blocks run in the swarm.
+
+    Its forward is the family's own (embedding scale, embedding norm, ALiBi or rotary set-up, the output
+    class its head reads, e.g. MoE router logits) over an empty block stack; the final norm's pre-hook
+    (see ``attach_swarm``) sends the hidden states through the swarm's blocks before the norm runs.
+    The KV caches live on the peers, so the local forward runs without a cache or a mask of its own."""
 
     def forward(self, input_ids=None, attention_mask=None, position_ids=None, past_key_values=None,
-                inputs_embeds=None, use_cache=None, **kwargs) -> BaseModelOutputWithPast:
+                inputs_embeds=None, use_cache=None, **kwargs):
         if (input_ids is None) == (inputs_embeds is None):
             raise ValueError("pass exactly one of input_ids or inputs_embeds")
-        hidden = self.embed_tokens(input_ids) if inputs_embeds is None else inputs_embeds  # (batch, seq, hidden)
         session = past_key_values.session if isinstance(past_key_values, RemoteCache) else None
         if past_key_values is not None and session is None:
             raise TypeError(f"{type(past_key_values).__name__} cannot hold a swarm's cache: use model.inference_session()")
+        batch, seq = (input_ids if input_ids is not None else inputs_embeds).shape[:2]
         past = session.position if session is not None else 0
-        batch, seq = hidden.shape[:2]
         if position_ids is None:
-            position_ids = torch.arange(past, past + seq, device=hidden.device).unsqueeze(0).expand(batch, -1)
+            position_ids = torch.arange(past, past + seq).unsqueeze(0)
         position_ids = position_ids.expand(batch, -1).contiguous()  # (batch, seq)
         if attention_mask is not None and attention_mask.ndim != 2:
             raise ValueError(f"attention_mask must be 2D (batch, past + seq), got {tuple(attention_mask.shape)}")
-        dtype = hidden.dtype
-        hidden = hidden.float()
-        if session is not None:
-            out = session.step(hidden, position_ids, attention_mask)
+        call = self._swarm_call
+        if call.active:
+            raise RuntimeError("a swarm forward is already running in this thread")
+        call.session, call.position_ids, call.attention_mask, call.active = session, position_ids, attention_mask, True
+        try:
+            out = base_cls.forward(self, input_ids=input_ids, inputs_embeds=inputs_embeds,
+                                   position_ids=position_ids.to(self.device), use_cache=False, **kwargs)
+        finally:
+            call.session = call.position_ids = call.attention_mask = None
+            call.active = False
+        out.past_key_values = past_key_values
+        return out
+
+    return type(base_cls.__name__, (base_cls,), {"forward": forward, "__module__": base_cls.__module__})
+
+
+def _final_norm(base: nn.Module, blocks_name: str) -> str:
+    """Name of the base model's final norm: the last module holding weights that its forward calls
+    (found by running it once on one token; its block stack is empty)."""
+    calls: list[str] = []
+    handles = [child.register_forward_hook(lambda *_, name=name: calls.append(name))
+               for name, child in base.named_children() if name != blocks_name]
+    try:
+        with torch.no_grad():
+            base(input_ids=torch.zeros(1, 1, dtype=torch.long, device=base.device), use_cache=False)
+    finally:
+        for h in handles:
+            h.remove()
+    weighted = [n for n in calls if any(True for _ in base.get_submodule(n).parameters())]
+    if len(weighted) < 2:
+        raise wire.CheckpointError(f"{type(base).__name__}'s forward calls no final norm after its blocks "
+                                   f"(modules called: {calls}): this family cannot be split")
+    return weighted[-1]
+
+
+def attach_swarm(model: nn.Module, swarm: RemoteSwarm) -> None:
+    """Make ``model``'s base model (loaded with no blocks) run its blocks through ``swarm``."""
+    base = model.base_model
+    blocks_name = model._swarm_blocks_path.split(".")[-1]
+    norm = base.get_submodule(_final_norm(base, blocks_name))
+    base.__class__ = remote_base_class(type(base))
+    base._swarm_call = call = _SwarmCall()
+
+    def through_swarm(_module, args):
+        if not call.active:
+            raise RuntimeError("the final norm ran outside the model's forward: the swarm was not asked")
+        hidden = args[0]  # (batch, seq, hidden) after the family's embedding stage
+        if call.session is not None:
+            out = call.session.step(hidden.float(), call.position_ids, call.attention_mask)
         else:
-            out = self.swarm.forward(hidden, position_ids, attention_mask)
-        hidden = self.norm(out.to(dtype))
-        return BaseModelOutputWithPast(last_hidden_state=hidden, past_key_values=past_key_values)
+            out = swarm.forward(hidden.float(), call.position_ids, call.attention_mask)
+        return (out.to(hidden.device, hidden.dtype), *args[1:])
+
+    norm.register_forward_pre_hook(through_swarm)
 
 
 class _ThreadState(threading.local):
@@ -205,15 +255,6 @@ class DistributedMixin:
         return inputs, kwargs
 
 
-def _load_client_tensors(model_dir: str, dtype: torch.dtype) -> dict[str, torch.Tensor]:
-    files = wire.checkpoint_files(model_dir)
-    state = {}
-    for name in wire.client_tensor_names(files):
-        with safe_open(files[name], framework="pt") as f:
-            state[name] = f.get_tensor(name).to(dtype)
-    return state
-
-
 class AutoDistributedModelForCausalLM:
     """Factory, like transformers' AutoModelForCausalLM, for models whose blocks run in the swarm."""
 
@@ -222,24 +263,12 @@ class AutoDistributedModelForCausalLM:
                         model_id: str | None = None, dtype: torch.dtype = torch.float32, **client_options):
         config: PretrainedConfig = AutoConfig.from_pretrained(model_dir)
         text_config = config.get_text_config(decoder=True)
-        base_cls = AutoModelForCausalLM._model_mapping[type(config)]
-        dist_cls = type(f"Distributed{base_cls.__name__}", (DistributedMixin, base_cls), {})
-
-        shell_config = copy.deepcopy(config)  # the model's own class, built without blocks
-        shell_config.num_hidden_layers = 0
-        if getattr(shell_config, "layer_types", None) is not None:
-            shell_config.layer_types = []
-        with torch.device("meta"):
-            model = dist_cls(shell_config)
-        state = _load_client_tensors(model_dir, dtype)
-        result = model.load_state_dict(state, strict=False, assign=True)
-        base = model.model
-        if getattr(config, "tie_word_embeddings", False) and "lm_head.weight" not in state:
-            model.lm_head.weight = base.embed_tokens.weight
-        unexpected = [k for k in result.unexpected_keys]
-        if unexpected:
-            raise wire.CheckpointError(f"{model_dir} has tensors the client does not know: {unexpected[:5]}")
-
+        lm_cls = AutoModelForCausalLM._model_mapping[type(config)]
+        # Same name and module as the model's class: transformers looks weight conversions up by class name.
+        dist_cls = type(lm_cls.__name__, (DistributedMixin, lm_cls), {"__module__": lm_cls.__module__})
+        # The model's own class and constructors (computed buffers are real), loaded by transformers
+        # with an empty block stack: embeddings, final norm and head only.
+        model = layout.load_part(model_dir, dist_cls, range(0), keep_outside=True, dtype=dtype)
         swarm = RemoteSwarm(ClientConfig(
             initial_peers=tuple(initial_peers),
             model_id=model_id or records.derive_model_id(text_config.to_dict()),
@@ -247,16 +276,11 @@ class AutoDistributedModelForCausalLM:
             hidden_size=text_config.hidden_size,
             **client_options,
         ))
-        model.model = RemoteModel(base.embed_tokens, base.norm, swarm)
-        model.swarm = swarm
-        model.config = config
         try:
-            model.generation_config = GenerationConfig.from_pretrained(model_dir)
-        except OSError:
-            model.generation_config = GenerationConfig.from_model_config(config)
-        leftover = [n for n, p in list(model.named_parameters()) + list(model.named_buffers()) if p.is_meta]
-        if leftover:
+            attach_swarm(model, swarm)
+        except BaseException:
             swarm.shutdown()
-            raise wire.CheckpointError(f"{model_dir} lacks client tensors {leftover[:5]}")
+            raise
+        model.swarm = swarm
         model.eval()
         return model

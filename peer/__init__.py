@@ -1,10 +1,11 @@
 """swarmllm peer: the contributor node that serves a contiguous range of a model's blocks.
 
 Files:
-- wire.py      the wire contract (RPC names, messages, error codes, checkpoint layout); the only
-               module other packages import
-- loader.py    reads only the peer's block tensors from a safetensors checkpoint (sharded or not)
-- blocks.py    the generic block runner (a truncated copy of the model's own base model)
+- wire.py      the wire contract (RPC names, messages, error codes); with layout.py the only
+               modules other packages import
+- layout.py    the model's structure (which modules are blocks) and loading a part of it through
+               transformers' from_pretrained (peer and client both use it)
+- blocks.py    the generic block runner (the model's own base model holding the peer's blocks)
 - sessions.py  inference sessions inside a KV-cache budget counted in tokens
 - handler.py   RPC handlers: validation, compute on one owner thread, typed errors
 - config.py    PeerConfig and its command-line arguments

@@ -88,11 +88,7 @@ class AdversarialRunner:
             return self._evil.forward(hidden, position_ids, attention_mask, cache)
         if mode == "skip" and cache.end - cache.start > 1:
             view = self.honest._view(cache.start, cache.end - 1)  # same cache: its last layer is never filled
-            with torch.inference_mode():
-                return view(inputs_embeds=hidden.to(self.honest.device, self.honest.dtype),
-                            attention_mask=None if attention_mask is None else attention_mask.to(self.honest.device),
-                            position_ids=position_ids.to(self.honest.device), past_key_values=cache,
-                            use_cache=True).last_hidden_state
+            return self.honest.run_view(view, hidden, position_ids, attention_mask, cache)
         out = self.honest.forward(hidden, position_ids, attention_mask, cache)  # keeps the cache plausible
         if mode == "identity" or mode == "skip":
             return hidden.to(out.dtype).clone()

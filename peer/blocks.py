@@ -1,11 +1,18 @@
-"""The generic block runner: a truncated copy of the model's own base model holding blocks [start, end).
+"""The generic block runner: the model's own base model, loaded by transformers, holding blocks [start, end).
 
 Any decoder-only family whose transformers base model takes ``inputs_embeds, attention_mask,
-position_ids, past_key_values`` (Llama, Mistral, Qwen2/3, Phi3, Gemma2/3, Mixtral, …) runs through it:
-masks, sliding windows, rotary embeddings and cache layers all come from transformers' own code.
-The truncated model has ``num_hidden_layers = end - start``, per-layer config lists sliced to the span,
-no embedding table and an identity final norm; its cache is indexed locally (layer 0 = block start),
-which keeps ``get_seq_length`` and mask sizes right (see the notes' cache pitfalls).
+position_ids, past_key_values`` runs through it (Llama, Mistral, Qwen2/3, Qwen3-MoE, Mixtral,
+DeepSeek-V3, gpt-oss, Gemma 2/3, Phi-3, OLMo 2, Granite, Falcon, BLOOM, GPT-NeoX, …): masks, sliding
+windows, ALiBi, rotary embeddings, MoE routing and cache layers all come from transformers' own code.
+``peer.layout.load_part`` builds the base model with only these blocks (each keeps its global
+``layer_idx``, so structure that changes along the stack — dense-then-MoE, sliding/global, sinks — is
+right for any range) and every other weight-holding module (embeddings, final norm) as an identity.
+
+At run time a module over blocks [a, b) is the base model with that sub-list of blocks and a config
+whose per-layer lists are sliced to the span; the received hidden states go into its first block as
+they are (a pre-hook replaces whatever the embedding stage did to them, e.g. Gemma's scaling), and
+its cache is indexed from block a (layer 0 = block a), which keeps ``get_seq_length`` and mask sizes
+right (see the notes' cache pitfalls).
 """
 
 from __future__ import annotations
@@ -15,52 +22,30 @@ import logging
 
 import torch
 from torch import nn
-from transformers import AutoConfig, AutoModel, DynamicCache, PretrainedConfig
+from transformers import AutoModel, DynamicCache, PretrainedConfig
 
-from peer import loader, wire
+from peer import layout, wire
+from peer.layout import load_config, span_config  # noqa: F401  (re-exported: the peer's config readers)
 
 logger = logging.getLogger(__name__)
 
 DTYPES = wire.HIDDEN_DTYPE_NAMES  # what a peer computes in is what the wire carries
-# Config fields that hold one entry per layer and must be sliced to the span.
-_PER_LAYER_FIELDS = ("layer_types", "no_rope_layers", "mlp_only_layers", "sliding_window_pattern_layers")
 
 
 class SpanCache(DynamicCache):
-    """A KV cache for blocks [start, end) of a runner whose first block is ``runner_start``.
+    """A KV cache for blocks [start, end).
 
-    Decoder layers address the cache by their index within the runner (``self_attn.layer_idx``); a
-    session over a sub-range needs index 0 to be its own first block, because transformers reads
-    layer 0 for the sequence length and mask sizes. ``update`` shifts the index accordingly.
+    Decoder layers address the cache by their global block index (``self_attn.layer_idx``); a session
+    over [start, end) needs index 0 to be its own first block, because transformers reads layer 0 for
+    the sequence length and mask sizes. ``update`` shifts the index accordingly.
     """
 
-    def __init__(self, config: PretrainedConfig, start: int, end: int, runner_start: int):
+    def __init__(self, config: PretrainedConfig, start: int, end: int):
         super().__init__(config=config)
         self.start, self.end = start, end
-        self._shift = start - runner_start
 
     def update(self, key_states, value_states, layer_idx, *args, **kwargs):
-        return super().update(key_states, value_states, layer_idx - self._shift, *args, **kwargs)
-
-
-def load_config(model_dir: str) -> PretrainedConfig:
-    config = AutoConfig.from_pretrained(model_dir)
-    return config.get_text_config(decoder=True)
-
-
-def span_config(config: PretrainedConfig, start: int, end: int) -> PretrainedConfig:
-    """A copy of ``config`` describing only blocks [start, end)."""
-    if not 0 <= start < end <= config.num_hidden_layers:
-        raise ValueError(
-            f"block range [{start}, {end}) is outside the model's {config.num_hidden_layers} blocks"
-        )
-    cfg = copy.deepcopy(config)
-    cfg.num_hidden_layers = end - start
-    for field in _PER_LAYER_FIELDS:
-        value = getattr(config, field, None)
-        if isinstance(value, (list, tuple)) and len(value) == config.num_hidden_layers:
-            setattr(cfg, field, list(value[start:end]))
-    return cfg
+        return super().update(key_states, value_states, layer_idx - self.start, *args, **kwargs)
 
 
 class BlockRunner:
@@ -72,42 +57,50 @@ class BlockRunner:
         if dtype not in DTYPES:
             raise ValueError(f"dtype must be one of {sorted(DTYPES)}, got {dtype!r}")
         self.full_config = load_config(model_dir)
+        self.config = span_config(self.full_config, start, end)  # validates the range
         self.start, self.end = start, end
         self.dtype_name, self.dtype = dtype, DTYPES[dtype]
         self.device = torch.device(device)
-        self.config = span_config(self.full_config, start, end)
-        self.hidden_size: int = self.config.hidden_size
-        with torch.device("meta"):
-            module = AutoModel.from_config(self.config, dtype=self.dtype)
-        module.embed_tokens = None  # the client owns embeddings
-        module.norm = nn.Identity()  # and the final norm
-        state = loader.load_blocks(model_dir, start, end, self.dtype)
-        missing = {k for k in module.state_dict() if k.startswith("layers.")} - set(state)
-        if missing:
-            raise wire.CheckpointError(f"{model_dir} lacks tensors {sorted(missing)[:5]} for blocks [{start}, {end})")
-        module.load_state_dict(state, strict=False, assign=True)
-        # Non-persistent buffers (rotary inv_freq) were created on meta: rebuild them for real.
-        module.rotary_emb = type(module.rotary_emb)(config=self.config).to(self.device)
+        self.hidden_size: int = self.full_config.hidden_size
+        self.model_type: str = self.full_config.model_type
+        base_cls = AutoModel._model_mapping[type(self.full_config)]
+        module = layout.load_part(model_dir, base_cls, range(start, end), keep_outside=False, dtype=self.dtype)
         module.to(self.device)
         module.eval()
+        self.blocks_attr = module._swarm_blocks_path  # "layers", "h", …: a direct child of the base model
+        if "." in self.blocks_attr:
+            raise layout.CheckpointError(f"{base_cls.__name__} keeps its blocks at {self.blocks_attr}, not as a child")
+        self.blocks: nn.ModuleList = getattr(module, self.blocks_attr)
+        self._entry: torch.Tensor | None = None  # the hidden states the next forward's first block receives
+        for block in self.blocks:
+            block.register_forward_pre_hook(self._enter, with_kwargs=True)
         self.module = module
-        self.loaded_tensor_names: tuple[str, ...] = tuple(sorted(state))
+        self.loaded_tensor_names: tuple[str, ...] = module._swarm_tensor_names  # named as in the full model
         self.num_parameters = sum(p.numel() for p in module.parameters())
         meta_left = [n for n, t in list(module.named_parameters()) + list(module.named_buffers()) if t.is_meta]
         if meta_left:
             raise RuntimeError(f"tensors left unmaterialised after loading: {meta_left[:5]}")
-        self._views: dict[tuple[int, int], nn.Module] = {(start, end): module}
+        self._views: dict[tuple[int, int], nn.Module] = {}
+
+    def _enter(self, block: nn.Module, args: tuple, kwargs: dict):
+        """Forward pre-hook of every block: the first block of a pass gets the received hidden states."""
+        entry, self._entry = self._entry, None
+        if entry is None:
+            return None
+        if args:
+            return (entry, *args[1:]), kwargs
+        return args, {**kwargs, "hidden_states": entry}
 
     def _view(self, start: int, end: int) -> nn.Module:
-        """A model over blocks [start, end) that shares this runner's layer modules (no copy of weights)."""
+        """A base model over blocks [start, end) that shares this runner's blocks (no copy of weights)."""
         if (start, end) not in self._views:
             if not self.start <= start < end <= self.end:
                 raise ValueError(f"blocks [{start}, {end}) are not within this runner's [{self.start}, {self.end})")
             view = copy.copy(self.module)
             view._modules = dict(self.module._modules)
-            view.layers = nn.ModuleList(self.module.layers[start - self.start:end - self.start])
+            view._modules[self.blocks_attr] = nn.ModuleList(self.blocks[start - self.start:end - self.start])
             view.config = span_config(self.full_config, start, end)
-            view.config._attn_implementation = self.config._attn_implementation
+            view.config._attn_implementation = self.module.config._attn_implementation
             self._views[(start, end)] = view
         return self._views[(start, end)]
 
@@ -115,7 +108,7 @@ class BlockRunner:
         """A cache for a session over [start, end) (default: every block this runner holds)."""
         start = self.start if start is None else start
         end = self.end if end is None else end
-        return SpanCache(self._view(start, end).config, start, end, self.start)
+        return SpanCache(self._view(start, end).config, start, end)
 
     @torch.inference_mode()
     def forward(
@@ -126,11 +119,20 @@ class BlockRunner:
         cache: SpanCache,
     ) -> torch.Tensor:
         """Run blocks [cache.start, cache.end) on new tokens, appending their keys/values to ``cache``."""
-        out = self._view(cache.start, cache.end)(
-            inputs_embeds=hidden.to(self.device, self.dtype),
-            attention_mask=None if attention_mask is None else attention_mask.to(self.device),
-            position_ids=position_ids.to(self.device),
-            past_key_values=cache,
-            use_cache=True,
-        )
+        return self.run_view(self._view(cache.start, cache.end), hidden, position_ids, attention_mask, cache)
+
+    @torch.inference_mode()
+    def run_view(self, view: nn.Module, hidden, position_ids, attention_mask, cache) -> torch.Tensor:
+        hidden = hidden.to(self.device, self.dtype)
+        self._entry = hidden
+        try:
+            out = view(
+                inputs_embeds=hidden,
+                attention_mask=None if attention_mask is None else attention_mask.to(self.device),
+                position_ids=position_ids.to(self.device),
+                past_key_values=cache,
+                use_cache=True,
+            )
+        finally:
+            self._entry = None
         return out.last_hidden_state  # (batch, seq, hidden)

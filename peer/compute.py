@@ -192,7 +192,7 @@ def batched_decode(jobs: list[Job]) -> list[torch.Tensor]:
     lengths = [job.cache.get_seq_length() for job in jobs]
     longest = max(lengths)
     batched = runner.new_cache(first.start, first.end)
-    shift = first.start - runner.start
+    shift = first.start  # SpanCache.update takes global block indices
 
     def padded(t: torch.Tensor, length: int) -> torch.Tensor:  # (b, kv_heads, length, head_dim), left pad
         return torch.nn.functional.pad(t, (0, 0, longest - length, 0))

@@ -54,6 +54,7 @@ class Peer:
         self.cfg = cfg
         config = load_config(cfg.model_dir)
         self.num_model_blocks: int = config.num_hidden_layers
+        self.model_type: str = config.model_type
         self.model_id = model_id_for(config.to_dict(), cfg.model_id)
         if cfg.end is not None and cfg.end > self.num_model_blocks:
             raise SystemExit(f"--blocks {cfg.start}:{cfg.end} is outside the model's {self.num_model_blocks} blocks")
@@ -81,6 +82,7 @@ class Peer:
         return {
             "peer_id": self.identity.peer_id, "model_id": self.model_id, "start": self.start, "end": self.end,
             "state": self.state.value, "dtype": self.cfg.dtype, "hidden_size": runner.hidden_size,
+            "model_type": self.model_type,
             "throughput": self.throughput, "sessions": len(self.sessions),
             "cache_tokens_total": self.sessions.budget_tokens, "cache_tokens_left": self.sessions.tokens_left,
             "requests_served": self.handler.requests_served, "num_parameters": runner.num_parameters,
@@ -134,6 +136,7 @@ class Peer:
             cache_tokens_left=self.sessions.tokens_left, version=SOFTWARE_VERSION,
             public_name=self.cfg.public_name, maddrs=tuple(self.maddrs[: records.MAX_MADDRS]),
             relayed=self.relayed, num_sessions=len(self.sessions), model_blocks=self.num_model_blocks,
+            model_type=self.model_type, num_parameters=self.runner.num_parameters if self.runner else 0,
         )
 
     async def announce(self, state: PeerState, timeout: float = 10.0) -> bool:

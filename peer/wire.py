@@ -1,5 +1,5 @@
-"""The wire contract between clients and peers: RPC names, message layout, error codes, and the
-checkpoint layout (which tensors are blocks, served by peers, and which stay with the client).
+"""The wire contract between clients and peers: RPC names, message layout and error codes
+(the checkpoint's layout, which modules are blocks, is ``peer.layout``'s).
 
 This is the only module of ``peer`` that other packages import. Every message is a hivemind
 ``runtime_pb2.ExpertRequest``/``ExpertResponse``: msgpack metadata plus tensors serialised by hivemind.
@@ -35,17 +35,13 @@ from __future__ import annotations
 import dataclasses
 import enum
 import hashlib
-import json
-import os
-import re
-from typing import Any, Iterable, Sequence
+from typing import Any, Sequence
 
 import msgpack
 import torch
 from hivemind.compression import deserialize_torch_tensor, serialize_torch_tensor
 from hivemind.proto import runtime_pb2
 from hivemind.proto.runtime_pb2 import CompressionType
-from safetensors import safe_open
 
 PROTOCOL_VERSION = 1
 RPC_INFO = "swarmllm.v1.info"
@@ -172,43 +168,7 @@ def chunk_tokens(batch_size: int, hidden_size: int, element_bytes: int = 4) -> i
     return max(1, CHUNK_TARGET_BYTES // max(1, batch_size * hidden_size * element_bytes))
 
 
-# ---- checkpoint layout: which tensors a peer holds (blocks) and which stay with the client ---------
-
-SINGLE_FILE = "model.safetensors"
-INDEX_FILE = "model.safetensors.index.json"
-# "model.layers.7.self_attn.q_proj.weight" (causal LM checkpoint) or "layers.7...." (base model checkpoint)
-BLOCK_NAME_RE = re.compile(r"^(?:(?:model|transformer)\.)?layers\.(\d+)\.(.+)$")
-
+# ---- checkpoint errors (peer.layout reads checkpoints) --------------------------------------------
 
 class CheckpointError(ValueError):
-    """The checkpoint directory is missing, incomplete or not a safetensors checkpoint."""
-
-
-def checkpoint_files(model_dir: str) -> dict[str, str]:
-    """tensor name -> file path for every tensor of the checkpoint (reads only headers)."""
-    index_path = os.path.join(model_dir, INDEX_FILE)
-    if os.path.isfile(index_path):
-        with open(index_path) as f:
-            weight_map = json.load(f)["weight_map"]
-        return {name: os.path.join(model_dir, fname) for name, fname in weight_map.items()}
-    single = os.path.join(model_dir, SINGLE_FILE)
-    if os.path.isfile(single):
-        with safe_open(single, framework="pt") as f:
-            return {name: single for name in f.keys()}
-    raise CheckpointError(
-        f"{model_dir} has neither {SINGLE_FILE} nor {INDEX_FILE}: point at a transformers safetensors checkpoint"
-    )
-
-
-def block_tensor_names(names: Iterable[str], start: int, end: int) -> dict[str, str]:
-    """checkpoint name -> local name ('layers.{i - start}.…') for the tensors of blocks [start, end)."""
-    wanted = {}
-    for name in names:
-        match = BLOCK_NAME_RE.match(name)
-        if match and start <= int(match.group(1)) < end:
-            wanted[name] = f"layers.{int(match.group(1)) - start}.{match.group(2)}"
-    return wanted
-
-def client_tensor_names(names: Iterable[str]) -> list[str]:
-    """The tensors a client loads: everything that is not a transformer block."""
-    return [n for n in names if not BLOCK_NAME_RE.match(n)]
+    """The checkpoint directory is missing, incomplete or not a checkpoint this model class can load."""

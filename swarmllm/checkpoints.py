@@ -57,6 +57,32 @@ def smollm2(cache_dir: str | None = None, log=lambda msg: print(msg, file=sys.st
 TINY_DEFAULTS = dict(vocab_size=256, hidden_size=64, intermediate_size=128, num_hidden_layers=6,
                      num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=512)
 
+# Per family: what a tiny checkpoint needs on top of TINY_DEFAULTS so that the structure that changes
+# along the stack shows up inside 6 blocks (sliding windows shorter than the tests' sequences, dense
+# then MoE layers, a few experts of which 2 are picked per token).
+FAMILIES: dict[str, dict] = {
+    "llama": {},
+    "mistral": dict(sliding_window=4),
+    "qwen2": {},
+    "qwen3": {},
+    "qwen3_moe": dict(num_experts=8, num_experts_per_tok=2, moe_intermediate_size=32, decoder_sparse_step=2,
+                      mlp_only_layers=[0]),
+    "mixtral": dict(num_local_experts=4, num_experts_per_tok=2),
+    "deepseek_v3": dict(n_routed_experts=8, num_experts_per_tok=2, n_group=2, topk_group=1, moe_intermediate_size=32,
+                        first_k_dense_replace=2, q_lora_rank=32, kv_lora_rank=16, qk_rope_head_dim=8,
+                        qk_nope_head_dim=8, v_head_dim=16, n_shared_experts=1,
+                        num_key_value_heads=4),  # MLA has no grouped KV heads (as in the real model)
+    "gpt_oss": dict(num_local_experts=4, num_experts_per_tok=2, sliding_window=4, head_dim=16),
+    "gemma2": dict(sliding_window=4, head_dim=16),
+    "gemma3_text": dict(sliding_window=4, head_dim=16),
+    "phi3": dict(pad_token_id=0, bos_token_id=1, eos_token_id=2),
+    "olmo2": dict(pad_token_id=0, bos_token_id=1, eos_token_id=2),
+    "granite": {},
+    "falcon": {},  # parallel attention, rotary
+    "bloom": {},  # ALiBi
+    "gpt_neox": {},  # partial rotary
+}
+
 
 def tiny(arch: str, path: str, *, seed: int = 0, max_shard_size: str | None = None, **overrides) -> str:
     """A tiny randomly initialised checkpoint of a real transformers architecture ('llama', 'mistral', …)."""
@@ -64,7 +90,7 @@ def tiny(arch: str, path: str, *, seed: int = 0, max_shard_size: str | None = No
     from transformers import AutoConfig, AutoModelForCausalLM
 
     torch.manual_seed(seed)
-    config = AutoConfig.for_model(arch, **{**TINY_DEFAULTS, **overrides})
+    config = AutoConfig.for_model(arch, **{**TINY_DEFAULTS, **FAMILIES.get(arch, {}), **overrides})
     model = AutoModelForCausalLM.from_config(config).eval()
     kwargs = {"max_shard_size": max_shard_size} if max_shard_size else {}
     model.save_pretrained(path, **kwargs)

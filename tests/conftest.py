@@ -16,24 +16,17 @@ os.environ["SWARMLLM_REPUTATION_PATH"] = os.path.join(
 
 from swarmllm import checkpoints, launch  # noqa: E402
 
-ARCHS = {
-    "llama": {},
-    # sliding window (4) much shorter than the sequences the tests generate
-    "mistral": {"sliding_window": 4},
-    "qwen2": {},
-}
-
-
 @pytest.fixture(scope="session")
 def tiny_checkpoint(tmp_path_factory):
-    """tiny_checkpoint(arch, **overrides) -> path of a 6-block random checkpoint (built once per session)."""
+    """tiny_checkpoint(arch, **overrides) -> path of a 6-block random checkpoint (built once per session);
+    each family's defaults are checkpoints.FAMILIES' (e.g. Mistral's sliding window of 4 tokens)."""
     made: dict[tuple, str] = {}
 
     def make(arch: str, **overrides) -> str:
         key = (arch, tuple(sorted(overrides.items())))
         if key not in made:
             path = str(tmp_path_factory.mktemp(f"ckpt-{arch}"))
-            made[key] = checkpoints.tiny(arch, path, seed=0, **{**ARCHS.get(arch, {}), **overrides})
+            made[key] = checkpoints.tiny(arch, path, seed=0, **overrides)
         return made[key]
 
     return make

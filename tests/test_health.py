@@ -25,7 +25,7 @@ def rec(peer, start, end, state=PeerState.ONLINE, model="m-6L-x", **kw):
 
 
 def test_snapshot_coverage_gaps_and_states():
-    records = [rec("a", 0, 3), rec("b", 0, 2), rec("c", 4, 6, PeerState.DRAINING), rec("d", 4, 6),
+    records = [rec("a", 0, 3, model_type="mixtral", num_parameters=42), rec("b", 0, 2), rec("c", 4, 6, PeerState.DRAINING), rec("d", 4, 6),
                rec("gone", 0, 6, PeerState.OFFLINE), rec("x", 0, 6, model="other-6L-y")]
     pings = {p: Ping(0.01) for p in "abcx"}  # d does not answer
     snap = build(records, pings, [], now=1.0)
@@ -36,6 +36,8 @@ def test_snapshot_coverage_gaps_and_states():
     assert {p.peer_id: p.reachable for p in m.peers}["d"] is False
     assert all(p.audits_passed is None for p in m.peers)  # no verdicts: no reputation columns
     assert len(snap.models) == 2
+    assert m.model_type == "mixtral" and {p.peer_id: p.num_parameters for p in m.peers}["a"] == 42
+    assert {s.model_id: s for s in snap.models}["other-6L-y"].model_type == ""
 
 
 def test_snapshot_counts_published_verdicts():
@@ -73,6 +75,7 @@ def test_json_state_and_metrics(health_swarm):
     model, = state["models"]
     assert [c["online"] for c in model["coverage"]] == [2, 2, 1, 0, 1, 1]
     assert model["gaps"] == [[3, 4]]
+    assert model["model_type"] == "llama" and all(p["num_parameters"] > 0 for p in model["peers"])
     assert len(model["peers"]) == 3 and all(p["reachable"] and p["rtt_ms"] > 0 for p in model["peers"])
     one = json.loads(_get(url + f"api/v1/peers/{peers[0].ready['peer_id']}"))
     assert (one["start"], one["end"]) == (0, 2)
@@ -96,6 +99,7 @@ def test_page_in_headless_chromium_and_a_killed_peer_disappears(health_swarm):
             assert [cells.nth(i).get_attribute("data-online") for i in range(6)] == ["2", "2", "1", "0", "1", "1"]
             assert "c0" in cells.nth(3).get_attribute("class")
             assert page.locator("tr.peer").count() == 3
+            assert "Family: llama" in page.locator("p.family").inner_text()
             assert "Not served: block 3." in page.content()
             assert page.locator("script").count() == 0  # the peer's name is shown, never run
             assert "<script>alert('x')</script>" in page.locator("table").inner_text()

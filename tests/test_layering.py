@@ -16,7 +16,7 @@ ALLOWED = {
     "peer.wire": {"dht"},
     "peer": {"dht", "peer"},
     "verify": {"dht", "peer.wire", "verify"},
-    "client": {"dht", "peer.wire", "verify", "client"},
+    "client": {"dht", "peer.wire", "peer.layout", "verify", "client"},  # peer.layout: loading the client's part
     "health": {"dht", "verify", "peer.wire", "health"},  # peer.wire: to ping peers' info RPC
     "api": {"client", "dht", "api"},  # the OpenAI API: generates through the client; dht for the ready line
     "swarmllm": set(OURS),

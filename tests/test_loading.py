@@ -1,13 +1,14 @@
-"""Peers read only their blocks' tensors; clients read only embeddings, final norm and LM head."""
+"""Peers read only their blocks' tensors; clients read only embeddings, final norm and LM head; both
+through transformers' own from_pretrained."""
 
 from __future__ import annotations
 
 import pytest
 import torch
-from safetensors import safe_open
+from transformers import AutoModelForCausalLM, modeling_utils
 
 from client import AutoDistributedModelForCausalLM
-from peer import loader, wire
+from peer import layout, wire
 from peer.blocks import BlockRunner
 
 
@@ -17,43 +18,68 @@ def sharded(tiny_checkpoint):
 
 
 def test_checkpoint_is_really_sharded(sharded):
-    files = set(wire.checkpoint_files(sharded).values())
+    files = set(layout.checkpoint_files(sharded).values())
     assert len(files) > 3
 
 
-def test_peer_reads_only_its_blocks_and_opens_only_their_shards(sharded, monkeypatch):
-    opened: list[str] = []
-    read: list[str] = []
-    real_open = safe_open
+class _ReadSpy:
+    """Stands in for safetensors' safe_open inside transformers: records which tensors are read (a lazy
+    slice is read when it is indexed), while opening a file reads only its header."""
 
-    class Spy:
-        def __init__(self, path, framework):
-            opened.append(path)
-            self._f = real_open(path, framework=framework)
+    def __init__(self, monkeypatch):
+        self.read: list[str] = []
+        real_open = modeling_utils.safe_open
+        spy = self
 
-        def __enter__(self):
-            self._inner = self._f.__enter__()
-            return self
+        class Slice:
+            def __init__(self, name, inner):
+                self._name, self._inner = name, inner
 
-        def __exit__(self, *exc):
-            return self._f.__exit__(*exc)
+            def __getitem__(self, index):
+                spy.read.append(self._name)
+                return self._inner[index]
 
-        def get_tensor(self, name):
-            read.append(name)
-            return self._inner.get_tensor(name)
+            def __getattr__(self, attr):
+                return getattr(self._inner, attr)
 
-    monkeypatch.setattr(loader, "safe_open", Spy)
+        class File:
+            def __init__(self, *args, **kwargs):
+                self._inner = real_open(*args, **kwargs)
+
+            def get_slice(self, name):
+                return Slice(name, self._inner.get_slice(name))
+
+            def __getattr__(self, attr):
+                return getattr(self._inner, attr)
+
+        monkeypatch.setattr(modeling_utils, "safe_open", File)
+
+
+def test_peer_reads_only_its_blocks(sharded, monkeypatch):
+    spy = _ReadSpy(monkeypatch)
     runner = BlockRunner(sharded, 2, 4)
-    files = wire.checkpoint_files(sharded)
-    assert read and all(n.startswith(("model.layers.2.", "model.layers.3.")) for n in read)
+    files = layout.checkpoint_files(sharded)
     expected = [n for n in files if n.startswith(("model.layers.2.", "model.layers.3."))]
-    assert sorted(read) == sorted(expected)
-    assert set(opened) == {files[n] for n in expected}
+    assert sorted(spy.read) == sorted(expected)
     # the module holds exactly those tensors: no embedding table, no norm weight, no head
-    params = {n for n, _ in runner.module.named_parameters()}
-    assert params == set(runner.loaded_tensor_names)
-    assert all(n.startswith(("layers.0.", "layers.1.")) for n in params)
-    assert runner.module.embed_tokens is None
+    assert set(runner.loaded_tensor_names) == {n.removeprefix("model.") for n in expected}
+    assert len(list(runner.module.parameters())) == len(expected)
+    assert isinstance(runner.module.embed_tokens, torch.nn.Identity)
+    assert [b.self_attn.layer_idx for b in runner.blocks] == [2, 3]
+
+
+def test_moe_peer_gets_fused_experts_from_per_expert_tensors(tiny_checkpoint, monkeypatch):
+    """Mixtral checkpoints store one tensor per expert; transformers fuses them while loading, and a
+    peer gets them through the same conversion, reading only its blocks' experts."""
+    path = tiny_checkpoint("mixtral")
+    spy = _ReadSpy(monkeypatch)
+    runner = BlockRunner(path, 3, 5)
+    assert spy.read and all(n.startswith(("model.layers.3.", "model.layers.4.")) for n in spy.read)
+    assert any(".block_sparse_moe.experts.0.w1." in n for n in spy.read)
+    assert "layers.3.mlp.experts.gate_up_proj" in runner.loaded_tensor_names
+    assert runner.blocks[0].mlp.experts.gate_up_proj.shape[0] == 4  # 4 experts fused into one tensor
+    local = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32)
+    assert torch.equal(runner.blocks[1].mlp.experts.down_proj, local.model.layers[4].mlp.experts.down_proj)
 
 
 def test_out_of_range_blocks_are_a_clear_error(sharded):
@@ -63,12 +89,16 @@ def test_out_of_range_blocks_are_a_clear_error(sharded):
 
 def test_not_a_checkpoint_is_a_clear_error(tmp_path):
     with pytest.raises(wire.CheckpointError, match="safetensors"):
-        wire.checkpoint_files(str(tmp_path))
+        layout.checkpoint_files(str(tmp_path))
+    with pytest.raises(wire.CheckpointError, match="no config.json"):
+        BlockRunner(str(tmp_path), 0, 1)
 
 
-def test_client_loads_no_block_weights(sharded, make_swarm):
+def test_client_loads_no_block_weights(sharded, make_swarm, monkeypatch):
     swarm = make_swarm()  # just a DHT node: loading needs no peer
+    spy = _ReadSpy(monkeypatch)
     model = AutoDistributedModelForCausalLM.from_pretrained(sharded, swarm.initial_peers)
+    assert spy.read and not [n for n in spy.read if ".layers." in n]
     try:
         names = set(model.state_dict())
         assert not [n for n in names if ".layers." in n or n.startswith("layers.")]

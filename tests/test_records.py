@@ -21,7 +21,8 @@ def make_record(**overrides) -> PeerRecord:
 
 
 def test_roundtrip_and_unknown_extras_are_ignored():
-    r = make_record(public_name="alice", maddrs=("/ip4/127.0.0.1/tcp/1",))
+    r = make_record(public_name="alice", maddrs=("/ip4/127.0.0.1/tcp/1",), model_type="qwen3_moe",
+                    num_parameters=123456)
     wire = records.encode(r)
     assert records.decode(wire) == r
     assert records.decode({**wire, "future_field": [1, 2]}) == r
@@ -37,11 +38,21 @@ def test_roundtrip_and_unknown_extras_are_ignored():
     ({"cache_tokens_left": True}, "bool"),
     ({"model_id": "has space"}, "model id"),
     ({"maddrs": [1]}, "maddrs"),
+    ({"model_type": "<b>llama</b>"}, "model_type"),
+    ({"model_type": 3}, "'model_type'"),
+    ({"num_parameters": -1}, "num_parameters"),
 ])
 def test_malformed_fields_are_rejected(change, message):
     wire = {**records.encode(make_record()), **change}
     with pytest.raises(RecordError, match=message):
         records.decode(wire)
+
+
+def test_fields_added_later_default_when_an_older_peer_omits_them():
+    wire = records.encode(make_record(model_type="bloom", num_parameters=7))
+    del wire["model_type"], wire["num_parameters"]
+    r = records.decode(wire)
+    assert (r.model_type, r.num_parameters) == ("", 0)
 
 
 def test_missing_field_is_named():

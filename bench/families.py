@@ -1,0 +1,125 @@
+"""Model families benchmark: for every family in ``swarmllm.checkpoints.FAMILIES``, whether a peer loads it,
+whether generation through a real swarm equals local transformers, and what a block costs.
+
+Per family: a random checkpoint written by transformers' ``save_pretrained`` (fp32, 6 blocks, hidden
+``--hidden``: larger than the tests' so that a block's memory stands out of the noise), a DHT node and
+two peers serving [0, 2) and [2, 6) (a split inside the stack), then
+- loads: both peers reached READY;
+- exact: greedy tokens of a prompt equal local ``generate()`` (push on, as by default);
+- batched exact: a left-padded batch of 3 prompts equals local;
+- bytes per block: parameter bytes of one block, loaded by ``BlockRunner`` (mean over the 6 blocks;
+  MoE families have dense and sparse blocks);
+- RSS per block: (VmRSS of the 4-block peer - VmRSS of the 2-block peer) / 2, so the runtime cancels out.
+
+    .venv/bin/python -m bench.families [--families llama mixtral ...] [--hidden 512]
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import tempfile
+import time
+import traceback
+
+import torch
+from transformers import AutoModelForCausalLM
+
+from bench import harness
+from bench.memory import rss_bytes
+from client import AutoDistributedModelForCausalLM
+from peer.blocks import BlockRunner
+from swarmllm import checkpoints
+
+SPANS = [(0, 2), (2, 6)]
+
+
+def _say(msg: str) -> None:
+    print(f"[families] {msg}", file=sys.stderr, flush=True)
+
+
+def _sizes(hidden: int) -> dict:
+    """Sizes that every family accepts, scaled from ``hidden``."""
+    return dict(hidden_size=hidden, intermediate_size=2 * hidden, num_attention_heads=8, num_key_value_heads=4,
+                head_dim=hidden // 8, moe_intermediate_size=hidden // 2, kv_lora_rank=hidden // 8,
+                q_lora_rank=hidden // 4, qk_rope_head_dim=hidden // 32, qk_nope_head_dim=hidden // 32,
+                v_head_dim=hidden // 16)
+
+
+def _prompts(batch: int = 3):
+    g = torch.Generator().manual_seed(0)
+    lengths = [5, 9, 7][:batch]
+    width = max(lengths)
+    ids = torch.zeros(batch, width, dtype=torch.long)
+    mask = torch.zeros(batch, width, dtype=torch.long)
+    for row, n in enumerate(lengths):
+        ids[row, width - n:] = torch.randint(3, 250, (n,), generator=g)
+        mask[row, width - n:] = 1
+    return ids, mask
+
+
+def measure(family: str, hidden: int, workdir: str) -> dict:
+    row = {"family": family, "loads": False, "exact": False, "batched_exact": False,
+           "bytes_per_block": None, "rss_per_block_bytes": None, "error": None}
+    sizes = _sizes(hidden)
+    if family == "deepseek_v3":
+        sizes["num_key_value_heads"] = sizes["num_attention_heads"]  # MLA: no grouped KV heads
+    try:
+        path = checkpoints.tiny(family, f"{workdir}/{family}", seed=0, **sizes)
+        per_block = []
+        for b in range(6):
+            runner = BlockRunner(path, b, b + 1)
+            per_block.append(sum(p.numel() * p.element_size() for p in runner.module.parameters()))
+            del runner
+        row["bytes_per_block"] = sum(per_block) / len(per_block)
+        local = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).eval()
+        with harness.BenchSwarm(path, SPANS) as swarm:
+            row["loads"] = True
+            small, big = (rss_bytes(p.pid) for p in swarm.peers)
+            row["rss_per_block_bytes"] = (big - small) / ((SPANS[1][1] - SPANS[1][0]) - (SPANS[0][1] - SPANS[0][0]))
+            model = AutoDistributedModelForCausalLM.from_pretrained(path, swarm.initial_peers, reputation_path=None)
+            try:
+                ids, mask = _prompts(1)
+                kwargs = dict(max_new_tokens=12, do_sample=False, pad_token_id=0)
+                row["exact"] = model.generate(ids, **kwargs).tolist() == local.generate(ids, **kwargs).tolist()
+                ids, mask = _prompts(3)
+                kwargs = dict(attention_mask=mask, max_new_tokens=8, do_sample=False, pad_token_id=0)
+                row["batched_exact"] = model.generate(ids, **kwargs).tolist() == local.generate(ids, **kwargs).tolist()
+            finally:
+                model.swarm.shutdown()
+    except Exception as e:  # one family's failure is its row's result, not the benchmark's end
+        row["error"] = f"{type(e).__name__}: {e}"[:300]
+        _say(traceback.format_exc())
+    return row
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--families", nargs="+", default=sorted(checkpoints.FAMILIES),
+                        choices=sorted(checkpoints.FAMILIES))
+    parser.add_argument("--hidden", type=int, default=512, help="hidden size of the random checkpoints")
+    parser.add_argument("--threads", type=int, default=1, help="torch threads in this process")
+    args = parser.parse_args()
+    torch.set_num_threads(args.threads)
+    rows = []
+    began = time.monotonic()
+    with tempfile.TemporaryDirectory(prefix="swarmllm-families-") as workdir:
+        for family in args.families:
+            _say(f"{family}: building a checkpoint and a 2-peer swarm")
+            rows.append(measure(family, args.hidden, workdir))
+            _say(f"{family}: {rows[-1]}")
+    mib = 2**20
+    yes = lambda v: "yes" if v else "NO"
+    print(harness.table(
+        ["family", "loads", "exact", "batched exact", "MiB per block (fp32)", "peer RSS MiB per block", "error"],
+        [[r["family"], yes(r["loads"]), yes(r["exact"]), yes(r["batched_exact"]),
+          "—" if r["bytes_per_block"] is None else r["bytes_per_block"] / mib,
+          "—" if r["rss_per_block_bytes"] is None else r["rss_per_block_bytes"] / mib, r["error"] or ""]
+         for r in rows]))
+    print(f"\n{len(rows)} families in {time.monotonic() - began:.0f} s")
+    path = harness.write_results("families", {"spans": SPANS, "families": rows}, args)
+    print(f"wrote {path}")
+
+
+if __name__ == "__main__":
+    main()
