@@ -22,6 +22,7 @@ VERDICT_PREFIX = "verdict:"
 VERDICTS = ("pass", "fail", "gross_fail", "inconclusive", "impossible")
 
 _MODEL_ID_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._\-]{0,127}$")
+_MODEL_TYPE_RE = re.compile(r"^[A-Za-z0-9_\-]{1,64}$")
 _DTYPES = ("float32", "bfloat16", "float16")
 MAX_NAME_CHARS = 64
 MAX_MADDRS = 16
@@ -57,6 +58,8 @@ class PeerRecord:
     relayed: bool = False  # reachable only through a libp2p circuit relay
     num_sessions: int = 0  # inference sessions open right now
     model_blocks: int = 0  # blocks in the whole model (0 = not said), so a monitor can draw coverage
+    model_type: str = ""  # the transformers family ('llama', 'mixtral', 'bloom', …; "" = not said)
+    num_parameters: int = 0  # parameters the peer holds for its blocks (0 = not said)
 
     def __post_init__(self) -> None:
         _check_model_id(self.model_id)
@@ -76,6 +79,10 @@ class PeerRecord:
             raise RecordError(f"num_sessions must be >= 0, got {self.num_sessions}")
         if len(self.maddrs) > MAX_MADDRS:
             raise RecordError(f"at most {MAX_MADDRS} multiaddrs, got {len(self.maddrs)}")
+        if self.model_type and not _MODEL_TYPE_RE.match(self.model_type):
+            raise RecordError(f"model_type must be up to 64 letters, digits, '_' or '-', got {self.model_type!r}")
+        if self.num_parameters < 0:
+            raise RecordError(f"num_parameters must be >= 0, got {self.num_parameters}")
 
     @property
     def num_blocks(self) -> int:
@@ -101,6 +108,8 @@ def encode(record: PeerRecord) -> dict[str, Any]:
         "relayed": record.relayed,
         "num_sessions": record.num_sessions,
         "model_blocks": record.model_blocks,
+        "model_type": record.model_type,
+        "num_parameters": int(record.num_parameters),
     }
 
 
@@ -151,6 +160,8 @@ def decode(obj: Any) -> PeerRecord:
         relayed=_field(obj, "relayed", bool, False),
         num_sessions=_field(obj, "num_sessions", int, 0),
         model_blocks=_field(obj, "model_blocks", int, 0),
+        model_type=_field(obj, "model_type", str, ""),
+        num_parameters=_field(obj, "num_parameters", int, 0),
     )
 
 

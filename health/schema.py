@@ -13,6 +13,7 @@ class PeerView(BaseModel):
     end: int
     state: str
     dtype: str
+    num_parameters: int  # parameters the peer holds for its blocks (0 = not announced)
     throughput: float  # announced steps/s over the span
     rtt_ms: float | None  # measured by the monitor; None = no answer
     reachable: bool  # answered the monitor's info RPC
@@ -34,6 +35,7 @@ class BlockCell(BaseModel):
 
 class ModelHealth(BaseModel):
     model_id: str
+    model_type: str  # the transformers family its peers announce ("" if none says)
     num_blocks: int
     coverage: list[BlockCell]
     gaps: list[tuple[int, int]]  # [start, end) ranges no online peer serves

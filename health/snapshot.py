@@ -67,7 +67,7 @@ def build(records: Iterable[PeerRecord], pings: Mapping[str, Ping], verdicts: It
             info = ping.info or {}
             rows.append(PeerView(
                 peer_id=r.peer_id, short_id=_short(r.peer_id), public_name=r.public_name, start=r.start, end=r.end,
-                state=r.state.value, dtype=r.dtype, throughput=r.throughput,
+                state=r.state.value, dtype=r.dtype, num_parameters=r.num_parameters, throughput=r.throughput,
                 rtt_ms=None if ping.rtt is None else ping.rtt * 1000, reachable=reachable,
                 cache_tokens_left=r.cache_tokens_left, num_sessions=r.num_sessions, relayed=r.relayed,
                 version=r.version, uptime_s=info.get("uptime"),
@@ -76,8 +76,9 @@ def build(records: Iterable[PeerRecord], pings: Mapping[str, Ping], verdicts: It
                 last_verdict=last[r.peer_id][1] if r.peer_id in last else None,
             ))
         counts = [len(n) for n in names]
+        families = sorted({r.model_type for r in peers if r.model_type})
         models.append(ModelHealth(
-            model_id=model_id, num_blocks=num_blocks,
+            model_id=model_id, model_type="/".join(families), num_blocks=num_blocks,
             coverage=[BlockCell(block=b, online=counts[b], peers=names[b]) for b in range(num_blocks)],
             gaps=_gaps(counts), min_coverage=min(counts) if counts else 0, peers=rows))
     return Snapshot(generated_at=now, models=models, audits_passed=sum(passed.values()),
