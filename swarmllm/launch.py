@@ -23,13 +23,26 @@ class ProcessDied(RuntimeError):
 
 
 class SwarmProcess:
-    def __init__(self, name: str, args: list[str], *, env: dict[str, str] | None = None, echo: bool = False):
+    """One swarm process in a session of its own. ``forked=True`` (for ``swarmllm_command`` args only)
+    forks it from a warm interpreter (``swarmllm.forked``) instead of starting a fresh one."""
+
+    def __init__(self, name: str, args: list[str], *, env: dict[str, str] | None = None, echo: bool = False,
+                 forked: bool = False):
         self.name = name
         self.stderr_file = tempfile.NamedTemporaryFile(prefix=f"swarmllm-{name}-", suffix=".log", delete=False)
-        self.popen = subprocess.Popen(
-            args, stdout=subprocess.PIPE, stderr=self.stderr_file, stdin=subprocess.DEVNULL, text=True,
-            start_new_session=True, env={**os.environ, **(env or {})},
-        )
+        env = {**os.environ, **(env or {})}
+        if forked:
+            prefix = swarmllm_command()
+            if args[:len(prefix)] != prefix:
+                raise ValueError(f"only swarmllm commands can be forked, got {args[:3]}")
+            from swarmllm import forked as forking
+
+            self.popen = forking.ForkedPopen(args[len(prefix):], stderr_file=self.stderr_file, env=env)
+        else:
+            self.popen = subprocess.Popen(
+                args, stdout=subprocess.PIPE, stderr=self.stderr_file, stdin=subprocess.DEVNULL, text=True,
+                start_new_session=True, env=env,
+            )
         self.pid = self.popen.pid
         self.ready: dict | None = None
         self._stopped = False
@@ -157,9 +170,10 @@ class LocalSwarm:
     """A DHT node on 127.0.0.1 plus the processes tracked with it; stop() stops each by PID, newest
     first (what the tests and the benchmarks start their swarms from)."""
 
-    def __init__(self, dht_args: list[str] = ()):
+    def __init__(self, dht_args: list[str] = (), *, forked: bool = False):
         self.procs: list[SwarmProcess] = []
-        self.dht = self._track(start_dht(extra=list(dht_args)))
+        self.forked = forked  # start the DHT node (and, through start_peer(forked=...), peers) forked
+        self.dht = self._track(start_dht(extra=list(dht_args), forked=forked))
 
     def _track(self, proc: SwarmProcess) -> SwarmProcess:
         self.procs.append(proc)

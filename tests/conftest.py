@@ -14,7 +14,14 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ["SWARMLLM_REPUTATION_PATH"] = os.path.join(
     os.environ.get("TMPDIR", "/tmp"), f"swarmllm-test-reputation-{os.getpid()}.json")
 
-from swarmllm import checkpoints, launch  # noqa: E402
+from swarmllm import checkpoints, forked, launch  # noqa: E402
+
+
+@pytest.fixture(scope="session", autouse=True)
+def forkserver():
+    """Swarm processes are forked from one warm interpreter (swarmllm.forked); it is stopped at the end."""
+    yield
+    forked.stop_server()
 
 @pytest.fixture(scope="session")
 def tiny_checkpoint(tmp_path_factory):
@@ -38,7 +45,8 @@ class Swarm(launch.LocalSwarm):
     def add_peers(self, model_dir: str, spans: list[tuple[int, int]], extra: list[str] = ()) -> list[launch.SwarmProcess]:
         """Start one peer per span concurrently and wait for all of them."""
         started = [self._track(launch.start_peer(model_dir, self.initial_peers, a, b, name=f"peer{a}-{b}",
-                                                 extra=list(extra), wait=False)) for a, b in spans]
+                                                 extra=list(extra), wait=False, forked=self.forked))
+                   for a, b in spans]
         for p in started:
             p.wait_ready(timeout=180)
         return started
@@ -47,7 +55,8 @@ class Swarm(launch.LocalSwarm):
                        wait: bool = True) -> list[launch.SwarmProcess]:
         """Start ``count`` peers with --num-blocks at the same moment."""
         started = [self._track(launch.start_peer(model_dir, self.initial_peers, num_blocks=num_blocks,
-                                                 name=f"auto{len(self.procs)}", extra=list(extra), wait=False))
+                                                 name=f"auto{len(self.procs)}", extra=list(extra), wait=False,
+                                                 forked=self.forked))
                    for _ in range(count)]
         if wait:
             for p in started:
@@ -60,7 +69,7 @@ def make_swarm(request):
     swarms: list[Swarm] = []
 
     def make(dht_args: list[str] = ()) -> Swarm:
-        swarm = Swarm(dht_args)
+        swarm = Swarm(dht_args, forked=True)
         swarms.append(swarm)
         return swarm
 
