@@ -12,7 +12,6 @@ tokens they already hold.
 from __future__ import annotations
 
 import contextlib
-import copy
 import logging
 import threading
 from typing import Iterator

@@ -16,10 +16,9 @@ Both the peer and the client import this module; it has no I/O beyond what ``fro
 from __future__ import annotations
 
 import contextlib
+import copy
 import json
 import os
-from typing import Iterable
-
 import torch
 from safetensors import safe_open
 from torch import nn
@@ -31,7 +30,7 @@ from peer.wire import CheckpointError
 SINGLE_FILE = "model.safetensors"
 INDEX_FILE = "model.safetensors.index.json"
 # Config fields that hold one entry per block and must be sliced when a model object describes a sub-range.
-PER_LAYER_FIELDS = ("layer_types", "no_rope_layers", "mlp_only_layers", "sliding_window_pattern_layers")
+PER_LAYER_FIELDS = ("layer_types", "no_rope_layers")
 
 
 class Placeholder(nn.Module):
@@ -74,8 +73,6 @@ def span_config(config: PretrainedConfig, start: int, end: int) -> PretrainedCon
         raise ValueError(
             f"block range [{start}, {end}) is outside the model's {config.num_hidden_layers} blocks"
         )
-    import copy
-
     cfg = copy.deepcopy(config)
     cfg.num_hidden_layers = end - start
     for field in PER_LAYER_FIELDS:
@@ -152,19 +149,19 @@ def _quiet_transformers():
             hf_logging.enable_progress_bar()
 
 
-def load_part(model_dir: str, cls: type, blocks: Iterable[int], *, keep_outside: bool,
-              dtype: torch.dtype, **kwargs) -> nn.Module:
+def load_part(model_dir: str, cls: type, blocks: range, *, keep_outside: bool, dtype: torch.dtype,
+              **kwargs) -> nn.Module:
     """``cls.from_pretrained(model_dir)`` holding only ``blocks`` of the stack (and, with
     ``keep_outside``, the modules outside the stack). Raises CheckpointError if a tensor it needs is missing."""
-    blocks = range(0) if not blocks else blocks
     part = part_class(cls, blocks, keep_outside=keep_outside)
-    checkpoint_files(model_dir)  # a clear error for a folder that is not a safetensors checkpoint
+    if os.path.isdir(model_dir):
+        checkpoint_files(model_dir)  # a clear error for a folder that is not a safetensors checkpoint
     with _quiet_transformers():
         model, info = part.from_pretrained(model_dir, dtype=dtype, output_loading_info=True, **kwargs)
     missing = sorted(info.get("missing_keys", ()))
     if missing:
         raise CheckpointError(f"{model_dir} lacks tensors {missing[:5]} (and {max(0, len(missing) - 5)} more) "
-                              f"for blocks {list(blocks)[:1] + list(blocks)[-1:]}: is it the right checkpoint?")
+                              f"for blocks [{blocks.start}, {blocks.stop}): is it the right checkpoint?")
     mismatched = list(info.get("mismatched_keys", ()))
     if mismatched:
         raise CheckpointError(f"{model_dir} has tensors of the wrong shape: {mismatched[:5]}")
