@@ -38,12 +38,21 @@ def _say(msg: str) -> None:
     print(f"[families] {msg}", file=sys.stderr, flush=True)
 
 
-def _sizes(hidden: int) -> dict:
-    """Sizes that every family accepts, scaled from ``hidden``."""
-    return dict(hidden_size=hidden, intermediate_size=2 * hidden, num_attention_heads=8, num_key_value_heads=4,
-                head_dim=hidden // 8, moe_intermediate_size=hidden // 2, kv_lora_rank=hidden // 8,
-                q_lora_rank=hidden // 4, qk_rope_head_dim=hidden // 32, qk_nope_head_dim=hidden // 32,
-                v_head_dim=hidden // 16)
+_SCALED = ("head_dim", "moe_intermediate_size", "kv_lora_rank", "q_lora_rank", "qk_rope_head_dim",
+           "qk_nope_head_dim", "v_head_dim")  # sizes a family's tiny preset sets, scaled with the hidden size
+
+
+def _sizes(family: str, hidden: int) -> dict:
+    """Overrides of the family's tiny preset for a ``hidden``-wide model (8 heads, 4 KV heads)."""
+    preset = checkpoints.FAMILIES[family]
+    scale = hidden / checkpoints.TINY_DEFAULTS["hidden_size"]
+    sizes = dict(hidden_size=hidden, intermediate_size=2 * hidden, num_attention_heads=8,
+                 num_key_value_heads=8 if preset.get("num_key_value_heads") == preset.get("num_attention_heads", 4)
+                 else 4)
+    sizes.update({k: int(preset[k] * scale / 2) for k in _SCALED if k in preset})
+    if "head_dim" in preset:
+        sizes["head_dim"] = hidden // 8
+    return sizes
 
 
 def _prompts(batch: int = 3):
@@ -61,9 +70,7 @@ def _prompts(batch: int = 3):
 def measure(family: str, hidden: int, workdir: str) -> dict:
     row = {"family": family, "loads": False, "exact": False, "batched_exact": False,
            "bytes_per_block": None, "rss_per_block_bytes": None, "error": None}
-    sizes = _sizes(hidden)
-    if family == "deepseek_v3":
-        sizes["num_key_value_heads"] = sizes["num_attention_heads"]  # MLA: no grouped KV heads
+    sizes = _sizes(family, hidden)
     try:
         path = checkpoints.tiny(family, f"{workdir}/{family}", seed=0, **sizes)
         per_block = []
