@@ -9,7 +9,9 @@ two peers serving [0, 2) and [2, 6) (a split inside the stack), then
 - batched exact: a left-padded batch of 3 prompts equals local;
 - bytes per block: parameter bytes of one block, loaded by ``BlockRunner`` (mean over the 6 blocks;
   MoE families have dense and sparse blocks);
-- RSS per block: (VmRSS of the 4-block peer - VmRSS of the 2-block peer) / 2, so the runtime cancels out.
+- RSS per block: (VmRSS of the 4-block peer - VmRSS of the 2-block peer) / 2, so the runtime cancels out,
+  and that RSS difference over the difference of their blocks' weight bytes (1.0 = weights held once;
+  DeepSeek-V3's [0, 2) are dense blocks and its [2, 6) MoE ones, so only the ratio compares).
 
     .venv/bin/python -m bench.families [--families llama mixtral ...] [--hidden 512]
 """
@@ -69,7 +71,7 @@ def _prompts(batch: int = 3):
 
 def measure(family: str, hidden: int, workdir: str) -> dict:
     row = {"family": family, "loads": False, "exact": False, "batched_exact": False,
-           "bytes_per_block": None, "rss_per_block_bytes": None, "error": None}
+           "bytes_per_block": None, "rss_per_block_bytes": None, "rss_per_weight_byte": None, "error": None}
     sizes = _sizes(family, hidden)
     try:
         path = checkpoints.tiny(family, f"{workdir}/{family}", seed=0, **sizes)
@@ -83,7 +85,9 @@ def measure(family: str, hidden: int, workdir: str) -> dict:
         with harness.BenchSwarm(path, SPANS) as swarm:
             row["loads"] = True
             small, big = (rss_bytes(p.pid) for p in swarm.peers)
-            row["rss_per_block_bytes"] = (big - small) / ((SPANS[1][1] - SPANS[1][0]) - (SPANS[0][1] - SPANS[0][0]))
+            (a0, b0), (a1, b1) = SPANS
+            row["rss_per_block_bytes"] = (big - small) / ((b1 - a1) - (b0 - a0))
+            row["rss_per_weight_byte"] = (big - small) / (sum(per_block[a1:b1]) - sum(per_block[a0:b0]))
             model = AutoDistributedModelForCausalLM.from_pretrained(path, swarm.initial_peers, reputation_path=None)
             try:
                 ids, mask = _prompts(1)
@@ -118,10 +122,12 @@ def main() -> None:
     mib = 2**20
     yes = lambda v: "yes" if v else "NO"
     print(harness.table(
-        ["family", "loads", "exact", "batched exact", "MiB per block (fp32)", "peer RSS MiB per block", "error"],
+        ["family", "loads", "exact", "batched exact", "MiB per block (fp32)", "peer RSS MiB per block",
+         "RSS / weight bytes", "error"],
         [[r["family"], yes(r["loads"]), yes(r["exact"]), yes(r["batched_exact"]),
           "—" if r["bytes_per_block"] is None else r["bytes_per_block"] / mib,
-          "—" if r["rss_per_block_bytes"] is None else r["rss_per_block_bytes"] / mib, r["error"] or ""]
+          "—" if r["rss_per_block_bytes"] is None else r["rss_per_block_bytes"] / mib,
+          "—" if r["rss_per_weight_byte"] is None else f"{r['rss_per_weight_byte']:.2f}", r["error"] or ""]
          for r in rows]))
     print(f"\n{len(rows)} families in {time.monotonic() - began:.0f} s")
     path = harness.write_results("families", {"spans": SPANS, "families": rows}, args)

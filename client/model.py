@@ -96,8 +96,9 @@ def remote_base_class(base_cls: type) -> type:
 
 
 def _final_norm(base: nn.Module, blocks_name: str) -> str:
-    """Name of the base model's final norm: the last module holding weights that its forward calls
-    (found by running it once on one token; its block stack is empty)."""
+    """Name of the base model's final norm: the last module its forward calls that is not a position
+    helper (found by running it once on one token; its block stack is empty). It may hold no weights
+    (OLMo's non-parametric layer norm)."""
     calls: list[str] = []
     handles = [child.register_forward_hook(lambda *_, name=name: calls.append(name))
                for name, child in base.named_children() if name != blocks_name]
@@ -107,11 +108,11 @@ def _final_norm(base: nn.Module, blocks_name: str) -> str:
     finally:
         for h in handles:
             h.remove()
-    weighted = [n for n in calls if any(True for _ in base.get_submodule(n).parameters())]
-    if len(weighted) < 2:
+    stages = [n for n in calls if not layout.is_position_helper(base.get_submodule(n))]
+    if len(stages) < 2:
         raise wire.CheckpointError(f"{type(base).__name__}'s forward calls no final norm after its blocks "
                                    f"(modules called: {calls}): this family cannot be split")
-    return weighted[-1]
+    return stages[-1]
 
 
 def attach_swarm(model: nn.Module, swarm: RemoteSwarm) -> None:

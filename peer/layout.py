@@ -40,6 +40,28 @@ class Placeholder(nn.Module):
         raise RuntimeError("a block that this part of the model does not hold was called")
 
 
+class StandIn(nn.Module):
+    """Stands for a module of the embedding stage or the final norm on a peer (which holds neither):
+    passes hidden states through unchanged, and answers an embedding lookup (token or position ids)
+    with zeros, so that the base model's forward runs; the first block then gets the received hidden
+    states instead (``BlockRunner``)."""
+
+    def __init__(self, hidden_size: int):
+        super().__init__()
+        self.hidden_size = hidden_size
+
+    def forward(self, x: torch.Tensor, *args, **kwargs) -> torch.Tensor:
+        if x.is_floating_point():
+            return x
+        return torch.zeros(*x.shape, self.hidden_size, device=x.device)  # (…, hidden)
+
+
+def is_position_helper(module: nn.Module) -> bool:
+    """A module that holds buffers but no weights (rotary embeddings): computed from the config, needed
+    wherever blocks run."""
+    return any(True for _ in module.buffers()) and not any(True for _ in module.parameters())
+
+
 def checkpoint_files(model_dir: str) -> dict[str, str]:
     """tensor name -> file path for every tensor of the checkpoint (reads only headers)."""
     index_path = os.path.join(model_dir, INDEX_FILE)
@@ -103,8 +125,8 @@ def part_class(cls: type, blocks: range, *, keep_outside: bool) -> type:
     """A subclass of ``cls`` that builds itself with only ``blocks`` of its block stack.
 
     The blocks outside the range become placeholders (their checkpoint names stay unmatched, so they
-    are not read); with ``keep_outside=False`` every other module of the base model that holds weights
-    (embeddings, final norm, head) becomes an identity too. After loading, ``narrow_blocks`` leaves only
+    are not read); with ``keep_outside=False`` every other module of the base model but the position
+    helpers (embeddings, their norm, the final norm, even a weightless one) becomes a ``StandIn``. After loading, ``narrow_blocks`` leaves only
     the held blocks in the stack."""
 
     def __init__(self, config, *args, **kwargs):
@@ -118,8 +140,8 @@ def part_class(cls: type, blocks: range, *, keep_outside: bool) -> type:
             prefix = f"{base.base_model_prefix}." if base is not self else ""
             local_path = path[len(prefix):] if path.startswith(prefix) else path
             for name, child in list(base.named_children()):
-                if name != local_path.split(".")[0] and any(True for _ in child.parameters()):
-                    setattr(base, name, nn.Identity())
+                if name != local_path.split(".")[0] and not is_position_helper(child):
+                    setattr(base, name, StandIn(config.get_text_config(decoder=True).hidden_size))
         self._swarm_blocks_path = path
 
     # Same name and module as ``cls``: transformers looks weight conversions up by class name.

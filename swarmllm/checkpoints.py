@@ -81,6 +81,9 @@ FAMILIES: dict[str, dict] = {
     "falcon": {},  # parallel attention, rotary
     "bloom": {},  # ALiBi
     "gpt_neox": {},  # partial rotary
+    # beyond the list: a weightless final norm, and learned absolute positions
+    "olmo": dict(pad_token_id=0, bos_token_id=1, eos_token_id=2),
+    "gpt2": dict(bos_token_id=1, eos_token_id=2),
 }
 
 

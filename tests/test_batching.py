@@ -33,7 +33,7 @@ def _clone(cache, runner):
 # Every family whose caches are batchable (no sliding window): dense, MoE (each row must reach the experts
 # it would alone: a different expert would move the output far beyond 1e-5), ALiBi from the padded mask.
 @pytest.mark.parametrize("arch", ["llama", "qwen2", "phi3", "qwen3_moe", "mixtral", "deepseek_v3", "bloom",
-                                  "falcon", "gpt_neox"])
+                                  "falcon", "gpt_neox", "olmo", "gpt2"])
 def test_batched_decode_matches_each_session_alone(tiny_checkpoint, arch):
     runner = BlockRunner(tiny_checkpoint(arch), 1, 4)
     sessions = _sessions(runner, [3, 9, 5])
