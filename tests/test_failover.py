@@ -39,8 +39,8 @@ class Fleet:
         self.by_id: dict[str, launch.SwarmProcess] = {}
 
     def add(self, spans, wait=True):
-        procs = [launch.start_peer(self.path, self.swarm.initial_peers, a, b, name=f"peer{a}-{b}", wait=False)
-                 for a, b in spans]
+        procs = [launch.start_peer(self.path, self.swarm.initial_peers, a, b, name=f"peer{a}-{b}", wait=False,
+                                   forked=self.swarm.forked) for a, b in spans]
         self.swarm.procs.extend(procs)
         if wait:
             self.wait(procs)
