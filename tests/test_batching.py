@@ -57,6 +57,15 @@ def test_batched_decode_matches_each_session_alone(tiny_checkpoint, arch):
                                    atol=1e-5, rtol=1e-4)
 
 
+async def _wait_idle(owner: ComputeOwner, timeout: float = 30.0) -> None:
+    """Until the owner has finished its pass: a step's result can reach its waiter before the owner
+    hears that the pass is over (both come from the compute thread), and the next steps would queue."""
+    deadline = asyncio.get_running_loop().time() + timeout
+    while owner._busy:
+        assert asyncio.get_running_loop().time() < deadline, "the compute owner stayed busy"
+        await asyncio.sleep(0.005)
+
+
 class FakeClock:
     def __init__(self):
         self.now = 0.0
@@ -79,10 +88,12 @@ def test_compute_owner_batches_steps_that_wait_and_runs_a_lone_step_unbatched(ti
             out = await owner.run(runner, lone[1], lone[2], None, lone[0])
             assert torch.equal(out, ref)  # alone: the very same computation, bit for bit
             assert owner.batches == 0
+            await _wait_idle(owner)
             clock.now += 1.0  # that session has gone quiet: nobody is waited for
             # four sessions submit while the thread is busy with the first: the other three share a pass
             outs = await asyncio.gather(*(owner.run(runner, h, p, None, c) for c, h, p in sessions))
             assert (owner.batches, owner.batched_steps) == (1, 3)
+            await _wait_idle(owner)
             # now all four are active: three steps wait for the fourth, then all four run as one pass
             nexts = [(c, torch.randn(1, 1, runner.hidden_size), p + 1) for c, _, p in sessions]
 
