@@ -6,7 +6,8 @@ DeepSeek-V3, gpt-oss, Gemma 2/3, Phi-3, OLMo 2, Granite, Falcon, BLOOM, GPT-NeoX
 windows, ALiBi, rotary embeddings, MoE routing and cache layers all come from transformers' own code.
 ``peer.layout.load_part`` builds the base model with only these blocks (each keeps its global
 ``layer_idx``, so structure that changes along the stack — dense-then-MoE, sliding/global, sinks — is
-right for any range) and every other weight-holding module (embeddings, final norm) as an identity.
+right for any range) and every other module but the rotary helpers (embeddings, final norm) as a
+``layout.StandIn``.
 
 At run time a module over blocks [a, b) is the base model with that sub-list of blocks and a config
 whose per-layer lists are sliced to the span; the received hidden states go into its first block as
@@ -57,7 +58,7 @@ class BlockRunner:
         if dtype not in DTYPES:
             raise ValueError(f"dtype must be one of {sorted(DTYPES)}, got {dtype!r}")
         self.full_config = load_config(model_dir)
-        self.config = span_config(self.full_config, start, end)  # validates the range
+        span_config(self.full_config, start, end)  # validates the range
         self.start, self.end = start, end
         self.dtype_name, self.dtype = dtype, DTYPES[dtype]
         self.device = torch.device(device)
@@ -123,6 +124,7 @@ class BlockRunner:
 
     @torch.inference_mode()
     def run_view(self, view: nn.Module, hidden, position_ids, attention_mask, cache) -> torch.Tensor:
+        """Run ``view`` (a ``_view`` of this runner) on new tokens with ``cache``: (batch, seq, hidden)."""
         hidden = hidden.to(self.device, self.dtype)
         self._entry = hidden
         try:
