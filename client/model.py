@@ -3,10 +3,10 @@
 The client loads, through transformers' ``from_pretrained``, only the embeddings, final norm and LM
 head (and generation config): the model's own class with an empty block stack. Its base model keeps
 its own forward (the family's embedding stage and output class); a pre-hook on the final norm streams
-the hidden states through the swarm's blocks first (``attach_swarm``). The causal-LM head and ``generate()`` are
-transformers' own, unchanged, so sampling, logits processors, streamers and padding all behave as
-they do locally. The KV caches live on the peers; ``RemoteCache`` only tells generate() how many
-tokens they already hold.
+the hidden states through the swarm's blocks first (``attach_swarm``). The causal-LM head and
+``generate()`` are transformers' own, unchanged, so sampling, logits processors, streamers and
+padding all behave as they do locally. The KV caches live on the peers; ``RemoteCache`` only tells
+generate() how many tokens they already hold.
 """
 
 from __future__ import annotations

@@ -126,8 +126,8 @@ def part_class(cls: type, blocks: range, *, keep_outside: bool) -> type:
 
     The blocks outside the range become placeholders (their checkpoint names stay unmatched, so they
     are not read); with ``keep_outside=False`` every other module of the base model but the position
-    helpers (embeddings, their norm, the final norm, even a weightless one) becomes a ``StandIn``. After loading, ``narrow_blocks`` leaves only
-    the held blocks in the stack."""
+    helpers (embeddings, their norm, the final norm, even a weightless one) becomes a ``StandIn``.
+    After loading, ``narrow_blocks`` leaves only the held blocks in the stack."""
 
     def __init__(self, config, *args, **kwargs):
         cls.__init__(self, config, *args, **kwargs)

@@ -36,18 +36,12 @@ def _get_context():
     return _context
 
 
-def server_pid() -> int | None:
-    """PID of the forkserver, once one was started (so its owner can stop it by PID)."""
-    from multiprocessing import forkserver
-
-    return getattr(forkserver._forkserver, "_forkserver_pid", None)
-
-
 def stop_server() -> None:
-    """Stop the forkserver (its children are not affected: each runs in a session of its own)."""
+    """Stop the forkserver, if one was started, and reap it by its PID (its children are not affected:
+    each runs in a session of its own)."""
     from multiprocessing import forkserver
 
-    if server_pid() is not None:
+    if getattr(forkserver._forkserver, "_forkserver_pid", None) is not None:
         forkserver._forkserver._stop()
 
 
