@@ -9,7 +9,9 @@ import os
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("model_dir", help="local checkpoint directory (embeddings, norm, head, tokenizer)")
+    parser.add_argument("model_dir", metavar="MODEL",
+                        help="local checkpoint folder or hub repo id org/name[@revision] (embeddings, norm, head, "
+                             "tokenizer)")
     parser.add_argument("--initial-peers", nargs="+", required=True, metavar="MADDR")
     parser.add_argument("--host", default="127.0.0.1")
     parser.add_argument("--port", type=int, default=8080, help="HTTP port (0 = any free port)")
@@ -26,6 +28,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="seconds a request waits for peers to cover missing blocks before a 503")
     parser.add_argument("--token-timeout", type=float, default=120.0,
                         help="seconds a request waits for its next token before a 504")
+    parser.add_argument("--formats", nargs="+", default=None, metavar="FORMAT",
+                        help="peer formats a route may use and mix: DTYPE, QUANT or DTYPE/QUANT (e.g. nf4); "
+                             "default: one format per generation, the most precise that covers every block")
 
 
 def model_name(model_dir: str) -> str:
@@ -42,7 +47,7 @@ def main(args: argparse.Namespace) -> None:
 
     tokenizer = AutoTokenizer.from_pretrained(args.model_dir)
     model = AutoDistributedModelForCausalLM.from_pretrained(args.model_dir, args.initial_peers, model_id=args.model_id,
-                                                            route_timeout=args.route_timeout)
+                                                            route_timeout=args.route_timeout, formats=args.formats)
     engine = Engine(model, tokenizer, max_concurrency=args.max_concurrency, token_timeout=args.token_timeout)
     text_config = model.config.get_text_config(decoder=True)
     cfg = ApiConfig(model_name=args.model_name or model_name(args.model_dir), aliases=(model.swarm.cfg.model_id,),

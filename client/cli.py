@@ -8,7 +8,9 @@ import time
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("model_dir", help="local checkpoint directory (the client reads only embeddings, norm, head)")
+    parser.add_argument("model_dir", metavar="MODEL",
+                        help="local checkpoint folder or hub repo id org/name[@revision] (the client reads "
+                             "only the embeddings, final norm and head, and the tokenizer)")
     parser.add_argument("--initial-peers", nargs="+", required=True, metavar="MADDR")
     parser.add_argument("--prompt", required=True)
     parser.add_argument("--max-new-tokens", type=int, default=32)
@@ -22,6 +24,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="relay every hop through this client instead of peers pushing to each other")
     parser.add_argument("--wire-dtype", choices=["bfloat16", "float16"], default=None,
                         help="send hidden states in 16 bits (half the bytes; default: as computed, exact)")
+    parser.add_argument("--formats", nargs="+", default=None, metavar="FORMAT",
+                        help="peer formats a route may use and mix: DTYPE, QUANT or DTYPE/QUANT (e.g. nf4, "
+                             "bfloat16/int8); default: one format, the most precise that covers every block")
 
 
 def main(args: argparse.Namespace) -> None:
@@ -29,10 +34,12 @@ def main(args: argparse.Namespace) -> None:
     from transformers import AutoTokenizer, TextStreamer
 
     from client import AutoDistributedModelForCausalLM
+    from peer import layout
 
-    tokenizer = AutoTokenizer.from_pretrained(args.model_dir)
+    tokenizer = AutoTokenizer.from_pretrained(layout.config_source(args.model_dir))
     model = AutoDistributedModelForCausalLM.from_pretrained(args.model_dir, args.initial_peers, model_id=args.model_id,
-                                                            push=not args.no_push, wire_dtype=args.wire_dtype)
+                                                            push=not args.no_push, wire_dtype=args.wire_dtype,
+                                                            formats=args.formats)
     try:
         if args.chat and tokenizer.chat_template:
             text = tokenizer.apply_chat_template([{"role": "user", "content": args.prompt}], tokenize=False,

@@ -10,13 +10,18 @@ class SwarmError(RuntimeError):
 class MissingBlocksError(SwarmError):
     """No usable peer serves some blocks of the model."""
 
-    def __init__(self, model_id: str, missing: list[tuple[int, int]], num_blocks: int, waited: float = 0.0):
+    def __init__(self, model_id: str, missing: list[tuple[int, int]], num_blocks: int, waited: float = 0.0,
+                 formats: tuple[str, ...] | None = None, others: tuple[str, ...] = ()):
         self.model_id, self.missing, self.num_blocks, self.waited = model_id, missing, num_blocks, waited
+        self.formats, self.others = formats, others
         spans = ", ".join(f"[{a}, {b})" for a, b in missing)
+        where = f" in format {' or '.join(formats)}" if formats else ""
+        other = (f" (peers of other formats serve it: {', '.join(others)}; allow them with formats=[...] / "
+                 "--formats, accepting outputs of mixed precision)") if others else ""
         super().__init__(
-            f"no online peer serves blocks {spans} of model {model_id} ({num_blocks} blocks)"
-            + (f" after waiting {waited:.1f} s" if waited else "")
-            + ": start a peer for them (swarmllm peer MODEL_DIR --blocks A:B) or check the swarm health page"
+            f"no online peer serves blocks {spans} of model {model_id} ({num_blocks} blocks){where}"
+            + (f" after waiting {waited:.1f} s" if waited else "") + other
+            + ": start a peer for them (swarmllm peer MODEL --blocks A:B) or check the swarm health page"
         )
 
 

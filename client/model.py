@@ -261,14 +261,20 @@ class AutoDistributedModelForCausalLM:
     @classmethod
     def from_pretrained(cls, model_dir: str, initial_peers: list[str] | tuple[str, ...], *,
                         model_id: str | None = None, dtype: torch.dtype = torch.float32, **client_options):
-        config: PretrainedConfig = AutoConfig.from_pretrained(model_dir)
+        """``model_dir``: a local checkpoint folder or a hub repo id ``org/name[@revision]``. ``client_options``
+        are ``ClientConfig``'s fields, e.g. ``formats=["nf4"]`` to route through NF4 peers only (default:
+        one format per session, the most precise that covers every block; formats are never mixed
+        unless listed here)."""
+        config: PretrainedConfig = AutoConfig.from_pretrained(layout.config_source(model_dir))
         text_config = config.get_text_config(decoder=True)
         lm_cls = AutoModelForCausalLM._model_mapping[type(config)]
         # Same name and module as the model's class: transformers looks weight conversions up by class name.
         dist_cls = type(lm_cls.__name__, (DistributedMixin, lm_cls), {"__module__": lm_cls.__module__})
         # The model's own class and constructors (computed buffers are real), loaded by transformers
-        # with an empty block stack: embeddings, final norm and head only.
-        model = layout.load_part(model_dir, dist_cls, range(0), keep_outside=True, dtype=dtype)
+        # with an empty block stack: embeddings, final norm and head only (for a hub repo id, only the
+        # shards holding them are fetched).
+        source = layout.part_source(model_dir, range(0), keep_outside=True)
+        model = layout.load_part(source, dist_cls, range(0), keep_outside=True, dtype=dtype)
         swarm = RemoteSwarm(ClientConfig(
             initial_peers=tuple(initial_peers),
             model_id=model_id or records.derive_model_id(text_config.to_dict()),

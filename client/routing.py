@@ -6,6 +6,12 @@ to spend there: the measured round trip (doubled and padded for relayed peers), 
 share (b - a) / (e - s) / announced throughput, inflated by the sessions the peer is already
 serving, plus a large penalty when the peer's free cache cannot hold the session. Dijkstra finds
 the cheapest chain; ties go to fewer hops, then to peer ids (deterministic).
+
+Formats: a peer computes in a dtype with weights in a quant (``float32``, ``bfloat16/nf4``); outputs
+differ between formats, so a route only mixes formats the client allowed. A format pattern is
+``DTYPE``, ``QUANT`` or ``DTYPE/QUANT`` (``float32``: float32 with any weights; ``nf4``: NF4 in any
+dtype; ``bfloat16/none``: exactly that). With no patterns, a session takes one format, the most
+precise that covers every block (``choose_format``), and keeps it through failovers.
 """
 
 from __future__ import annotations
@@ -15,7 +21,7 @@ import heapq
 from typing import Iterable, Mapping
 
 from client.errors import MissingBlocksError
-from dht.records import PeerRecord, PeerState
+from dht.records import DTYPES, QUANTS, PeerRecord, PeerState
 
 DEFAULT_RTT = 0.05  # seconds, for a peer not pinged yet
 MIN_THROUGHPUT = 1e-3  # steps/s, floor for a peer announcing ~0
@@ -31,6 +37,56 @@ class Hop:
     end: int
     maddrs: tuple[str, ...] = ()
     dtype: str = "float32"  # what the peer declares it computes in (audits compare like with like)
+    quant: str = "none"  # and how it stores its weights
+
+    @property
+    def format(self) -> str:
+        """The exact format pattern of this hop (what a session pins itself to)."""
+        return f"{self.dtype}/{self.quant}"
+
+
+def check_format(pattern: str) -> str:
+    """Raise ValueError unless ``pattern`` is DTYPE, QUANT or DTYPE/QUANT."""
+    dtype, slash, quant = pattern.partition("/")
+    ok = (dtype in DTYPES and quant in QUANTS) if slash else (pattern in DTYPES or pattern in QUANTS)
+    if not ok:
+        raise ValueError(f"a format is DTYPE, QUANT or DTYPE/QUANT with DTYPE in {DTYPES} and QUANT in {QUANTS} "
+                         f"(e.g. 'nf4', 'bfloat16', 'float16/int8'), got {pattern!r}")
+    return pattern
+
+
+def format_matches(record: PeerRecord, patterns: Iterable[str]) -> bool:
+    for pattern in patterns:
+        dtype, slash, quant = pattern.partition("/")
+        if slash:
+            if record.dtype == dtype and record.quant == quant:
+                return True
+        elif pattern in (record.dtype, record.quant):
+            return True
+    return False
+
+
+def precision_rank(dtype: str, quant: str) -> tuple[int, int]:
+    """Smaller is more precise: weights first (none, int8, nf4), then dtype (float32, bfloat16, float16)."""
+    return QUANTS.index(quant), DTYPES.index(dtype)
+
+
+def choose_format(records: Iterable[PeerRecord], model_id: str, num_blocks: int, *, banned: Iterable[str] = (),
+                  start: int = 0, end: int | None = None) -> str:
+    """The exact format (``DTYPE/QUANT``) a session should use when the client allowed no formats: the
+    most precise one whose usable peers cover [start, end); if none does, the one covering most blocks."""
+    end = num_blocks if end is None else end
+    by_format: dict[tuple[str, str], list[PeerRecord]] = {}
+    for r in usable_records(records, model_id, num_blocks, banned):
+        by_format.setdefault((r.dtype, r.quant), []).append(r)
+    if not by_format:
+        return "float32/none"
+
+    def gap(fmt):
+        return sum(b - a for a, b in uncovered(by_format[fmt], start, end))
+
+    dtype, quant = min(by_format, key=lambda fmt: (gap(fmt), precision_rank(*fmt)))
+    return f"{dtype}/{quant}"
 
 
 def hop_cost(record: PeerRecord, rtt: float | None, blocks: int | None = None, cache_tokens_needed: int = 0) -> float:
@@ -77,11 +133,16 @@ def plan_route(
     start: int = 0,
     end: int | None = None,
     cache_tokens_needed: int = 0,
+    formats: Iterable[str] | None = None,
 ) -> list[Hop]:
-    """The cheapest chain of ONLINE, unbanned peers (or sub-ranges of them) that tiles [start, end)."""
+    """The cheapest chain of ONLINE, unbanned peers (or sub-ranges of them) that tiles [start, end),
+    through peers of the allowed ``formats`` only (None: any)."""
     end = num_blocks if end is None else end
     rtts = rtts or {}
-    usable = [r for r in usable_records(records, model_id, num_blocks, banned) if r.start < end and r.end > start]
+    records = list(records)
+    formats = None if formats is None else tuple(formats)
+    usable = [r for r in usable_records(records, model_id, num_blocks, banned) if r.start < end and r.end > start
+              and (formats is None or format_matches(r, formats))]
     boundaries = sorted({start, end} | {b for r in usable for b in (r.start, r.end) if start < b < end})
     best: dict[int, tuple[float, int, tuple[str, ...]]] = {start: (0.0, 0, ())}
     came_from: dict[int, tuple[PeerRecord, int]] = {}
@@ -104,10 +165,15 @@ def plan_route(
                         came_from[b] = (r, node)
                         heapq.heappush(heap, (*candidate, b))
     if end not in best:
-        raise MissingBlocksError(model_id, uncovered(usable, start, end) or [(max(best), end)], num_blocks)
+        others = ()
+        if formats is not None:
+            others = tuple(sorted({r.format for r in usable_records(records, model_id, num_blocks, banned)
+                                   if not format_matches(r, formats)}))
+        raise MissingBlocksError(model_id, uncovered(usable, start, end) or [(max(best), end)], num_blocks,
+                                 formats=formats, others=others)
     route, node = [], end
     while node != start:
         r, a = came_from[node]
-        route.append(Hop(r.peer_id, a, node, r.maddrs, r.dtype))
+        route.append(Hop(r.peer_id, a, node, r.maddrs, r.dtype, r.quant))
         node = a
     return route[::-1]

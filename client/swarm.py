@@ -65,7 +65,15 @@ class ClientConfig:
     wire_dtype: str | None = None  # hidden states on the wire: None = as computed (float32 stays bit-exact);
     # "bfloat16" / "float16" = half the bytes, negotiated with each peer when the session opens
 
+    formats: tuple[str, ...] | None = None  # formats a route may use, mixed ("nf4", "bfloat16", "float16/int8");
+    # None = one format per session, the most precise that covers every block (see client.routing)
+
     def __post_init__(self):
+        if self.formats is not None:
+            formats = (self.formats,) if isinstance(self.formats, str) else tuple(self.formats)
+            if not formats:
+                raise ValueError("formats must name at least one format, or be None")
+            object.__setattr__(self, "formats", tuple(routing.check_format(f) for f in formats))
         if self.wire_dtype is not None and self.wire_dtype not in wire.HIDDEN_DTYPE_NAMES:
             raise ValueError(f"wire_dtype must be None or one of {sorted(wire.HIDDEN_DTYPE_NAMES)}, got {self.wire_dtype!r}")
 
@@ -96,7 +104,7 @@ class HopSession:
         last_mask = self.history[-1].mask if self.history else None
         return ServedSpan(self.hop.peer_id, self.hop.start, self.hop.end, self.hop.dtype,
                           [x.hidden for x in self.history], [x.position_ids for x in self.history], last_mask,
-                          list(self.outputs))
+                          list(self.outputs), quant=self.hop.quant)
 
     def push_target(self) -> dict:
         """This hop as an entry of a step's push chain."""
@@ -190,23 +198,28 @@ class SwarmCore:
         self.rtts[record.peer_id] = rtt if old is None else 0.8 * old + 0.2 * rtt
 
     async def plan(self, start: int = 0, end: int | None = None, *, exclude: frozenset[str] = frozenset(),
-                   cache_tokens_needed: int = 0, wait: bool = True) -> list[Hop]:
+                   cache_tokens_needed: int = 0, wait: bool = True, formats: tuple[str, ...] | None = None
+                   ) -> list[Hop]:
         """A route over [start, end) avoiding banned, unreachable and excluded peers; waits up to
         route_timeout (if ``wait``) for peers to cover missing blocks. Uses the background-refreshed
-        snapshot when it is recent, so failover does not wait on the DHT."""
+        snapshot when it is recent, so failover does not wait on the DHT. ``formats`` (default: the
+        client's) limits the peers' formats; with neither, one format is chosen (``routing.choose_format``)."""
         began = time.monotonic()
         fresh_enough = 2 * self.cfg.refresh_period  # the background loop keeps the snapshot this fresh
         if time.monotonic() - self.records_at > fresh_enough:
             await self._refresh_or_keep()
         while True:
             avoid = exclude | self.bans.banned() | self.unreachable | self.book.banned()
+            allowed = formats or self.cfg.formats or (routing.choose_format(
+                self.records, self.cfg.model_id, self.cfg.num_blocks, banned=avoid, start=start, end=end),)
             try:
                 return routing.plan_route(self.records, self.cfg.model_id, self.cfg.num_blocks, rtts=self.rtts,
-                                          banned=avoid, start=start, end=end, cache_tokens_needed=cache_tokens_needed)
+                                          banned=avoid, start=start, end=end, cache_tokens_needed=cache_tokens_needed,
+                                          formats=allowed)
             except MissingBlocksError as e:
                 waited = time.monotonic() - began
                 if not wait or waited > self.cfg.route_timeout:
-                    raise MissingBlocksError(e.model_id, e.missing, e.num_blocks, waited) from None
+                    raise MissingBlocksError(e.model_id, e.missing, e.num_blocks, waited, e.formats, e.others) from None
             await asyncio.sleep(0.5)
             await self.refresh()  # peers may have joined meanwhile
 
@@ -228,15 +241,16 @@ class SwarmCore:
 
     # ---- audits ------------------------------------------------------------------------------------------
 
-    def _audit_candidates(self, start: int, end: int, dtype: str, exclude: frozenset[str]) -> list[str]:
+    def _audit_candidates(self, start: int, end: int, dtype: str, quant: str, exclude: frozenset[str]) -> list[str]:
         return [r.peer_id for r in self.records
                 if r.state == PeerState.ONLINE and r.start <= start and end <= r.end and r.dtype == dtype
-                and r.peer_id not in exclude and r.peer_id not in self.unreachable]
+                and r.quant == quant and r.peer_id not in exclude and r.peer_id not in self.unreachable]
 
     async def _replay(self, peer_id: str, start: int, end: int, hidden: torch.Tensor, position_ids: torch.Tensor,
                       mask: torch.Tensor | None) -> torch.Tensor:
         record = next((r for r in self.records if r.peer_id == peer_id), None)
-        hop = Hop(peer_id, start, end, record.maddrs if record else (), record.dtype if record else "float32")
+        hop = Hop(peer_id, start, end, record.maddrs if record else (), record.dtype if record else "float32",
+                  record.quant if record else "none")
         return await self.forward_on(hop, hidden, position_ids, mask)
 
     async def _publish(self, result: AuditResult, span: ServedSpan) -> None:
@@ -333,13 +347,16 @@ class SessionCore:
         self.swarm, self.batch_size, self.max_length, self.rpc = swarm, batch_size, max_length, rpc
         self.hops: list[HopSession] = []
         self.position = 0  # tokens every hop holds
+        self.formats: tuple[str, ...] | None = swarm.cfg.formats  # pinned to one format at open if None
 
     async def open(self) -> None:
         self.hops = await self._open_route(0, self.swarm.cfg.num_blocks)
         cfg = self.swarm.cfg
+        if self.formats is None:  # failovers keep the format this session started in
+            self.formats = (self.hops[0].hop.format,)
         mode = "peers push to each other" if cfg.push and self.rpc == wire.RPC_INFERENCE else "the client relays every hop"
-        logger.info("session over %s: %s; wire dtype %s", [(h.hop.start, h.hop.end) for h in self.hops], mode,
-                    cfg.wire_dtype or "as computed")
+        logger.info("session over %s in %s: %s; wire dtype %s", [(h.hop.start, h.hop.end) for h in self.hops],
+                    " + ".join(sorted({h.hop.format for h in self.hops})), mode, cfg.wire_dtype or "as computed")
 
     async def _open_route(self, start: int, end: int) -> list[HopSession]:
         """Open sessions on a route over [start, end). A peer that is busy, has moved to other blocks
@@ -350,7 +367,7 @@ class SessionCore:
             try:
                 route = await self.swarm.plan(start, end, exclude=frozenset(skip),
                                               cache_tokens_needed=self.batch_size * self.max_length,
-                                              wait=not (last and isinstance(last, PeerBusy)))
+                                              wait=not (last and isinstance(last, PeerBusy)), formats=self.formats)
             except MissingBlocksError:
                 if isinstance(last, PeerBusy):
                     raise last from None  # nobody else can take it: the busy error is the useful one

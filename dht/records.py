@@ -23,7 +23,8 @@ VERDICTS = ("pass", "fail", "gross_fail", "inconclusive", "impossible")
 
 _MODEL_ID_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._\-]{0,127}$")
 _MODEL_TYPE_RE = re.compile(r"^[A-Za-z0-9_\-]{1,64}$")
-_DTYPES = ("float32", "bfloat16", "float16")
+DTYPES = ("float32", "bfloat16", "float16")
+QUANTS = ("none", "int8", "nf4")  # how a peer stores its block weights (bitsandbytes LLM.int8 / NF4)
 MAX_NAME_CHARS = 64
 MAX_MADDRS = 16
 
@@ -60,6 +61,7 @@ class PeerRecord:
     model_blocks: int = 0  # blocks in the whole model (0 = not said), so a monitor can draw coverage
     model_type: str = ""  # the transformers family ('llama', 'mixtral', 'bloom', …; "" = not said)
     num_parameters: int = 0  # parameters the peer holds for its blocks (0 = not said)
+    quant: str = "none"  # weight format of its blocks ("none" also for older peers, which had no other)
 
     def __post_init__(self) -> None:
         _check_model_id(self.model_id)
@@ -67,8 +69,8 @@ class PeerRecord:
             raise RecordError(f"block range must satisfy 0 <= start < end, got [{self.start}, {self.end})")
         if not isinstance(self.state, PeerState):
             raise RecordError(f"state must be a PeerState, got {self.state!r}")
-        if self.dtype not in _DTYPES:
-            raise RecordError(f"dtype must be one of {_DTYPES}, got {self.dtype!r}")
+        if self.dtype not in DTYPES:
+            raise RecordError(f"dtype must be one of {DTYPES}, got {self.dtype!r}")
         if not (self.throughput >= 0.0 and self.throughput < float("inf")):
             raise RecordError(f"throughput must be a finite number >= 0, got {self.throughput!r}")
         if self.cache_tokens_left < 0:
@@ -83,10 +85,21 @@ class PeerRecord:
             raise RecordError(f"model_type must be up to 64 letters, digits, '_' or '-', got {self.model_type!r}")
         if self.num_parameters < 0:
             raise RecordError(f"num_parameters must be >= 0, got {self.num_parameters}")
+        if self.quant not in QUANTS:
+            raise RecordError(f"quant must be one of {QUANTS}, got {self.quant!r}")
 
     @property
     def num_blocks(self) -> int:
         return self.end - self.start
+
+    @property
+    def format(self) -> str:
+        return format_name(self.dtype, self.quant)
+
+
+def format_name(dtype: str, quant: str) -> str:
+    """A peer's numeric format as people write it: 'bfloat16', 'bfloat16/nf4' (compute dtype / weights)."""
+    return dtype if quant == "none" else f"{dtype}/{quant}"
 
 
 def encode(record: PeerRecord) -> dict[str, Any]:
@@ -110,6 +123,7 @@ def encode(record: PeerRecord) -> dict[str, Any]:
         "model_blocks": record.model_blocks,
         "model_type": record.model_type,
         "num_parameters": int(record.num_parameters),
+        "quant": record.quant,
     }
 
 
@@ -162,6 +176,7 @@ def decode(obj: Any) -> PeerRecord:
         model_blocks=_field(obj, "model_blocks", int, 0),
         model_type=_field(obj, "model_type", str, ""),
         num_parameters=_field(obj, "num_parameters", int, 0),
+        quant=_field(obj, "quant", str, "none"),
     )
 
 

@@ -35,12 +35,12 @@ PAGE = jinja2.Environment(autoescape=True).from_string("""<!doctype html>
  title="block {{ c.block }}: {{ c.online }} online peer(s){% if c.peers %}: {{ c.peers|join(', ') }}{% endif %}">{{ c.block }}</div>{% endfor %}</div>
 {% if m.gaps %}<p class="gap">Not served: {% for a, b in m.gaps %}{% if b - a == 1 %}block {{ a }}{% else %}blocks {{ a }}–{{ b - 1 }}{% endif %}{% if not loop.last %}, {% endif %}{% endfor %}. Generation through this swarm is impossible until someone serves them.</p>
 {% else %}<p class="ok">Every block is served (weakest block: {{ m.min_coverage }} peer(s)).</p>{% endif %}
-<div class="wrap"><table><thead><tr><th>name</th><th>peer</th><th>blocks</th><th>state</th><th>dtype</th><th>parameters</th><th>steps/s</th>
+<div class="wrap"><table><thead><tr><th>name</th><th>peer</th><th>blocks</th><th>state</th><th>format</th><th>parameters</th><th>steps/s</th>
 <th>RTT</th><th>reachable</th><th>free cache</th><th>sessions</th><th>version</th><th>uptime</th>
 {% if m.peers|selectattr('audits_passed', 'ne', None)|list %}<th>audits ok/failed</th><th>last verdict</th>{% endif %}</tr></thead><tbody>
 {% for p in m.peers %}<tr class="peer" data-peer="{{ p.peer_id }}">
 <td>{{ p.public_name }}</td><td title="{{ p.peer_id }}">{{ p.short_id }}</td><td>{{ p.start }}–{{ p.end - 1 }}</td><td>{{ p.state }}</td>
-<td>{{ p.dtype }}</td><td>{{ '{:,}'.format(p.num_parameters) if p.num_parameters else '—' }}</td><td>{{ '%.1f' % p.throughput }}</td><td>{{ '%.1f ms' % p.rtt_ms if p.rtt_ms is not none else '—' }}</td>
+<td>{{ p.format }}</td><td>{{ '{:,}'.format(p.num_parameters) if p.num_parameters else '—' }}</td><td>{{ '%.1f' % p.throughput }}</td><td>{{ '%.1f ms' % p.rtt_ms if p.rtt_ms is not none else '—' }}</td>
 <td>{{ ('yes' + (' (relay)' if p.relayed else '')) if p.reachable else 'no' }}</td><td>{{ p.cache_tokens_left }}</td><td>{{ p.num_sessions }}</td>
 <td>{{ p.version }}</td><td>{{ '%.0f s' % p.uptime_s if p.uptime_s is not none else '—' }}</td>
 {% if m.peers|selectattr('audits_passed', 'ne', None)|list %}<td>{{ p.audits_passed if p.audits_passed is not none else '—' }}/{{ p.audits_failed if p.audits_failed is not none else '—' }}</td><td>{{ p.last_verdict or '—' }}</td>{% endif %}

@@ -13,6 +13,8 @@ class PeerView(BaseModel):
     end: int
     state: str
     dtype: str
+    quant: str = "none"  # weight format: none, int8, nf4
+    format: str = ""  # dtype and quant as one label: 'float32', 'bfloat16/nf4'
     num_parameters: int  # parameters the peer holds for its blocks (0 = not announced)
     throughput: float  # announced steps/s over the span
     rtt_ms: float | None  # measured by the monitor; None = no answer

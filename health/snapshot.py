@@ -67,7 +67,7 @@ def build(records: Iterable[PeerRecord], pings: Mapping[str, Ping], verdicts: It
             info = ping.info or {}
             rows.append(PeerView(
                 peer_id=r.peer_id, short_id=_short(r.peer_id), public_name=r.public_name, start=r.start, end=r.end,
-                state=r.state.value, dtype=r.dtype, num_parameters=r.num_parameters, throughput=r.throughput,
+                state=r.state.value, dtype=r.dtype, quant=r.quant, format=r.format, num_parameters=r.num_parameters, throughput=r.throughput,
                 rtt_ms=None if ping.rtt is None else ping.rtt * 1000, reachable=reachable,
                 cache_tokens_left=r.cache_tokens_left, num_sessions=r.num_sessions, relayed=r.relayed,
                 version=r.version, uptime_s=info.get("uptime"),

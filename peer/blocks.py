@@ -26,6 +26,7 @@ from torch import nn
 from transformers import AutoModel, DynamicCache, PretrainedConfig
 
 from peer import layout, wire
+from peer.quant import check_backend as quant_check, logical_numel, quantization_config, resident_bytes
 from peer.layout import load_config, span_config  # noqa: F401  (re-exported: the peer's config readers)
 
 logger = logging.getLogger(__name__)
@@ -54,7 +55,8 @@ class BlockRunner:
 
     supports_batching = True  # decode steps of sessions over the same span may share a forward pass
 
-    def __init__(self, model_dir: str, start: int, end: int, *, dtype: str = "float32", device: str = "cpu"):
+    def __init__(self, model_dir: str, start: int, end: int, *, dtype: str = "float32", device: str = "cpu",
+                 quant: str = "none"):
         if dtype not in DTYPES:
             raise ValueError(f"dtype must be one of {sorted(DTYPES)}, got {dtype!r}")
         self.full_config = load_config(model_dir)
@@ -62,11 +64,18 @@ class BlockRunner:
         self.start, self.end = start, end
         self.dtype_name, self.dtype = dtype, DTYPES[dtype]
         self.device = torch.device(device)
+        self.quant = quant
+        bnb_config = quantization_config(quant, DTYPES[dtype])  # validates quant
+        quant_check(quant, self.device)
         self.hidden_size: int = self.full_config.hidden_size
         self.model_type: str = self.full_config.model_type
         base_cls = AutoModel._model_mapping[type(self.full_config)]
-        module = layout.load_part(model_dir, base_cls, range(start, end), keep_outside=False, dtype=self.dtype)
-        module.to(self.device)
+        if bnb_config is None:
+            module = layout.load_part(model_dir, base_cls, range(start, end), keep_outside=False, dtype=self.dtype)
+            module.to(self.device)
+        else:  # bitsandbytes modules are placed while loading (transformers refuses .to() on some of them)
+            module = layout.load_part(model_dir, base_cls, range(start, end), keep_outside=False, dtype=self.dtype,
+                                      quantization_config=bnb_config, device_map={"": str(self.device)})
         module.eval()
         self.blocks_attr = module._swarm_blocks_path  # "layers", "h", …: a direct child of the base model
         if "." in self.blocks_attr:
@@ -77,7 +86,8 @@ class BlockRunner:
             block.register_forward_pre_hook(self._enter, with_kwargs=True)
         self.module = module
         self.loaded_tensor_names: tuple[str, ...] = module._swarm_tensor_names  # named as in the full model
-        self.num_parameters = sum(p.numel() for p in module.parameters())
+        self.num_parameters = sum(logical_numel(p) for p in module.parameters())
+        self.weight_bytes = resident_bytes(module)
         meta_left = [n for n, t in list(module.named_parameters()) + list(module.named_buffers()) if t.is_meta]
         if meta_left:
             raise RuntimeError(f"tensors left unmaterialised after loading: {meta_left[:5]}")

@@ -9,11 +9,13 @@ import dataclasses
 @dataclasses.dataclass(frozen=True)
 class PeerConfig:
     model_dir: str
-    start: int | None  # None with num_blocks: the peer picks where the swarm is weakest
+    start: int | None  # None: the peer picks where the swarm is weakest (num_blocks of them, or as many as fit)
     end: int | None
     initial_peers: tuple[str, ...] = ()
     dtype: str = "float32"
-    device: str = "cpu"
+    device: str = "auto"  # auto: cuda if torch sees a GPU, else mps, else cpu
+    quant: str = "none"  # weight format of the blocks: none, int8 or nf4 (bitsandbytes, via transformers)
+    max_memory: int | None = None  # bytes the peer's blocks and caches may take; None = a safe share of what is free
     host: str = "127.0.0.1"
     port: int = 0
     announce_maddrs: tuple[str, ...] = ()
@@ -51,16 +53,35 @@ def parse_blocks(text: str) -> tuple[int, int]:
     return start, end
 
 
+def _size(text: str) -> int:
+    from peer.quant import parse_size
+
+    try:
+        return parse_size(text)
+    except ValueError as e:
+        raise argparse.ArgumentTypeError(str(e)) from None
+
+
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("model_dir", help="local transformers checkpoint directory (safetensors)")
+    parser.add_argument("model_dir", metavar="MODEL",
+                        help="a local transformers checkpoint folder (safetensors), or a hub repo id "
+                             "org/name[@revision] (only the shards holding this peer's blocks are fetched)")
     parser.add_argument("--initial-peers", nargs="*", default=[], metavar="MADDR",
                         help="multiaddrs of DHT nodes to join (e.g. the one `swarmllm dht` printed)")
-    where = parser.add_mutually_exclusive_group(required=True)
+    where = parser.add_mutually_exclusive_group()
     where.add_argument("--blocks", type=parse_blocks, metavar="START:END", help="serve blocks START..END-1")
     where.add_argument("--num-blocks", type=int, metavar="N",
-                       help="serve N blocks where the swarm is weakest, moving later if that helps the swarm")
-    parser.add_argument("--dtype", choices=["float32", "bfloat16", "float16"], default="float32")
-    parser.add_argument("--device", default="cpu", help="torch device, e.g. cpu or cuda:0")
+                       help="serve N blocks where the swarm is weakest, moving later if that helps the swarm "
+                            "(default, with neither option: as many as fit in --max-memory)")
+    parser.add_argument("--dtype", choices=["float32", "bfloat16", "float16"], default="float32",
+                        help="compute dtype (with --quant: what the quantized weights are multiplied in)")
+    parser.add_argument("--quant", choices=["none", "int8", "nf4"], default="none",
+                        help="store the blocks' linear weights in 8 bits (LLM.int8) or 4 bits (NF4) with "
+                             "bitsandbytes: about 0.5x / 0.27x the memory of float16")
+    parser.add_argument("--max-memory", type=_size, default=None, metavar="SIZE",
+                        help="memory the blocks and their KV cache may take, e.g. 12GiB (default: 80%% of the "
+                             "RAM available, or 90%% of the GPU's free memory)")
+    parser.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:N or mps (auto: a GPU if torch sees one)")
     parser.add_argument("--host", default="127.0.0.1", help="address to listen on")
     parser.add_argument("--port", type=int, default=0, help="TCP port (0 = any free port)")
     parser.add_argument("--announce-maddrs", nargs="*", default=[], metavar="MADDR",
@@ -114,7 +135,7 @@ def from_args(args: argparse.Namespace) -> PeerConfig:
         raise SystemExit(f"--num-blocks must be >= 1, got {args.num_blocks}")
     return PeerConfig(
         model_dir=args.model_dir, start=start, end=end, initial_peers=tuple(args.initial_peers),
-        dtype=args.dtype, device=args.device, host=args.host, port=args.port,
+        dtype=args.dtype, device=args.device, quant=args.quant, max_memory=args.max_memory, host=args.host, port=args.port,
         announce_maddrs=tuple(args.announce_maddrs), public_name=args.name, model_id=args.model_id,
         identity_path=args.identity, maddr_file=args.maddr_file, cache_tokens=args.cache_tokens,
         max_session_length=args.max_session_length, max_message_bytes=args.max_message_bytes, idle_timeout=args.idle_timeout,

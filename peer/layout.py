@@ -25,6 +25,7 @@ from torch import nn
 from transformers import AutoConfig, PretrainedConfig
 from transformers.utils import logging as hf_logging
 
+from peer import hub
 from peer.wire import CheckpointError
 
 SINGLE_FILE = "model.safetensors"
@@ -78,8 +79,27 @@ def checkpoint_files(model_dir: str) -> dict[str, str]:
     )
 
 
+def config_source(model: str) -> str:
+    """A local folder holding ``model``'s config and tokenizer: ``model`` itself, or for a hub repo id
+    (``org/name[@revision]``) its snapshot with only those files fetched (``peer.hub``)."""
+    if hub.is_hub_id(model):
+        return hub.fetch_metadata(model)
+    return model
+
+
+def part_source(model: str, blocks: range, *, keep_outside: bool) -> str:
+    """A local folder ``load_part`` can load ``blocks`` (and, with ``keep_outside``, the rest but the
+    block stack) of ``model`` from: ``model`` itself, or for a hub repo id a view of only the shards
+    holding those tensors, fetched first."""
+    if not hub.is_hub_id(model):
+        return model
+    config = load_config(model)
+    return hub.fetch_part(model, hub.stack_attr_for(config), config.num_hidden_layers, blocks, outside=keep_outside)
+
+
 def load_config(model_dir: str) -> PretrainedConfig:
-    """The checkpoint's (text decoder) config."""
+    """The checkpoint's (text decoder) config; ``model_dir`` may also be a hub repo id."""
+    model_dir = config_source(model_dir)
     if os.path.isdir(model_dir) and not os.path.isfile(os.path.join(model_dir, "config.json")):
         raise CheckpointError(f"{model_dir} has no config.json: point at a transformers checkpoint folder")
     config = AutoConfig.from_pretrained(model_dir)

@@ -15,9 +15,9 @@ import torch
 from dht import directory, identity, records
 from dht.ready import ready_line, write_maddr_file
 from dht.records import PeerRecord, PeerState
-from peer import placement
+from peer import hub, layout, placement, quant
 from peer.adversary import Adversary, AdversarialRunner
-from peer.blocks import BlockRunner, load_config
+from peer.blocks import DTYPES as DTYPE_OF, BlockRunner, load_config
 from peer.config import PeerConfig
 from peer.handler import PeerHandler
 from peer.sessions import SessionTable
@@ -52,7 +52,12 @@ def _say(message: str) -> None:
 class Peer:
     def __init__(self, cfg: PeerConfig):
         self.cfg = cfg
-        config = load_config(cfg.model_dir)
+        try:  # every check that can fail does so here, before the peer joins the swarm
+            config = load_config(cfg.model_dir)
+            self.device = quant.resolve_device(cfg.device)
+            quant.check_backend(cfg.quant, self.device)
+        except (hub.HubError, quant.QuantError, ValueError, layout.CheckpointError) as e:
+            raise SystemExit(str(e)) from None
         self.num_model_blocks: int = config.num_hidden_layers
         self.model_type: str = config.model_type
         self.model_id = model_id_for(config.to_dict(), cfg.model_id)
@@ -60,6 +65,9 @@ class Peer:
             raise SystemExit(f"--blocks {cfg.start}:{cfg.end} is outside the model's {self.num_model_blocks} blocks")
         if cfg.num_blocks is not None and cfg.num_blocks > self.num_model_blocks:
             raise SystemExit(f"--num-blocks {cfg.num_blocks} is more than the model's {self.num_model_blocks} blocks")
+        self.num_blocks = cfg.num_blocks  # None with --blocks; with neither option, as many as fit
+        if (cfg.start is None and cfg.num_blocks is None) or cfg.max_memory is not None:
+            self.num_blocks = self._size(config)
         if cfg.num_threads:
             torch.set_num_threads(cfg.num_threads)
         self.identity = identity.load_or_create(cfg.identity_path)
@@ -75,13 +83,36 @@ class Peer:
         self.started_at = time.time()
         self.moves = 0
 
+    def _size(self, config) -> int:
+        """How many blocks this peer serves: --num-blocks or --blocks if given (checked against an
+        explicit --max-memory), else as many as fit in --max-memory. Logs the arithmetic."""
+        cfg = self.cfg
+        if cfg.max_memory is not None:
+            budget, reason = cfg.max_memory, "--max-memory"
+        else:
+            budget, reason = quant.default_max_memory(self.device)
+        try:
+            fit = quant.blocks_that_fit(config, cfg.quant, DTYPE_OF[cfg.dtype], cfg.cache_tokens, budget, reason)
+        except ValueError as e:
+            raise SystemExit(str(e)) from None
+        _say(f"sizing: {fit.explanation}")
+        wanted = cfg.num_blocks if cfg.num_blocks is not None else (cfg.end - cfg.start if cfg.start is not None else None)
+        if wanted is None:
+            _say(f"serving {fit.num_blocks} blocks (as many as fit)")
+            return fit.num_blocks
+        if wanted > fit.num_blocks:
+            raise SystemExit(f"{wanted} blocks do not fit in --max-memory: {fit.explanation}. Serve fewer blocks, "
+                             "raise --max-memory, or use --quant nf4")
+        return wanted
+
     # ---- what the peer tells the swarm -------------------------------------------------------------
 
     def statistics(self) -> dict:
         runner = self.runner
         return {
             "peer_id": self.identity.peer_id, "model_id": self.model_id, "start": self.start, "end": self.end,
-            "state": self.state.value, "dtype": self.cfg.dtype, "hidden_size": runner.hidden_size,
+            "state": self.state.value, "dtype": self.cfg.dtype, "quant": self.cfg.quant,
+            "device": str(self.device), "weight_bytes": runner.weight_bytes, "hidden_size": runner.hidden_size,
             "model_type": self.model_type,
             "throughput": self.throughput, "sessions": len(self.sessions),
             "cache_tokens_total": self.sessions.budget_tokens, "cache_tokens_left": self.sessions.tokens_left,
@@ -137,6 +168,7 @@ class Peer:
             public_name=self.cfg.public_name, maddrs=tuple(self.maddrs[: records.MAX_MADDRS]),
             relayed=self.relayed, num_sessions=len(self.sessions), model_blocks=self.num_model_blocks,
             model_type=self.model_type, num_parameters=self.runner.num_parameters if self.runner else 0,
+            quant=self.cfg.quant,
         )
 
     async def announce(self, state: PeerState, timeout: float = 10.0) -> bool:
@@ -178,10 +210,16 @@ class Peer:
         if self.start is None:
             await asyncio.sleep(self.rng.uniform(0, cfg.placement_jitter))
             self.start = await self._choose_start()
-            self.end = self.start + cfg.num_blocks
+            self.end = self.start + self.num_blocks
+        # The shards come first: a peer that cannot fetch them never shows up in the swarm.
+        try:
+            await loop.run_in_executor(None, self._fetch, self.start, self.end)
+        except hub.HubError as e:
+            raise SystemExit(str(e)) from None
         await self.announce(PeerState.JOINING)  # others see these blocks taken while we load them
-        _say(f"loading blocks [{self.start}, {self.end}) of {cfg.model_dir} ({cfg.dtype})")
+        _say(f"loading blocks [{self.start}, {self.end}) of {cfg.model_dir} ({self._format()} on {self.device})")
         self.runner, self.throughput = await loop.run_in_executor(None, self._load, self.start, self.end)
+        _say(f"blocks [{self.start}, {self.end}) hold {quant.human(self.runner.weight_bytes)} of weights")
         self.handler = PeerHandler(
             self.runner, self.sessions, max_message_bytes=cfg.max_message_bytes, idle_timeout=cfg.idle_timeout,
             max_session_length=cfg.max_session_length, statistics=self.statistics,
@@ -208,7 +246,7 @@ class Peer:
             loop.add_signal_handler(sig, stop.set)
         async with asyncio.TaskGroup() as tasks:  # both loops end when stop is set
             tasks.create_task(self._announce_loop(stop))
-            if cfg.num_blocks is not None and cfg.balance_period > 0:
+            if cfg.start is None and cfg.balance_period > 0:
                 tasks.create_task(self._balance_loop(stop))
         # Leaving: no new sessions, tell the swarm, let open sessions finish (bounded), then go.
         self.handler.accepting = False
@@ -223,11 +261,19 @@ class Peer:
         await p2p.shutdown()
         _say(f"peer {self.identity.peer_id} left the swarm")
 
+    def _format(self) -> str:
+        return records.format_name(self.cfg.dtype, self.cfg.quant)
+
+    def _fetch(self, start: int, end: int) -> str:
+        """A local folder holding blocks [start, end): the model's own, or (hub id) their shards fetched."""
+        return layout.part_source(self.cfg.model_dir, range(start, end), keep_outside=False)
+
     def _load(self, start: int, end: int) -> tuple[BlockRunner, float]:
-        runner = BlockRunner(self.cfg.model_dir, start, end, dtype=self.cfg.dtype, device=self.cfg.device)
+        source = self._fetch(start, end)
+        runner = BlockRunner(source, start, end, dtype=self.cfg.dtype, device=str(self.device), quant=self.cfg.quant)
         if self.cfg.adversary:
             _say(f"WARNING: this peer is an adversary ({self.cfg.adversary}): a testing aid that returns wrong results")
-            runner = AdversarialRunner(runner, Adversary.parse(self.cfg.adversary), self.cfg.model_dir)
+            runner = AdversarialRunner(runner, Adversary.parse(self.cfg.adversary), source)
         return runner, self.cfg.throughput if self.cfg.throughput is not None else measure_throughput(runner)
 
     async def _wait(self, stop: asyncio.Event, seconds: float) -> bool:
@@ -250,8 +296,8 @@ class Peer:
 
     async def _choose_start(self) -> int:
         throughputs = placement.block_throughputs(await self._others(), self.num_model_blocks)
-        start = placement.choose_start(throughputs, self.cfg.num_blocks, self.rng)
-        _say(f"chose blocks [{start}, {start + self.cfg.num_blocks}) where the swarm is weakest")
+        start = placement.choose_start(throughputs, self.num_blocks, self.rng)
+        _say(f"chose blocks [{start}, {start + self.num_blocks}) where the swarm is weakest")
         return start
 
     async def _balance_loop(self, stop: asyncio.Event) -> None:
@@ -264,11 +310,15 @@ class Peer:
                 await self._move(start)
 
     async def _move(self, start: int) -> None:
-        """Load the new blocks while still serving the old ones, then switch. Sessions already open stay
+        """Fetch (hub id) and load the new blocks while still serving the old ones, then switch. Sessions already open stay
         on the old runner until they end; new sessions get the new blocks."""
-        end = start + self.cfg.num_blocks
+        end = start + self.num_blocks
         _say(f"moving from [{self.start}, {self.end}) to [{start}, {end}) to strengthen the swarm")
-        runner, throughput = await asyncio.get_running_loop().run_in_executor(None, self._load, start, end)
+        try:
+            runner, throughput = await asyncio.get_running_loop().run_in_executor(None, self._load, start, end)
+        except hub.HubError as e:
+            _say(f"not moving: {e}")
+            return
         self.handler.runner = runner
         self.runner, self.throughput = runner, throughput
         self.start, self.end = start, end

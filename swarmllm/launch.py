@@ -156,8 +156,12 @@ def start_dht(timeout: float = 60.0, extra: list[str] = (), **kwargs) -> SwarmPr
 def start_peer(model_dir: str, initial_peers: list[str], start: int | None = None, end: int | None = None, *,
                num_blocks: int | None = None, name: str = "peer", extra: list[str] = (), timeout: float = 120.0,
                wait: bool = True, **kwargs) -> SwarmProcess:
-    """A peer serving [start, end), or ``num_blocks`` blocks placed where the swarm is weakest."""
-    where = ["--num-blocks", str(num_blocks)] if num_blocks is not None else ["--blocks", f"{start}:{end}"]
+    """A peer serving [start, end), or ``num_blocks`` blocks placed where the swarm is weakest, or (with
+    neither) as many blocks as fit in its --max-memory."""
+    if num_blocks is not None:
+        where = ["--num-blocks", str(num_blocks)]
+    else:
+        where = ["--blocks", f"{start}:{end}"] if start is not None else []
     args = swarmllm_command("peer", model_dir, "--initial-peers", *initial_peers, *where,
                             "--host", "127.0.0.1", "--name", name, *extra)
     proc = SwarmProcess(name, args, **kwargs)

@@ -7,6 +7,7 @@ import torch
 from transformers import AutoModelForCausalLM
 
 from client import AutoDistributedModelForCausalLM
+from client.errors import MissingBlocksError
 from peer.blocks import BlockRunner
 
 
@@ -29,7 +30,15 @@ def test_bfloat16_peer_in_a_swarm(tiny_checkpoint, make_swarm):
     swarm.add_peers(path, [(0, 3)], extra=["--dtype", "bfloat16"])
     swarm.add_peers(path, [(3, 6)])
     local = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).eval()
-    remote = AutoDistributedModelForCausalLM.from_pretrained(path, swarm.initial_peers)
+    # a route mixes formats only when the client says so; by default it takes float32 (the more precise)
+    strict = AutoDistributedModelForCausalLM.from_pretrained(path, swarm.initial_peers, route_timeout=0.5)
+    try:
+        with pytest.raises(MissingBlocksError,
+                           match=r"blocks \[0, 3\) .* in format float32/none .*other formats serve it: bfloat16"):
+            strict.generate(torch.ones(1, 3, dtype=torch.long), max_new_tokens=1, pad_token_id=0)
+    finally:
+        strict.swarm.shutdown()
+    remote = AutoDistributedModelForCausalLM.from_pretrained(path, swarm.initial_peers, formats=["float32", "bfloat16"])
     try:
         ids = torch.randint(3, 250, (1, 12), generator=torch.Generator().manual_seed(0))
         with torch.inference_mode():

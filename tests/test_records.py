@@ -22,7 +22,7 @@ def make_record(**overrides) -> PeerRecord:
 
 def test_roundtrip_and_unknown_extras_are_ignored():
     r = make_record(public_name="alice", maddrs=("/ip4/127.0.0.1/tcp/1",), model_type="qwen3_moe",
-                    num_parameters=123456)
+                    num_parameters=123456, quant="nf4")
     wire = records.encode(r)
     assert records.decode(wire) == r
     assert records.decode({**wire, "future_field": [1, 2]}) == r
@@ -41,6 +41,8 @@ def test_roundtrip_and_unknown_extras_are_ignored():
     ({"model_type": "<b>llama</b>"}, "model_type"),
     ({"model_type": 3}, "'model_type'"),
     ({"num_parameters": -1}, "num_parameters"),
+    ({"quant": "fp4"}, "quant must be one of"),
+    ({"quant": 4}, "'quant'"),
 ])
 def test_malformed_fields_are_rejected(change, message):
     wire = {**records.encode(make_record()), **change}
@@ -49,10 +51,10 @@ def test_malformed_fields_are_rejected(change, message):
 
 
 def test_fields_added_later_default_when_an_older_peer_omits_them():
-    wire = records.encode(make_record(model_type="bloom", num_parameters=7))
-    del wire["model_type"], wire["num_parameters"]
+    wire = records.encode(make_record(model_type="bloom", num_parameters=7, quant="int8"))
+    del wire["model_type"], wire["num_parameters"], wire["quant"]
     r = records.decode(wire)
-    assert (r.model_type, r.num_parameters) == ("", 0)
+    assert (r.model_type, r.num_parameters, r.quant, r.format) == ("", 0, "none", "float32")
 
 
 def test_missing_field_is_named():

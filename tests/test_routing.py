@@ -5,15 +5,15 @@ from __future__ import annotations
 import pytest
 
 from client.errors import MissingBlocksError
-from client.routing import plan_route, uncovered
+from client.routing import check_format, choose_format, plan_route, uncovered
 from dht.records import PeerRecord, PeerState
 
 MODEL = "m-8L-x"
 
 
-def rec(peer, start, end, throughput=100.0, state=PeerState.ONLINE, model=MODEL, **extra):
+def rec(peer, start, end, throughput=100.0, state=PeerState.ONLINE, model=MODEL, dtype="float32", **extra):
     return PeerRecord(peer_id=peer, model_id=model, start=start, end=end, state=state, throughput=throughput,
-                      dtype="float32", cache_tokens_left=1000, version="t", **extra)
+                      dtype=dtype, cache_tokens_left=1000, version="t", **extra)
 
 
 def spans(route):
@@ -94,3 +94,34 @@ def test_ban_list_backs_off_exponentially_and_forgives_on_success():
     assert bans.fail("p") == 10.0  # capped
     bans.succeed("p")
     assert bans.banned() == set() and bans.failures("p") == 0
+
+
+def test_formats_filter_and_name_the_others():
+    records = [rec("q", 0, 8, quant="nf4", throughput=1000.0), rec("a", 0, 4), rec("b", 4, 8, dtype="bfloat16")]
+    assert [h.peer_id for h in plan_route(records, MODEL, 8, formats=["nf4"])] == ["q"]
+    assert [(h.peer_id, h.quant) for h in plan_route(records, MODEL, 8, formats=["float32/none", "bfloat16"])] == [
+        ("a", "none"), ("b", "none")]
+    with pytest.raises(MissingBlocksError, match=r"\[4, 8\).*format float32/none.*other formats serve it: "
+                                                 r"bfloat16, float32/nf4"):
+        plan_route(records, MODEL, 8, formats=["float32/none"])
+
+
+def test_choose_format_prefers_full_coverage_then_precision():
+    full_nf4 = [rec("q", 0, 8, quant="nf4")]
+    assert choose_format(full_nf4 + [rec("a", 0, 4)], MODEL, 8) == "float32/nf4"  # float32 covers half
+    assert choose_format(full_nf4 + [rec("a", 0, 4), rec("b", 4, 8)], MODEL, 8) == "float32/none"
+    assert choose_format(full_nf4 + [rec("i", 0, 8, quant="int8")], MODEL, 8) == "float32/int8"
+    assert choose_format([rec("h", 0, 8, dtype="float16"), rec("b", 0, 8, dtype="bfloat16")], MODEL, 8) == (
+        "bfloat16/none")
+    assert choose_format(full_nf4 + [rec("i", 0, 8, quant="int8")], MODEL, 8, banned={"i"}) == "float32/nf4"
+
+
+@pytest.mark.parametrize("good", ["nf4", "int8", "none", "bfloat16", "float16/int8", "float32/none"])
+def test_format_patterns(good):
+    assert check_format(good) == good
+
+
+@pytest.mark.parametrize("bad", ["fp4", "nf4/float32", "float32/", "", "float32/nf4/x"])
+def test_bad_format_patterns(bad):
+    with pytest.raises(ValueError, match="DTYPE, QUANT or DTYPE/QUANT"):
+        check_format(bad)

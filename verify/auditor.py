@@ -1,7 +1,8 @@
 """The auditor: re-runs a span a peer served on another peer serving the same blocks, and judges.
 
-Network access is injected (it never imports ``client``): ``candidates(start, end, dtype, exclude)``
-lists peers that could re-run [start, end) in that dtype, and ``replay(peer_id, start, end, hidden,
+Network access is injected (it never imports ``client``): ``candidates(start, end, dtype, quant, exclude)``
+lists peers that could re-run [start, end) in that format (peers of other formats compute other
+numbers and are never judged against each other), and ``replay(peer_id, start, end, hidden,
 position_ids, mask)`` runs the whole prefix on a peer as one stateless forward (the ordinary
 forward RPC, so the re-running peer cannot tell an audit from any other request; the audited peer
 never hears of it). A disagreement goes to a third peer (2 of 3); no majority penalises nobody.
@@ -34,6 +35,7 @@ class ServedSpan:
     position_ids: list[torch.Tensor]  # per step (batch, t)
     mask: torch.Tensor | None  # (batch, total tokens) as of the last step, or None
     outputs: list[torch.Tensor]  # per step (batch, t, hidden): what the peer answered
+    quant: str = "none"  # the peer's weight format (with dtype: whom its work may be compared with)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -45,7 +47,7 @@ class AuditResult:
     comparison: Comparison | None = None
 
 
-Candidates = Callable[[int, int, str, frozenset[str]], list[str]]
+Candidates = Callable[[int, int, str, str, frozenset[str]], list[str]]
 Replay = Callable[[str, int, int, torch.Tensor, torch.Tensor, "torch.Tensor | None"], Awaitable[torch.Tensor]]
 Publish = Callable[[AuditResult, ServedSpan], Awaitable[None]]
 
@@ -106,11 +108,11 @@ class Auditor:
 
     async def _run_elsewhere(self, span: ServedSpan, x: torch.Tensor, positions: torch.Tensor,
                              exclude: Iterable[str]) -> tuple[str | None, torch.Tensor | None]:
-        """Re-run the prefix on a randomly chosen, non-banned peer of the same dtype (trying others if
+        """Re-run the prefix on a randomly chosen, non-banned peer of the same format (trying others if
         one fails to answer)."""
         excluded = set(exclude)
         while True:
-            options = [p for p in self.candidates(span.start, span.end, span.dtype, frozenset(excluded))
+            options = [p for p in self.candidates(span.start, span.end, span.dtype, span.quant, frozenset(excluded))
                        if self.book.status(p) != Status.BANNED]
             if not options:
                 return None, None

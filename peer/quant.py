@@ -1,0 +1,234 @@
+"""Weight formats of a peer's blocks, its device, and how many blocks fit in its memory.
+
+Quantization is transformers' bitsandbytes integration unchanged: a peer passes a ``BitsAndBytesConfig``
+to ``from_pretrained`` (``peer.layout.load_part``), so the blocks hold the same ``Linear8bitLt`` /
+``Linear4bit`` modules, with the same weights, as a local ``AutoModelForCausalLM.from_pretrained(...,
+quantization_config=quantization_config(quant, dtype))``; ``quantization_config`` is the one place both
+sides build it. Only the blocks' linear layers are quantized (as transformers does: the embeddings and the
+LM head, which stay on the client, keep full precision; fused MoE expert tensors are not ``nn.Linear``
+and keep the compute dtype too).
+
+Sizing is arithmetic on the model built on the meta device (no weights read): a block's bytes are its
+linear weights at the quantized size (bitsandbytes' layout: NF4 = 4 bits plus one absmax byte per 64
+weights and a float per 256 of those; int8 = 1 byte plus a float per output row) and every other
+tensor at the compute dtype's size, plus its KV cache budget.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import re
+import warnings
+
+import psutil
+import torch
+from torch import nn
+
+QUANTS = ("none", "int8", "nf4")
+NF4_BLOCKSIZE = 64  # bitsandbytes' 4-bit blocksize: one absmax per 64 weights
+NF4_NESTED_BLOCKSIZE = 256  # with double quantization the absmaxes are themselves quantized by 256s
+CPU_SHARE = 0.8  # default --max-memory: this share of the RAM available when the peer starts
+GPU_SHARE = 0.9  # ... or of the free memory of its GPU
+# LLM.int8 multiplies in float16 whatever the compute dtype; bitsandbytes says so on every call.
+warnings.filterwarnings("ignore", message="MatMul8bitLt: inputs will be cast", category=UserWarning)
+_SIZE_RE = re.compile(r"^\s*([0-9]*\.?[0-9]+)\s*([KMGT]?i?B?)?\s*$", re.IGNORECASE)
+_UNITS = {"": 1, "B": 1, "KB": 10**3, "MB": 10**6, "GB": 10**9, "TB": 10**12,
+          "KIB": 2**10, "MIB": 2**20, "GIB": 2**30, "TIB": 2**40, "K": 2**10, "M": 2**20, "G": 2**30, "T": 2**40}
+
+
+class QuantError(RuntimeError):
+    """A weight format this machine cannot serve (no bitsandbytes, or no backend for the device)."""
+
+
+def quantization_config(quant: str, dtype: torch.dtype):
+    """The ``BitsAndBytesConfig`` for ``quant`` with compute dtype ``dtype`` (None for "none").
+
+    NF4 uses double quantization (as Petals' NF4 does): 0.127 fewer bits per weight, same outputs rule."""
+    if quant not in QUANTS:
+        raise ValueError(f"quant must be one of {QUANTS}, got {quant!r}")
+    if quant == "none":
+        return None
+    from transformers import BitsAndBytesConfig
+
+    if quant == "int8":
+        return BitsAndBytesConfig(load_in_8bit=True)
+    return BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_compute_dtype=dtype,
+                              bnb_4bit_use_double_quant=True)
+
+
+def check_backend(quant: str, device: torch.device) -> None:
+    """Raise QuantError naming the fix unless bitsandbytes can quantize and multiply on ``device``."""
+    if quant == "none":
+        return
+    try:
+        import bitsandbytes as bnb
+    except ImportError as e:
+        raise QuantError(f"--quant {quant} needs bitsandbytes, which does not import here ({e}): "
+                         "`pip install bitsandbytes` (or serve with --quant none)") from None
+    try:
+        x = torch.randn(4, NF4_BLOCKSIZE, device=device)
+        if quant == "nf4":
+            layer = bnb.nn.Linear4bit(NF4_BLOCKSIZE, NF4_BLOCKSIZE, bias=False, quant_type="nf4",
+                                      compute_dtype=torch.float32)
+        else:
+            layer = bnb.nn.Linear8bitLt(NF4_BLOCKSIZE, NF4_BLOCKSIZE, bias=False, has_fp16_weights=False)
+        layer = layer.to(device)
+        with torch.inference_mode():
+            layer(x.to(torch.float16) if quant == "int8" else x)
+    except Exception as e:  # bitsandbytes raises many types for "no kernel for this device"
+        raise QuantError(f"--quant {quant}: bitsandbytes {getattr(bnb, '__version__', '?')} has no usable backend "
+                         f"on {device} ({type(e).__name__}: {e}); serve with --quant none, or install a "
+                         "bitsandbytes build for this device") from None
+
+
+def resolve_device(name: str) -> torch.device:
+    """``auto`` -> cuda if torch sees a GPU, else mps, else cpu; anything else is checked to exist."""
+    if name == "auto":
+        if torch.cuda.is_available():
+            return torch.device("cuda")
+        if getattr(torch.backends, "mps", None) is not None and torch.backends.mps.is_available():
+            return torch.device("mps")
+        return torch.device("cpu")
+    try:
+        device = torch.device(name)
+    except RuntimeError:
+        raise ValueError(f"--device must be auto, cpu, cuda, cuda:N or mps, got {name!r}") from None
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise ValueError(f"--device {name}: torch sees no CUDA GPU here (torch {torch.__version__}); use --device cpu")
+    if device.type == "cuda" and device.index is not None and device.index >= torch.cuda.device_count():
+        raise ValueError(f"--device {name}: only {torch.cuda.device_count()} CUDA device(s) here")
+    if device.type == "mps" and not (getattr(torch.backends, "mps", None) and torch.backends.mps.is_available()):
+        raise ValueError(f"--device {name}: torch has no MPS backend here; use --device cpu")
+    if device.type not in ("cpu", "cuda", "mps"):
+        raise ValueError(f"--device must be auto, cpu, cuda, cuda:N or mps, got {name!r}")
+    return device
+
+
+def parse_size(text: str) -> int:
+    """'24GiB', '500MB', '1.5G', '123456' -> bytes (K/M/G/T alone are binary, as in free -h)."""
+    match = _SIZE_RE.match(str(text))
+    unit = (match.group(2) or "").upper() if match else None
+    if not match or unit not in _UNITS:
+        raise ValueError(f"a size like 8GiB, 500MB or 1073741824 was expected, got {text!r}")
+    return int(float(match.group(1)) * _UNITS[unit])
+
+
+def human(size: float) -> str:
+    for unit in ("B", "KiB", "MiB", "GiB"):
+        if abs(size) < 1024 or unit == "GiB":
+            return f"{size:.0f} {unit}" if unit == "B" else f"{size:.2f} {unit}"
+        size /= 1024
+    raise AssertionError
+
+
+def default_max_memory(device: torch.device) -> tuple[int, str]:
+    """(bytes, how it was chosen): a safe share of what is free on ``device`` right now."""
+    if device.type == "cuda":
+        free, _ = torch.cuda.mem_get_info(device)
+        return int(GPU_SHARE * free), f"{GPU_SHARE:.0%} of the {human(free)} free on {device}"
+    if device.type == "mps":
+        total = torch.mps.recommended_max_memory() - torch.mps.current_allocated_memory()
+        return int(GPU_SHARE * total), f"{GPU_SHARE:.0%} of the {human(total)} MPS recommends"
+    available = psutil.virtual_memory().available
+    return int(CPU_SHARE * available), f"{CPU_SHARE:.0%} of the {human(available)} of RAM available"
+
+
+def logical_numel(param: torch.Tensor) -> int:
+    """Parameters a tensor stands for: a packed 4-bit weight counts its unpacked shape."""
+    state = getattr(param, "quant_state", None)
+    if state is not None and getattr(state, "shape", None) is not None:
+        return int(torch.Size(state.shape).numel())
+    return param.numel()
+
+
+def resident_bytes(module: nn.Module) -> int:
+    """Bytes a loaded module's weights occupy: parameters, buffers, and bitsandbytes' quantization
+    statistics (kept on the weight objects, not registered as tensors of the module)."""
+    total, seen = 0, set()
+
+    def add(t):
+        nonlocal total
+        if isinstance(t, torch.Tensor) and id(t) not in seen:
+            seen.add(id(t))
+            total += t.numel() * t.element_size()
+
+    for t in list(module.parameters()) + list(module.buffers()):
+        add(t)
+        state = getattr(t, "quant_state", None)
+        if state is not None:
+            for value in state.as_dict(packed=False).values():
+                add(value)
+        add(getattr(t, "SCB", None))
+    return total
+
+
+def linear_bytes(layer: nn.Linear, quant: str, itemsize: int) -> int:
+    """Resident bytes of one linear layer's weight and bias once loaded in ``quant``."""
+    n = layer.weight.numel()
+    bias = layer.bias.numel() * itemsize if layer.bias is not None else 0
+    if quant == "nf4":
+        absmax = -(-n // NF4_BLOCKSIZE)
+        return n // 2 + absmax + 4 * -(-absmax // NF4_NESTED_BLOCKSIZE) + bias
+    if quant == "int8":
+        return n + 4 * layer.weight.shape[0] + bias
+    return n * itemsize + bias
+
+
+def block_bytes(block: nn.Module, quant: str, itemsize: int) -> int:
+    """Resident bytes of one block's weights in ``quant`` (built on the meta device; nothing is read)."""
+    total, counted = 0, set()
+    for module in block.modules():
+        if isinstance(module, nn.Linear):
+            total += linear_bytes(module, quant, itemsize)
+            counted.update(id(p) for p in module.parameters(recurse=False))
+    for p in block.parameters():
+        if id(p) not in counted:
+            total += p.numel() * itemsize
+    return total
+
+
+def kv_bytes_per_token(config, itemsize: int) -> int:
+    """KV-cache bytes one token costs in one block (keys and values; MLA-style caches included)."""
+    heads = getattr(config, "num_key_value_heads", None) or config.num_attention_heads
+    head_dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
+    key_dim = getattr(config, "qk_nope_head_dim", 0) + getattr(config, "qk_rope_head_dim", 0) or head_dim
+    value_dim = getattr(config, "v_head_dim", None) or head_dim
+    return heads * (key_dim + value_dim) * itemsize
+
+
+@dataclasses.dataclass(frozen=True)
+class Fit:
+    """How many blocks fit, and the arithmetic behind it (for the log)."""
+
+    num_blocks: int
+    budget: int  # bytes the peer may use
+    block_weights: int  # bytes of the largest block's weights in the chosen format
+    block_cache: int  # bytes of one block's KV-cache budget
+    explanation: str
+
+
+def blocks_that_fit(config, quant: str, dtype: torch.dtype, cache_tokens: int, budget: int, budget_reason: str
+                    ) -> Fit:
+    """As many blocks as ``budget`` bytes hold (weights in ``quant`` plus each block's KV cache for
+    ``cache_tokens`` tokens), at most the model's; raises ValueError naming the fixes if not even one fits."""
+    from transformers import AutoModel
+
+    from peer import layout
+
+    itemsize = torch.empty((), dtype=dtype).element_size()
+    with torch.device("meta"):
+        model = AutoModel.from_config(config)
+    _, blocks = layout.find_blocks(model)
+    weights = max(block_bytes(b, quant, itemsize) for b in blocks)
+    cache = cache_tokens * kv_bytes_per_token(config, itemsize)
+    per_block = weights + cache
+    n = min(config.num_hidden_layers, budget // per_block)
+    text = (f"max memory {human(budget)} ({budget_reason}); one block = {human(weights)} of weights "
+            f"({quant}, {str(dtype).removeprefix('torch.')}) + {human(cache)} of KV cache ({cache_tokens} tokens) "
+            f"= {human(per_block)}; {budget} // {per_block} = {budget // per_block} blocks"
+            + (f", capped at the model's {config.num_hidden_layers}" if n < budget // per_block else ""))
+    if n < 1:
+        raise ValueError(
+            f"--max-memory {human(budget)} is too small for one block of this model: {text}. Raise --max-memory, "
+            f"serve a smaller format (--quant nf4), or lower --cache-tokens")
+    return Fit(int(n), budget, weights, cache, text)

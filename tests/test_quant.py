@@ -1,0 +1,188 @@
+"""Quantized peers (bitsandbytes NF4 and LLM.int8 through transformers' quantizer integration), the
+formats rule (a route never mixes formats unless the client allows it; audits compare like with like),
+and peers that size themselves to --max-memory.
+
+One swarm for the module: a float32, an int8 and an NF4 pair of peers over the same tiny Llama."""
+
+from __future__ import annotations
+
+import sys
+
+import pytest
+import torch
+from transformers import AutoModelForCausalLM
+
+from client import AutoDistributedModelForCausalLM
+from client.errors import MissingBlocksError
+from peer import layout, quant
+from peer.blocks import BlockRunner
+from peer.config import PeerConfig
+from peer.server import Peer
+
+SPANS = [(0, 3), (3, 6)]
+QUANTS = ["nf4", "int8"]
+
+
+@pytest.fixture(scope="module")
+def path(tiny_checkpoint):
+    return tiny_checkpoint("llama")
+
+
+@pytest.fixture(scope="module")
+def swarm(make_swarm, path):
+    swarm = make_swarm()
+    for q in QUANTS:
+        swarm.add_peers(path, SPANS, extra=["--quant", q])
+    swarm.add_peers(path, SPANS)
+    return swarm
+
+
+def local_model(path: str, q: str):
+    return AutoModelForCausalLM.from_pretrained(
+        path, dtype=torch.float32, quantization_config=quant.quantization_config(q, torch.float32)).eval()
+
+
+def _prompt(length: int, seed: int) -> torch.Tensor:
+    return torch.randint(3, 250, (1, length), generator=torch.Generator().manual_seed(seed))
+
+
+@pytest.mark.parametrize("q", QUANTS)
+def test_quantized_swarm_equals_local_quantized_model(swarm, path, q):
+    """Greedy, a left-padded batch and a seeded sampled run through NF4 (int8) peers equal transformers'
+    local model loaded with the same BitsAndBytesConfig, token for token."""
+    local = local_model(path, q)
+    remote = AutoDistributedModelForCausalLM.from_pretrained(path, swarm.initial_peers, formats=[q],
+                                                             max_chunk_tokens=5)
+    try:
+        assert {h.quant for h in remote.swarm.route()} == {q}
+        ids = _prompt(9, seed=1)
+        kwargs = dict(max_new_tokens=10, do_sample=False, pad_token_id=0)
+        assert remote.generate(ids, **kwargs).tolist() == local.generate(ids, **kwargs).tolist()
+
+        lengths = [3, 8, 6]
+        batch = torch.zeros(len(lengths), 8, dtype=torch.long)
+        mask = torch.zeros_like(batch)
+        for row, n in enumerate(lengths):
+            batch[row, 8 - n:] = _prompt(n, seed=10 + row)[0]
+            mask[row, 8 - n:] = 1
+        kwargs = dict(attention_mask=mask, max_new_tokens=6, do_sample=False, pad_token_id=0)
+        assert remote.generate(batch, **kwargs).tolist() == local.generate(batch, **kwargs).tolist()
+
+        kwargs = dict(max_new_tokens=8, do_sample=True, top_k=20, pad_token_id=0)
+        torch.manual_seed(7)
+        ref = local.generate(ids, **kwargs)
+        torch.manual_seed(7)
+        assert remote.generate(ids, **kwargs).tolist() == ref.tolist()
+    finally:
+        remote.swarm.shutdown()
+
+
+def test_default_route_takes_one_format_the_most_precise(swarm, path):
+    """With no formats given, a session uses the float32 peers only (NF4 and int8 cover the model too)."""
+    remote = AutoDistributedModelForCausalLM.from_pretrained(path, swarm.initial_peers)
+    try:
+        assert {(h.dtype, h.quant) for h in remote.swarm.route()} == {("float32", "none")}
+        formats = {r.format for r in remote.swarm.core.records}
+        assert formats == {"float32", "float32/int8", "float32/nf4"}
+        ids = _prompt(7, seed=3)
+        local = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).eval()
+        kwargs = dict(max_new_tokens=6, do_sample=False, pad_token_id=0)
+        assert remote.generate(ids, **kwargs).tolist() == local.generate(ids, **kwargs).tolist()
+        # audits re-run a span only on a peer of the same format
+        by_format = {r.format: r.peer_id for r in remote.swarm.core.records if r.start == 0}
+        core = remote.swarm.core
+        assert core._audit_candidates(0, 3, "float32", "nf4", frozenset()) == [by_format["float32/nf4"]]
+        assert core._audit_candidates(0, 3, "float32", "none", frozenset()) == [by_format["float32"]]
+    finally:
+        remote.swarm.shutdown()
+
+
+def test_a_format_nobody_serves_is_a_clear_error(swarm, path):
+    remote = AutoDistributedModelForCausalLM.from_pretrained(path, swarm.initial_peers, formats=["bfloat16"],
+                                                             route_timeout=0.5)
+    try:
+        with pytest.raises(MissingBlocksError, match=r"format bfloat16.*other formats serve it: float32"):
+            remote.generate(_prompt(4, seed=0), max_new_tokens=2, pad_token_id=0)
+    finally:
+        remote.swarm.shutdown()
+    with pytest.raises(ValueError, match="DTYPE, QUANT or DTYPE/QUANT"):
+        AutoDistributedModelForCausalLM.from_pretrained(path, swarm.initial_peers, formats=["fp4"])
+
+
+def _fit(path: str, q: str, blocks: int, cache_tokens: int = 16384) -> int:
+    """A --max-memory that holds exactly ``blocks`` blocks (and half a block more)."""
+    one = quant.blocks_that_fit(layout.load_config(path), q, torch.float32, cache_tokens, 10**12, "test")
+    per_block = one.block_weights + one.block_cache
+    return blocks * per_block + per_block // 2
+
+
+def test_peer_without_blocks_takes_as_many_as_fit(swarm, path):
+    budget = _fit(path, "nf4", 3)
+    peer = swarm.add_peers(path, [(None, None)], extra=["--quant", "nf4", "--max-memory", str(budget),
+                                                        "--placement-jitter", "0", "--balance-period", "0"])[0]
+    try:
+        start, end = peer.ready["blocks"]
+        assert end - start == 3
+        assert "sizing: max memory" in peer.stderr_tail(20000)
+    finally:
+        swarm.stop([peer])
+
+
+def test_sizing_errors_name_the_fix(path):
+    with pytest.raises(SystemExit, match="too small for one block.*--quant nf4"):
+        Peer(PeerConfig(model_dir=path, start=None, end=None, max_memory=1000))
+    with pytest.raises(SystemExit, match="6 blocks do not fit in --max-memory"):
+        Peer(PeerConfig(model_dir=path, start=0, end=6, max_memory=_fit(path, "none", 2)))
+    assert Peer(PeerConfig(model_dir=path, start=None, end=None, quant="nf4",
+                           max_memory=_fit(path, "nf4", 4))).num_blocks == 4
+    # quantized blocks are counted at their quantized size: the same budget holds more of them
+    assert (Peer(PeerConfig(model_dir=path, start=None, end=None, max_memory=_fit(path, "int8", 5, 16),
+                            cache_tokens=16, quant="int8")).num_blocks
+            > Peer(PeerConfig(model_dir=path, start=None, end=None, max_memory=_fit(path, "int8", 5, 16),
+                              cache_tokens=16)).num_blocks)
+
+
+def test_estimated_block_size_matches_what_loads(path):
+    """The sizing arithmetic is within 10 % of the bytes a loaded block really holds, for each format."""
+    config = layout.load_config(path)
+    for q in ("none", "int8", "nf4"):
+        runner = BlockRunner(path, 0, 6, quant=q)
+        fit = quant.blocks_that_fit(config, q, torch.float32, 1, 10**12, "test")
+        assert abs(6 * fit.block_weights - runner.weight_bytes) <= 0.1 * runner.weight_bytes, q
+
+
+def test_quant_without_bitsandbytes_is_a_clear_error(path, monkeypatch):
+    monkeypatch.setitem(sys.modules, "bitsandbytes", None)  # import bitsandbytes now raises ImportError
+    with pytest.raises(quant.QuantError, match="pip install bitsandbytes"):
+        quant.check_backend("nf4", torch.device("cpu"))
+    with pytest.raises(SystemExit, match="--quant int8 needs bitsandbytes"):
+        Peer(PeerConfig(model_dir=path, start=0, end=3, quant="int8"))
+
+
+def test_device_names():
+    assert quant.resolve_device("cpu") == torch.device("cpu")
+    if torch.cuda.is_available():
+        assert quant.resolve_device("auto").type == "cuda"
+    with pytest.raises(ValueError, match="--device must be"):
+        quant.resolve_device("tpu")
+    if not torch.cuda.is_available():
+        with pytest.raises(ValueError, match="no CUDA GPU"):
+            quant.resolve_device("cuda")
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA GPU on this machine")
+@pytest.mark.parametrize("q", ["none", "nf4", "int8"])
+def test_cuda_blocks_equal_local_on_cuda(path, q):
+    """The same blocks on CUDA give the hidden states of transformers' local model on CUDA."""
+    config = quant.quantization_config(q, torch.float32)
+    local = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32, quantization_config=config,
+                                                 device_map={"": "cuda"}).eval()
+    first, second = BlockRunner(path, 0, 3, device="cuda", quant=q), BlockRunner(path, 3, 6, device="cuda", quant=q)
+    ids = _prompt(9, seed=2).cuda()
+    with torch.inference_mode():
+        ref = local.model(ids, output_hidden_states=True)
+        pos = torch.arange(9, device="cuda")[None]
+        mid = first.forward(ref.hidden_states[0], pos, None, first.new_cache())
+        out = second.forward(mid, pos, None, second.new_cache())
+        assert torch.equal(mid, ref.hidden_states[3])
+        assert torch.equal(local.model.norm(out), ref.last_hidden_state)
