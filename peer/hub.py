@@ -10,7 +10,8 @@ every shard is fetched (correct, just larger); loading itself stays transformers
 raises if a needed tensor is missing).
 
 ``from_pretrained`` expects every shard its index names, so a part is loaded from a *view*: a folder of
-links to the fetched files with an index trimmed to them, under ``~/.cache/swarmllm/parts``, written
+links to the fetched files with an index trimmed to them, under ``$SWARMLLM_CACHE/parts`` (default
+``~/.cache/swarmllm/parts``), written
 into a temporary folder and renamed into place (never half-written). A failed download (unknown repo,
 revision or file, full disk) raises HubError naming the fix and removes huggingface_hub's partial
 ``.incomplete`` files of that repo.
@@ -35,7 +36,6 @@ SINGLE_FILE = "model.safetensors"
 METADATA_FILES = ("config.json", "generation_config.json")
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "tokenizer.model",
                    "vocab.json", "merges.txt", "added_tokens.json", "chat_template.jinja")
-VIEWS_DIR = os.path.join(os.path.expanduser("~"), ".cache", "swarmllm", "parts")
 DISK_MARGIN = 2**30  # bytes left free after a download
 _REPO_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._\-]*/[A-Za-z0-9._\-]+(@[A-Za-z0-9._\-/]+)?$")
 
@@ -67,6 +67,11 @@ def _cache_dir() -> str:
     from huggingface_hub import constants
 
     return os.environ.get("HF_HUB_CACHE") or constants.HF_HUB_CACHE
+
+
+def _views_dir() -> str:
+    root = os.environ.get("SWARMLLM_CACHE") or os.path.join(os.path.expanduser("~"), ".cache", "swarmllm")
+    return os.path.join(root, "parts")
 
 
 def _clean_partial(repo_id: str) -> None:
@@ -204,11 +209,12 @@ def _view(snapshot: str, index: dict, files: list[str]) -> str:
     kept = set(files)
     trimmed = {**index, "weight_map": {k: v for k, v in index["weight_map"].items() if v in kept}}
     key = hashlib.sha256(json.dumps([os.path.realpath(snapshot), sorted(kept)]).encode()).hexdigest()[:16]
-    target = os.path.join(VIEWS_DIR, key)
+    views = _views_dir()
+    target = os.path.join(views, key)
     if os.path.isfile(os.path.join(target, INDEX_FILE)):
         return target
-    os.makedirs(VIEWS_DIR, exist_ok=True)
-    staging = tempfile.mkdtemp(prefix=".view-", dir=VIEWS_DIR)
+    os.makedirs(views, exist_ok=True)
+    staging = tempfile.mkdtemp(prefix=".view-", dir=views)
     try:
         for name in os.listdir(snapshot):
             if name != INDEX_FILE and (name in kept or not name.endswith(".safetensors")):
