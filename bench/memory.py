@@ -1,5 +1,10 @@
 """Memory benchmark: each peer's resident memory next to the bytes of the block weights it serves.
 
+With ``--quant none,int8,nf4``: the same blocks served in each weight format (a random Llama of ~330M
+parameters unless --model-dir), each peer's resident memory and weight bytes against the float16 size
+of its blocks, and per-token latency through the swarm against local transformers loaded with the
+same quantization, measured in the same run.
+
 A DHT node and 3 peers of SmolLM2-135M-Instruct on loopback, once per ``--dtypes`` entry. RSS is read
 from /proc/<pid>/status (VmRSS) for the peer's own process, and summed over its process group (its
 hivemind DHT child and p2pd daemon) for the whole footprint; once when the peers are ready, and again
@@ -7,6 +12,7 @@ after a generation (``--prompt-tokens`` + ``--new-tokens``, so the KV caches hav
 runtime baseline is a fresh interpreter that imported what a peer imports, with no weights.
 
     .venv/bin/python -m bench.memory [--dtypes float32 bfloat16]
+    .venv/bin/python -m bench.memory --quant none,int8,nf4
 """
 
 from __future__ import annotations
@@ -21,7 +27,8 @@ from safetensors import safe_open
 
 from bench import harness
 from client import AutoDistributedModelForCausalLM
-from peer import layout
+from peer import layout, quant
+from swarmllm import checkpoints
 
 BLOCK_PREFIX = "model.layers."  # Llama-style checkpoints name block i's tensors model.layers.<i>.*
 
@@ -102,14 +109,100 @@ def measure(args, model_dir, spans, ids, pad, dtype: str, runtime: int) -> list[
     return rows
 
 
+QUANT_MODEL = dict(vocab_size=32000, hidden_size=1024, intermediate_size=4096, num_hidden_layers=16,
+                   num_attention_heads=16, num_key_value_heads=16, max_position_embeddings=2048)
+
+
+def quant_model(log) -> str:
+    """A random Llama of ~330M parameters (268M in its 16 blocks), built once into the swarmllm cache."""
+    path = os.path.join(checkpoints.DEFAULT_CACHE, "bench-llama-330m")
+    if not os.path.isfile(os.path.join(path, "config.json")):
+        log(f"building a random {QUANT_MODEL['num_hidden_layers']}-block Llama in {path} (once)")
+        checkpoints.tiny("llama", path + ".tmp", seed=0, **QUANT_MODEL)
+        os.replace(path + ".tmp", path)
+    return path
+
+
+def measure_quant(args, model_dir: str, spans, ids: torch.Tensor, q: str, runtime: int) -> list[dict]:
+    """One swarm of peers in format ``q``: memory per peer, and per-token latency against local."""
+    from transformers import AutoModelForCausalLM
+
+    gen = dict(max_new_tokens=args.new_tokens, min_new_tokens=args.new_tokens, do_sample=False, pad_token_id=0)
+    local = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32,
+                                                 quantization_config=quant.quantization_config(q, torch.float32))
+    clock = harness.TokenClock()
+    local.generate(ids, logits_processor=[clock], **gen)
+    local_ms = 1000 * harness.median(clock.per_token)
+    del local
+    rows = []
+    extra = ["--quant", q, "--num-threads", str(args.threads)]
+    with harness.BenchSwarm(model_dir, spans, extra=extra) as swarm:
+        model = AutoDistributedModelForCausalLM.from_pretrained(model_dir, swarm.initial_peers, reputation_path=None,
+                                                                formats=[f"float32/{q}"])
+        try:
+            clock = harness.TokenClock()
+            model.generate(ids, logits_processor=[clock], **gen)
+            swarm_ms = 1000 * harness.median(clock.per_token)
+            route = model.swarm.route()
+            stats = [model.swarm.loop.run(model.swarm.core.transport.info(h.peer_id, timeout=10))[0] for h in route]
+        finally:
+            model.swarm.shutdown()
+        for p, (a, b), st in zip(swarm.peers, spans, sorted(stats, key=lambda st: st["start"])):
+            rss = rss_bytes(p.pid)
+            fp16 = 2 * st["num_parameters"]
+            rows.append({"quant": q, "blocks": [a, b], "num_parameters": st["num_parameters"],
+                         "fp16_bytes": fp16, "weight_bytes": st["weight_bytes"], "rss_bytes": rss,
+                         "rss_anon_bytes": rss_bytes(p.pid, "RssAnon"), "rss_file_bytes": rss_bytes(p.pid, "RssFile"),
+                         "resident_bytes": rss - runtime, "weights_over_fp16": st["weight_bytes"] / fp16,
+                         "resident_over_fp16": (rss - runtime) / fp16,
+                         "swarm_ms_per_token": swarm_ms, "local_ms_per_token": local_ms})
+    return rows
+
+
+def quant_main(args) -> None:
+    torch.set_num_threads(args.threads)
+    model_dir = args.model_dir or quant_model(_say)
+    config = layout.load_config(model_dir)
+    spans = harness.split_blocks(config.num_hidden_layers, args.peers)
+    ids = torch.randint(3, config.vocab_size, (1, args.prompt_tokens), generator=torch.Generator().manual_seed(0))
+    runtime = runtime_rss_bytes()
+    rows = []
+    for q in args.quant.split(","):
+        _say(f"{q}: local transformers, then a DHT node and {len(spans)} peers")
+        rows += measure_quant(args, model_dir, spans, ids, q, runtime)
+    mib = 2**20
+    print(harness.table(
+        ["quant", "blocks", "params (M)", "fp16 MiB", "weights MiB", "weights / fp16", "RSS MiB",
+         "RSS - runtime MiB", "(RSS - runtime) / fp16", "swarm ms/token", "local ms/token", "swarm / local"],
+        [[r["quant"], f"[{r['blocks'][0]}, {r['blocks'][1]})", r["num_parameters"] / 1e6, r["fp16_bytes"] / mib,
+          r["weight_bytes"] / mib, f"{r['weights_over_fp16']:.3f}", r["rss_bytes"] / mib, r["resident_bytes"] / mib,
+          f"{r['resident_over_fp16']:.3f}", r["swarm_ms_per_token"], r["local_ms_per_token"],
+          f"{r['swarm_ms_per_token'] / r['local_ms_per_token']:.2f}"] for r in rows]))
+    print(f"\nruntime: a fresh interpreter that imported the peer's modules holds {runtime / mib:.0f} MiB with no "
+          f"weights; targets: NF4 weights <= 0.30 x fp16, int8 <= 0.55 x fp16")
+    path = harness.write_results("memory_quant", {"model_dir": model_dir, "spans": spans, "runtime_rss_bytes": runtime,
+                                                  "peers": rows}, args)
+    print(f"\nwrote {path}")
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--model-dir", default=None, help="checkpoint (default: SmolLM2-135M-Instruct)")
+    parser.add_argument("--model-dir", default=None, help="checkpoint (default: SmolLM2-135M-Instruct; with "
+                                                          "--quant, a random ~330M-parameter Llama)")
+    parser.add_argument("--quant", default=None, metavar="Q[,Q...]",
+                        help="compare weight formats (none, int8, nf4) on the same blocks instead of dtypes")
+    parser.add_argument("--threads", type=int, default=1, help="torch threads here and in each peer")
     parser.add_argument("--peers", type=int, default=3)
     parser.add_argument("--dtypes", nargs="+", default=["float32"], choices=["float32", "bfloat16", "float16"])
     parser.add_argument("--prompt-tokens", type=int, default=256)
     parser.add_argument("--new-tokens", type=int, default=32)
     args = parser.parse_args()
+    if args.quant:
+        if args.prompt_tokens == parser.get_default("prompt_tokens"):
+            args.prompt_tokens = 32
+        if args.new_tokens == parser.get_default("new_tokens"):
+            args.new_tokens = 16
+        return quant_main(args)
 
     work = harness.workload(args, _say)
     model_dir, spans, ids = work.model_dir, work.spans, work.ids

@@ -26,7 +26,7 @@ from torch import nn
 from transformers import AutoModel, DynamicCache, PretrainedConfig
 
 from peer import layout, wire
-from peer.quant import check_backend as quant_check, logical_numel, quantization_config, resident_bytes
+from peer.quant import check_backend as quant_check, logical_numel, quantization_config, release_checkpoint_pages, resident_bytes
 from peer.layout import load_config, span_config  # noqa: F401  (re-exported: the peer's config readers)
 
 logger = logging.getLogger(__name__)
@@ -76,6 +76,7 @@ class BlockRunner:
         else:  # bitsandbytes modules are placed while loading (transformers refuses .to() on some of them)
             module = layout.load_part(model_dir, base_cls, range(start, end), keep_outside=False, dtype=self.dtype,
                                       quantization_config=bnb_config, device_map={"": str(self.device)})
+            release_checkpoint_pages(module)
         module.eval()
         self.blocks_attr = module._swarm_blocks_path  # "layers", "h", …: a direct child of the base model
         if "." in self.blocks_attr:

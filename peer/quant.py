@@ -16,9 +16,11 @@ tensor at the compute dtype's size, plus its KV cache budget.
 
 from __future__ import annotations
 
+import ctypes
 import dataclasses
+import gc
+import logging
 import re
-import warnings
 
 import psutil
 import torch
@@ -29,8 +31,16 @@ NF4_BLOCKSIZE = 64  # bitsandbytes' 4-bit blocksize: one absmax per 64 weights
 NF4_NESTED_BLOCKSIZE = 256  # with double quantization the absmaxes are themselves quantized by 256s
 CPU_SHARE = 0.8  # default --max-memory: this share of the RAM available when the peer starts
 GPU_SHARE = 0.9  # ... or of the free memory of its GPU
-# LLM.int8 multiplies in float16 whatever the compute dtype; bitsandbytes says so on every call.
-warnings.filterwarnings("ignore", message="MatMul8bitLt: inputs will be cast", category=UserWarning)
+
+
+class _Int8CastNotice(logging.Filter):
+    """LLM.int8 multiplies in float16 whatever the compute dtype, and bitsandbytes logs so on every call."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return not str(record.msg).startswith("MatMul8bitLt: inputs will be cast")
+
+
+logging.getLogger("bitsandbytes.autograd._functions").addFilter(_Int8CastNotice())
 _SIZE_RE = re.compile(r"^\s*([0-9]*\.?[0-9]+)\s*([KMGT]?i?B?)?\s*$", re.IGNORECASE)
 _UNITS = {"": 1, "B": 1, "KB": 10**3, "MB": 10**6, "GB": 10**9, "TB": 10**12,
           "KIB": 2**10, "MIB": 2**20, "GIB": 2**30, "TIB": 2**40, "K": 2**10, "M": 2**20, "G": 2**30, "T": 2**40}
@@ -131,6 +141,28 @@ def default_max_memory(device: torch.device) -> tuple[int, str]:
         return int(GPU_SHARE * total), f"{GPU_SHARE:.0%} of the {human(total)} MPS recommends"
     available = psutil.virtual_memory().available
     return int(CPU_SHARE * available), f"{CPU_SHARE:.0%} of the {human(available)} of RAM available"
+
+
+def release_checkpoint_pages(module: nn.Module) -> None:
+    """After loading quantized blocks: give back the memory the full-precision checkpoint still holds.
+
+    The tensors that stay in full precision (norms, biases, fused experts) are views of the checkpoint's
+    memory mapping, which keeps the whole mapping, and every page the quantizer read through it, resident
+    (measured: +335 MiB of RssFile for 80 MiB of int8 blocks). Copying them (small) lets the mapping go;
+    malloc_trim returns the quantizer's freed full-precision temporaries to the OS (glibc only)."""
+    with torch.no_grad():
+        for sub in module.modules():
+            for name, param in list(sub.named_parameters(recurse=False)):
+                if param.dtype.is_floating_point and getattr(param, "quant_state", None) is None:
+                    param.data = param.data.clone()
+            for name, buf in list(sub.named_buffers(recurse=False)):
+                if buf is not None and buf.dtype.is_floating_point:
+                    sub._buffers[name] = buf.clone()
+    gc.collect()
+    try:
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
+    except (OSError, AttributeError):  # not glibc: the allocator keeps what it keeps
+        pass
 
 
 def logical_numel(param: torch.Tensor) -> int:
