@@ -292,7 +292,10 @@ class Peer:
     # ---- placement ------------------------------------------------------------------------------------
 
     async def _others(self) -> list[PeerRecord]:
-        return [r for r in await directory.fetch_peers(self.dht, self.model_id) if r.peer_id != self.identity.peer_id]
+        """The other peers of this model in this peer's format: a client routes through one format at a
+        time (client.routing), so a format's coverage is what makes it usable, and placement fills it."""
+        return [r for r in await directory.fetch_peers(self.dht, self.model_id)
+                if r.peer_id != self.identity.peer_id and (r.dtype, r.quant) == (self.cfg.dtype, self.cfg.quant)]
 
     async def _choose_start(self) -> int:
         throughputs = placement.block_throughputs(await self._others(), self.num_model_blocks)

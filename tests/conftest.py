@@ -39,13 +39,18 @@ def tiny_checkpoint(tmp_path_factory):
     return make
 
 
+# Test peers compute on the CPU, as the local transformers models they are compared with do (a peer's
+# default, --device auto, would take a GPU where there is one); tests/test_quant.py covers CUDA.
+CPU = ["--device", "cpu"]
+
+
 class Swarm(launch.LocalSwarm):
     """A DHT node plus peers, each a real process; stop() stops every one of them by PID."""
 
     def add_peers(self, model_dir: str, spans: list[tuple[int, int]], extra: list[str] = ()) -> list[launch.SwarmProcess]:
         """Start one peer per span concurrently and wait for all of them."""
         started = [self._track(launch.start_peer(model_dir, self.initial_peers, a, b, name=f"peer{a}-{b}",
-                                                 extra=list(extra), wait=False, forked=self.forked))
+                                                 extra=[*CPU, *extra], wait=False, forked=self.forked))
                    for a, b in spans]
         for p in started:
             p.wait_ready(timeout=180)
@@ -55,7 +60,7 @@ class Swarm(launch.LocalSwarm):
                        wait: bool = True) -> list[launch.SwarmProcess]:
         """Start ``count`` peers with --num-blocks at the same moment."""
         started = [self._track(launch.start_peer(model_dir, self.initial_peers, num_blocks=num_blocks,
-                                                 name=f"auto{len(self.procs)}", extra=list(extra), wait=False,
+                                                 name=f"auto{len(self.procs)}", extra=[*CPU, *extra], wait=False,
                                                  forked=self.forked))
                    for _ in range(count)]
         if wait:

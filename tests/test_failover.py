@@ -14,6 +14,7 @@ from transformers import AutoModelForCausalLM, LogitsProcessor, LogitsProcessorL
 
 from client import AutoDistributedModelForCausalLM, MissingBlocksError
 from swarmllm import launch
+from tests.conftest import CPU
 
 SPANS = [(0, 3), (3, 6)]
 CLIENT_OPTIONS = dict(step_timeout=3.0, refresh_period=1.0, route_timeout=30.0, ban_base=1.0)
@@ -40,7 +41,7 @@ class Fleet:
 
     def add(self, spans, wait=True):
         procs = [launch.start_peer(self.path, self.swarm.initial_peers, a, b, name=f"peer{a}-{b}", wait=False,
-                                   forked=self.swarm.forked) for a, b in spans]
+                                   forked=self.swarm.forked, extra=CPU) for a, b in spans]
         self.swarm.procs.extend(procs)
         if wait:
             self.wait(procs)

@@ -16,6 +16,7 @@ from client import AutoDistributedModelForCausalLM
 from peer import hub, layout
 from peer.blocks import BlockRunner
 from swarmllm import launch
+from tests.conftest import CPU
 from tests.hubserver import HubServer
 
 REPO = "swarm-test/tiny-llama"
@@ -117,7 +118,7 @@ def test_peer_process_serves_blocks_of_a_hub_id(server, sharded, make_swarm, tmp
     swarm = make_swarm()
     env = {**server.env(tmp_path / "hub"), "SWARMLLM_CACHE": str(tmp_path / "swarmllm")}
     peer = swarm._track(launch.start_peer(REPO, swarm.initial_peers, 0, 3, name="hubpeer", env=env, forked=False,
-                                          wait=False))
+                                          wait=False, extra=CPU))
     swarm.add_peers(sharded, [(3, 6)])
     peer.wait_ready(timeout=180)
     fetched = {f for f in server.fetched(REPO) if f.endswith(".safetensors")}
