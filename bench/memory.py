@@ -123,6 +123,31 @@ def quant_model(log) -> str:
     return path
 
 
+_LOAD_CODE = """
+import sys, torch
+torch.set_num_threads(1)
+from peer.blocks import BlockRunner
+def rss():
+    return sum(int(l.split()[1]) for l in open('/proc/self/status') if l.startswith(('RssAnon:', 'RssFile:'))) * 1024
+before = rss()
+runner = BlockRunner(sys.argv[1], 0, int(sys.argv[3]), quant=sys.argv[2])
+print(rss() - before, runner.weight_bytes)
+"""
+
+
+def resident_per_block(model_dir: str, q: str, blocks: int) -> tuple[float, int]:
+    """(resident bytes one more block costs, its weight bytes): RSS growth of a fresh process loading
+    1 block and ``blocks`` blocks in format ``q``; the difference over ``blocks - 1`` leaves out what
+    does not grow with blocks (the loading machinery)."""
+    grown = []
+    for n in (1, blocks):
+        done = subprocess.run([sys.executable, "-c", _LOAD_CODE, model_dir, q, str(n)], capture_output=True,
+                              text=True, timeout=600, check=True)
+        grown.append([int(x) for x in done.stdout.split()[-2:]])
+    (rss_1, w_1), (rss_n, w_n) = grown
+    return (rss_n - rss_1) / (blocks - 1), (w_n - w_1) // (blocks - 1)
+
+
 def measure_quant(args, model_dir: str, spans, ids: torch.Tensor, q: str, runtime: int) -> list[dict]:
     """One swarm of peers in format ``q``: memory per peer, and per-token latency against local."""
     from transformers import AutoModelForCausalLM
@@ -159,6 +184,14 @@ def measure_quant(args, model_dir: str, spans, ids: torch.Tensor, q: str, runtim
     return rows
 
 
+def _one_block(config):
+    """Block 0 of the model, built on the meta device (for its parameter count)."""
+    from transformers import AutoModel
+
+    with torch.device("meta"):
+        return layout.find_blocks(AutoModel.from_config(config))[1][0]
+
+
 def quant_main(args) -> None:
     torch.set_num_threads(args.threads)
     model_dir = args.model_dir or quant_model(_say)
@@ -166,11 +199,21 @@ def quant_main(args) -> None:
     spans = harness.split_blocks(config.num_hidden_layers, args.peers)
     ids = torch.randint(3, config.vocab_size, (1, args.prompt_tokens), generator=torch.Generator().manual_seed(0))
     runtime = runtime_rss_bytes()
-    rows = []
+    rows, marginal = [], []
+    fp16_block = 2 * sum(p.numel() for p in _one_block(config).parameters())
     for q in args.quant.split(","):
+        _say(f"{q}: resident memory per block (1 and {args.marginal_blocks} blocks loaded in fresh processes)")
+        per_block, weights = resident_per_block(model_dir, q, args.marginal_blocks)
+        marginal.append({"quant": q, "resident_per_block_bytes": per_block, "weight_bytes_per_block": weights,
+                         "fp16_bytes_per_block": fp16_block, "resident_over_fp16": per_block / fp16_block})
         _say(f"{q}: local transformers, then a DHT node and {len(spans)} peers")
         rows += measure_quant(args, model_dir, spans, ids, q, runtime)
     mib = 2**20
+    print(harness.table(
+        ["quant", "fp16 MiB per block", "weights MiB per block", "resident MiB per block", "resident / fp16"],
+        [[m["quant"], m["fp16_bytes_per_block"] / mib, m["weight_bytes_per_block"] / mib,
+          m["resident_per_block_bytes"] / mib, f"{m['resident_over_fp16']:.3f}"] for m in marginal]))
+    print()
     print(harness.table(
         ["quant", "blocks", "params (M)", "fp16 MiB", "weights MiB", "weights / fp16", "RSS MiB",
          "RSS - runtime MiB", "(RSS - runtime) / fp16", "swarm ms/token", "local ms/token", "swarm / local"],
@@ -181,7 +224,7 @@ def quant_main(args) -> None:
     print(f"\nruntime: a fresh interpreter that imported the peer's modules holds {runtime / mib:.0f} MiB with no "
           f"weights; targets: NF4 weights <= 0.30 x fp16, int8 <= 0.55 x fp16")
     path = harness.write_results("memory_quant", {"model_dir": model_dir, "spans": spans, "runtime_rss_bytes": runtime,
-                                                  "peers": rows}, args)
+                                                  "per_block": marginal, "peers": rows}, args)
     print(f"\nwrote {path}")
 
 
@@ -192,6 +235,8 @@ def main() -> None:
     parser.add_argument("--quant", default=None, metavar="Q[,Q...]",
                         help="compare weight formats (none, int8, nf4) on the same blocks instead of dtypes")
     parser.add_argument("--threads", type=int, default=1, help="torch threads here and in each peer")
+    parser.add_argument("--marginal-blocks", type=int, default=6,
+                        help="with --quant: resident memory per block = RSS(this many blocks) - RSS(1), divided")
     parser.add_argument("--peers", type=int, default=3)
     parser.add_argument("--dtypes", nargs="+", default=["float32"], choices=["float32", "bfloat16", "float16"])
     parser.add_argument("--prompt-tokens", type=int, default=256)
