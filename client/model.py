@@ -20,6 +20,7 @@ import torch
 from torch import nn
 from transformers import AutoConfig, AutoModelForCausalLM, PretrainedConfig
 from transformers.cache_utils import Cache
+from transformers.generation.configuration_utils import GenerationMode
 
 from client.errors import SwarmError
 from client.swarm import ClientConfig, RemoteSession, RemoteSwarm
@@ -28,6 +29,7 @@ from peer import layout, wire
 
 logger = logging.getLogger(__name__)
 
+MAX_DRAFT_OVERSHOOT = 64  # tokens a session is sized beyond max_length for speculative decoding
 MAX_REDOS = 3  # with verify_mode="redo": generations re-done after an audit caught a lying peer
 
 
@@ -45,6 +47,12 @@ class RemoteCache(Cache):
 
     def get_max_length(self, layer_idx: int | None = None) -> int:
         return self.session.max_length
+
+    def crop(self, tokens_to_remove: int) -> None:
+        """Roll back (transformers' speculative decoding drops rejected draft tokens): ``-k`` removes k
+        tokens and 0 none, as transformers' caches do; a positive value is the older API's length to keep."""
+        keep = self.session.position + tokens_to_remove if tokens_to_remove <= 0 else tokens_to_remove
+        self.session.crop(keep)
 
 
 class _SwarmCall(threading.local):
@@ -194,7 +202,12 @@ class DistributedMixin:
         if generation_config.num_beams > 1:
             raise NotImplementedError("beam search is not supported through the swarm yet: use greedy or sampling")
         effective_batch = generation_config.num_return_sequences * batch_size
-        session = self.swarm.open_session(effective_batch, max_cache_length + 1)
+        length = max_cache_length + 1
+        if generation_mode == GenerationMode.ASSISTED_GENERATION:
+            # the last check of a draft may run past max_length before its extra tokens are rolled back
+            draft = generation_config.prompt_lookup_num_tokens or generation_config.num_assistant_tokens or 0
+            length += 1 + min(int(draft), MAX_DRAFT_OVERSHOOT)
+        session = self.swarm.open_session(effective_batch, length)
         self._generate_sessions.append(session)
         model_kwargs["past_key_values"] = RemoteCache(session)
 

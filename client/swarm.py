@@ -86,6 +86,13 @@ class StepInput:
     position_ids: torch.Tensor  # (batch, t)
     mask: torch.Tensor | None  # (batch, offset + t)
     offset: int
+    rewrite: bool = False  # the peer first drops what it holds from ``offset`` on (a rolled-back draft)
+
+    def truncated(self, length: int) -> "StepInput":
+        """This step cut to the tokens before ``length`` (which must lie inside it)."""
+        keep = length - self.offset
+        return dataclasses.replace(self, hidden=self.hidden[:, :keep], position_ids=self.position_ids[:, :keep],
+                                   mask=None if self.mask is None else self.mask[:, :length])
 
 
 class Equivocation(PeerError):
@@ -113,6 +120,8 @@ class HopSession:
     def send(self, x: StepInput, chain: list[dict] | None = None) -> None:
         """Send one step; with ``chain`` the peer pushes its output on along it."""
         meta = {"op": "step", "session_id": self.session_id, "offset": x.offset}
+        if x.rewrite:
+            meta["rewrite"] = True
         if chain:
             meta["next"] = chain
         self.stream.send(meta, [x.hidden, x.position_ids] + ([] if x.mask is None else [x.mask]))
@@ -139,6 +148,19 @@ class HopSession:
         self.history.append(x)
         self.outputs.append(out[0])
         return meta, out[0]
+
+    def truncate(self, length: int) -> None:
+        """Forget every token from ``length`` on (rolled back): replays and audits see only what stays."""
+        kept, outs = [], []
+        for x, out in zip(self.history, self.outputs):
+            tokens = x.hidden.shape[1]
+            if x.offset >= length:
+                break
+            if x.offset + tokens > length:
+                x, out = x.truncated(length), out[:, :length - x.offset]
+            kept.append(x)
+            outs.append(out)
+        self.history, self.outputs = kept, outs
 
     async def step(self, x: StepInput, timeout: float, probe=None) -> torch.Tensor:
         """Send one step and wait for its result (client-relayed)."""
@@ -347,6 +369,7 @@ class SessionCore:
         self.swarm, self.batch_size, self.max_length, self.rpc = swarm, batch_size, max_length, rpc
         self.hops: list[HopSession] = []
         self.position = 0  # tokens every hop holds
+        self.rewind = False  # the next step rewrites from ``position`` (tokens after it were rolled back)
         self.formats: tuple[str, ...] | None = swarm.cfg.formats  # pinned to one format at open if None
 
     async def open(self) -> None:
@@ -403,6 +426,18 @@ class SessionCore:
             raise
         return HopSession(hop, stream, session_id)
 
+    def crop(self, length: int) -> None:
+        """Roll the session back to its first ``length`` tokens (rejected draft tokens). Costs no message:
+        the next step tells every hop to crop its cache to that offset before computing."""
+        if not 0 <= length <= self.position:
+            raise SwarmError(f"cannot roll a session of {self.position} tokens back to {length}")
+        if length == self.position:
+            return
+        for hop in self.hops:
+            hop.truncate(length)
+        self.position = length
+        self.rewind = True
+
     async def step(self, hidden: torch.Tensor, position_ids: torch.Tensor, attention_mask: torch.Tensor | None,
                    *, recover: bool = True) -> torch.Tensor:
         """hidden (batch, t, hidden) -> (batch, t, hidden) through every hop; long inputs go in chunks.
@@ -420,9 +455,10 @@ class SessionCore:
             pos = position_ids[:, begin:begin + chunk]
             mask = None if attention_mask is None else attention_mask[:, : self.position + begin + pos.shape[1]]
             steps.append(StepInput(wire.to_wire_dtype(hidden[:, begin:begin + chunk], wire_dtype), pos, mask,
-                                   self.position + begin))
+                                   self.position + begin, rewrite=self.rewind and begin == 0))
         outputs = await self._through_route(steps, recover, push=cfg.push and self.rpc == wire.RPC_INFERENCE)
         self.position += tokens
+        self.rewind = False
         return torch.cat(outputs, dim=1).to(hidden.dtype)
 
     def _chain(self, first: int, push: bool) -> list[dict] | None:
@@ -568,6 +604,12 @@ class RemoteSession:
 
     def step(self, hidden: torch.Tensor, position_ids: torch.Tensor, attention_mask: torch.Tensor | None) -> torch.Tensor:
         return self._swarm.loop.run(self._core.step(hidden, position_ids, attention_mask))
+
+    def crop(self, length: int) -> None:
+        """Keep the first ``length`` tokens (the peers crop their caches with the next step)."""
+        async def crop():
+            self._core.crop(length)
+        self._swarm.loop.run(crop())
 
     def close(self) -> None:
         self._audits = self._swarm.loop.run(self._core.close())

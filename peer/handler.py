@@ -246,9 +246,12 @@ class PeerHandler:
         session.wire_dtype = None if wire_dtype is None else wire.HIDDEN_DTYPE_NAMES[wire_dtype]
         return session
 
-    def _validate_step(self, session: Session, meta: dict, tensors: list[torch.Tensor]):
+    def _validate_step(self, session: Session, meta: dict, tensors: list[torch.Tensor], rewrite: bool = False):
         offset = _int_field(meta, "offset", 0)
-        if offset != session.length:
+        if rewrite and offset > session.length:
+            raise WireError(ErrorCode.OUT_OF_ORDER, f"a rewrite from token {offset} but the session holds only "
+                                                    f"{session.length} tokens")
+        if not rewrite and offset != session.length:
             raise WireError(
                 ErrorCode.OUT_OF_ORDER,
                 f"step starts at token {offset} but the session holds {session.length} tokens: "
@@ -289,10 +292,30 @@ class PeerHandler:
             raise WireError(ErrorCode.BAD_REQUEST, "hidden states contain NaN or infinity")
         return hidden, position_ids.long(), None if mask is None else mask.long()
 
+    @staticmethod
+    def _rewind(session: Session, meta: dict) -> None:
+        """A step marked ``rewrite`` replaces the tokens from its offset on (speculative decoding rejected
+        them): the cache is cropped to the offset first. Idempotent, so a rewrite step that arrives twice
+        (pushed, then re-sent) computes the same thing twice rather than going out of order. Called once
+        the step is known to be valid, so a bad rewrite loses nothing."""
+        offset = _int_field(meta, "offset", 0)
+        drop = session.length - offset  # >= 0: checked by _validate_step
+        if not drop:
+            return
+        if not getattr(session.cache, "is_croppable", True):
+            raise WireError(ErrorCode.BAD_REQUEST, "this model's KV cache cannot be rolled back (a sliding-window "
+                                                   "or recurrent layer past its window): generate without drafts")
+        session.cache.crop(-drop)
+        session.length = offset
+        session.steps = {(o, t) for o, t in session.steps if o + t <= offset}
+
     async def _step(self, session: Session, meta: dict, tensors: list[torch.Tensor]) -> runtime_pb2.ExpertResponse:
-        if (duplicate := self._duplicate(session, meta, tensors)) is not None:
+        rewrite = meta.get("rewrite") is True
+        if not rewrite and (duplicate := self._duplicate(session, meta, tensors)) is not None:
             return duplicate
-        hidden, position_ids, mask = self._validate_step(session, meta, tensors)
+        hidden, position_ids, mask = self._validate_step(session, meta, tensors, rewrite)
+        if rewrite:
+            self._rewind(session, meta)
         chain = parse_next(meta.get("next"))
         try:
             out = await self.compute.run(session.runner, hidden, position_ids, mask, session.cache)
@@ -308,6 +331,8 @@ class PeerHandler:
         reply = {"op": "result", "length": session.length, "input_digest": wire.digest(hidden)}
         if chain:
             step = {"op": "step", "offset": offset}
+            if rewrite:
+                step["rewrite"] = True
             tamper = getattr(session.runner, "tamper_push", None)  # only a testing adversary has one
             pushed = out if tamper is None else tamper(out)
             failure = await self.pusher.push(chain, step, [pushed, *tensors[1:]])

@@ -47,10 +47,11 @@ def _open(client, stream, start, end, max_length=16, batch_size=1, session_id="s
                                   "batch_size": batch_size, "max_length": max_length})
 
 
-def _step(client, stream, hidden, offset, session_id="s1", mask=None):
+def _step(client, stream, hidden, offset, session_id="s1", mask=None, rewrite=False):
     positions = torch.arange(offset, offset + hidden.shape[1]).expand(hidden.shape[0], -1).contiguous()
     tensors = [hidden, positions] + ([] if mask is None else [mask])
-    return _call(client, stream, {"op": "step", "session_id": session_id, "offset": offset}, tensors)
+    meta = {"op": "step", "session_id": session_id, "offset": offset, **({"rewrite": True} if rewrite else {})}
+    return _call(client, stream, meta, tensors)
 
 
 def _expect(code, fn, *args, match=None):
@@ -101,6 +102,29 @@ def test_each_bad_step_is_rejected_and_the_session_survives(setup):
         ref1 = runner.forward(first, torch.arange(4)[None], None, cache)
         ref2 = runner.forward(second, torch.arange(4, 6)[None], None, cache)
         assert torch.equal(out1, ref1) and torch.equal(out2, ref2)
+    finally:
+        _run(client, s.close())
+
+
+def test_a_rewrite_rolls_the_cache_back_and_a_bad_one_loses_nothing(setup):
+    """Speculative decoding's roll-back: a step marked rewrite at offset p crops the cache to p first."""
+    client, ready, _, runner = setup
+    s = _stream(client, ready)
+    try:
+        _open(client, s, 0, 3)
+        torch.manual_seed(1)
+        first, draft, fixed, more = (torch.randn(1, n, HIDDEN) for n in (4, 3, 2, 1))
+        _step(client, s, first, 0)
+        _step(client, s, draft, 4)  # 7 tokens; the last 3 get rejected
+        _expect(wire.ErrorCode.OUT_OF_ORDER, _step, client, s, fixed, 8, "s1", None, True, match="holds only 7")
+        _expect(wire.ErrorCode.BAD_SHAPE, _step, client, s, torch.zeros(1, 2, HIDDEN - 1), 4, "s1", None, True)
+        meta, (out,) = _step(client, s, fixed, 4, rewrite=True)
+        assert meta["length"] == 6
+        meta, (last,) = _step(client, s, more, 6)
+        cache = runner.new_cache()
+        runner.forward(first, torch.arange(4)[None], None, cache)
+        assert torch.equal(out, runner.forward(fixed, torch.arange(4, 6)[None], None, cache))
+        assert torch.equal(last, runner.forward(more, torch.arange(6, 7)[None], None, cache))
     finally:
         _run(client, s.close())
 
