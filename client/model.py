@@ -48,6 +48,10 @@ class RemoteCache(Cache):
     def get_max_length(self, layer_idx: int | None = None) -> int:
         return self.session.max_length
 
+    def reorder_cache(self, beam_idx: torch.LongTensor) -> None:
+        """Beam search: the peers' caches follow the chosen beams (carried by the next step)."""
+        self.session.reorder(beam_idx.tolist())
+
     def crop(self, tokens_to_remove: int) -> None:
         """Roll back (transformers' speculative decoding drops rejected draft tokens): ``-k`` removes k
         tokens and 0 none, as transformers' caches do; a positive value is the older API's length to keep."""
@@ -199,9 +203,8 @@ class DistributedMixin:
         if model_kwargs.get("past_key_values") is not None or generation_config.use_cache is False:
             return super()._prepare_cache_for_generation(
                 generation_config, model_kwargs, generation_mode, batch_size, max_cache_length)
-        if generation_config.num_beams > 1:
-            raise NotImplementedError("beam search is not supported through the swarm yet: use greedy or sampling")
-        effective_batch = generation_config.num_return_sequences * batch_size
+        # beam search runs num_beams rows per sequence; sampling num_return_sequences
+        effective_batch = max(generation_config.num_beams, generation_config.num_return_sequences) * batch_size
         length = max_cache_length + 1
         if generation_mode == GenerationMode.ASSISTED_GENERATION:
             # the last check of a draft may run past max_length before its extra tokens are rolled back

@@ -87,6 +87,8 @@ class StepInput:
     mask: torch.Tensor | None  # (batch, offset + t)
     offset: int
     rewrite: bool = False  # the peer first drops what it holds from ``offset`` on (a rolled-back draft)
+    reorder: tuple[tuple[int, ...], int] | None = None  # (rows, sequence number): beam search's reordering
+    # of the cache, applied by the peer before computing (never kept in a hop's history, which is reordered)
 
     def truncated(self, length: int) -> "StepInput":
         """This step cut to the tokens before ``length`` (which must lie inside it)."""
@@ -122,6 +124,8 @@ class HopSession:
         meta = {"op": "step", "session_id": self.session_id, "offset": x.offset}
         if x.rewrite:
             meta["rewrite"] = True
+        if x.reorder is not None:
+            meta["reorder"], meta["reorders"] = list(x.reorder[0]), x.reorder[1]
         if chain:
             meta["next"] = chain
         self.stream.send(meta, [x.hidden, x.position_ids] + ([] if x.mask is None else [x.mask]))
@@ -145,9 +149,17 @@ class HopSession:
             raise PeerError(self.hop.peer_id, f"returned {[tuple(t.shape) for t in out]} for input {tuple(x.hidden.shape)}")
         if not torch.isfinite(out[0]).all():
             raise PeerError(self.hop.peer_id, "returned NaN or infinite hidden states")
-        self.history.append(x)
+        self.history.append(dataclasses.replace(x, reorder=None) if x.reorder is not None else x)
         self.outputs.append(out[0])
         return meta, out[0]
+
+    def reorder(self, rows: torch.Tensor) -> None:
+        """Beam search picked ``rows``: the inputs and outputs kept for replays and audits follow them."""
+        def pick(t):
+            return None if t is None else t.index_select(0, rows)
+        self.history = [dataclasses.replace(x, hidden=pick(x.hidden), position_ids=pick(x.position_ids),
+                                            mask=pick(x.mask)) for x in self.history]
+        self.outputs = [pick(out) for out in self.outputs]
 
     def truncate(self, length: int) -> None:
         """Forget every token from ``length`` on (rolled back): replays and audits see only what stays."""
@@ -370,6 +382,8 @@ class SessionCore:
         self.hops: list[HopSession] = []
         self.position = 0  # tokens every hop holds
         self.rewind = False  # the next step rewrites from ``position`` (tokens after it were rolled back)
+        self.reorders = 0  # beam reorderings so far; the peers apply each exactly once
+        self.pending_reorder: tuple[int, ...] | None = None  # rows the next step's cache must follow
         self.formats: tuple[str, ...] | None = swarm.cfg.formats  # pinned to one format at open if None
 
     async def open(self) -> None:
@@ -416,7 +430,8 @@ class SessionCore:
         stream = await self.swarm.transport.open_stream(hop.peer_id, self.rpc)
         session_id = uuid.uuid4().hex  # per hop: it is also the capability to push into the peer's session
         meta = {"op": "open", "session_id": session_id, "start": hop.start, "end": hop.end,
-                "batch_size": self.batch_size, "max_length": self.max_length}
+                "batch_size": self.batch_size, "max_length": self.max_length,
+                "reorders": self.reorders}
         if self.swarm.cfg.wire_dtype is not None:
             meta["wire_dtype"] = self.swarm.cfg.wire_dtype
         try:
@@ -425,6 +440,21 @@ class SessionCore:
             await stream.close()
             raise
         return HopSession(hop, stream, session_id)
+
+    def reorder(self, rows: list[int]) -> None:
+        """Beam search: row i of every hop's cache becomes row ``rows[i]``. Costs no message: the next step
+        carries it (numbered, so a step that reaches a peer twice reorders once)."""
+        if len(rows) != self.batch_size or not all(0 <= r < self.batch_size for r in rows):
+            raise SwarmError(f"a reordering of a batch of {self.batch_size} needs as many rows in range, got {rows}")
+        if list(rows) == list(range(self.batch_size)):
+            return
+        index = torch.tensor(rows, dtype=torch.long)
+        for hop in self.hops:
+            hop.reorder(index)
+        pending = self.pending_reorder
+        self.pending_reorder = tuple(rows) if pending is None else tuple(pending[r] for r in rows)
+        if pending is None:
+            self.reorders += 1
 
     def crop(self, length: int) -> None:
         """Roll the session back to its first ``length`` tokens (rejected draft tokens). Costs no message:
@@ -456,9 +486,12 @@ class SessionCore:
             mask = None if attention_mask is None else attention_mask[:, : self.position + begin + pos.shape[1]]
             steps.append(StepInput(wire.to_wire_dtype(hidden[:, begin:begin + chunk], wire_dtype), pos, mask,
                                    self.position + begin, rewrite=self.rewind and begin == 0))
+        if self.pending_reorder is not None:
+            steps[0] = dataclasses.replace(steps[0], reorder=(self.pending_reorder, self.reorders))
         outputs = await self._through_route(steps, recover, push=cfg.push and self.rpc == wire.RPC_INFERENCE)
         self.position += tokens
         self.rewind = False
+        self.pending_reorder = None
         return torch.cat(outputs, dim=1).to(hidden.dtype)
 
     def _chain(self, first: int, push: bool) -> list[dict] | None:
@@ -604,6 +637,12 @@ class RemoteSession:
 
     def step(self, hidden: torch.Tensor, position_ids: torch.Tensor, attention_mask: torch.Tensor | None) -> torch.Tensor:
         return self._swarm.loop.run(self._core.step(hidden, position_ids, attention_mask))
+
+    def reorder(self, rows: list[int]) -> None:
+        """Beam search: row i of the peers' caches becomes row ``rows[i]`` (with the next step)."""
+        async def reorder():
+            self._core.reorder(rows)
+        self._swarm.loop.run(reorder())
 
     def crop(self, length: int) -> None:
         """Keep the first ``length`` tokens (the peers crop their caches with the next step)."""

@@ -244,6 +244,8 @@ class PeerHandler:
         else:
             session = self.sessions.open(session_id, batch_size, max_length, runner, make_cache)
         session.wire_dtype = None if wire_dtype is None else wire.HIDDEN_DTYPE_NAMES[wire_dtype]
+        # a replacement starts from already reordered inputs (older clients do not send it)
+        session.reorders = _int_field(meta, "reorders", 0) if "reorders" in meta else 0
         return session
 
     def _validate_step(self, session: Session, meta: dict, tensors: list[torch.Tensor], rewrite: bool = False):
@@ -290,6 +292,15 @@ class PeerHandler:
                 raise WireError(ErrorCode.BAD_REQUEST, "attention_mask must hold only 0 and 1")
         if not bool(torch.isfinite(hidden).all()):
             raise WireError(ErrorCode.BAD_REQUEST, "hidden states contain NaN or infinity")
+        if "reorder" in meta:
+            order, n = meta.get("reorder"), meta.get("reorders")
+            if (not isinstance(order, list) or len(order) != batch or not isinstance(n, int) or isinstance(n, bool)
+                    or not all(isinstance(i, int) and not isinstance(i, bool) and 0 <= i < batch for i in order)):
+                raise WireError(ErrorCode.BAD_REQUEST, f"reorder must be {batch} row indices in [0, {batch}) with "
+                                                       "'reorders' its sequence number")
+            if n > session.reorders + 1:
+                raise WireError(ErrorCode.OUT_OF_ORDER, f"reordering {n} but this session has applied only "
+                                                        f"{session.reorders}")
         return hidden, position_ids.long(), None if mask is None else mask.long()
 
     @staticmethod
@@ -316,6 +327,11 @@ class PeerHandler:
         hidden, position_ids, mask = self._validate_step(session, meta, tensors, rewrite)
         if rewrite:
             self._rewind(session, meta)
+        if "reorder" in meta and meta["reorders"] == session.reorders + 1:
+            # beam search: the rows of the cache follow the beams chosen at the last step (applied once;
+            # the same step pushed and re-sent, or a replacement built from reordered inputs, skips it)
+            session.cache.reorder_cache(torch.tensor(meta["reorder"], dtype=torch.long))
+            session.reorders += 1
         chain = parse_next(meta.get("next"))
         try:
             out = await self.compute.run(session.runner, hidden, position_ids, mask, session.cache)
@@ -333,6 +349,8 @@ class PeerHandler:
             step = {"op": "step", "offset": offset}
             if rewrite:
                 step["rewrite"] = True
+            if "reorder" in meta:
+                step["reorder"], step["reorders"] = meta["reorder"], meta["reorders"]
             tamper = getattr(session.runner, "tamper_push", None)  # only a testing adversary has one
             pushed = out if tamper is None else tamper(out)
             failure = await self.pusher.push(chain, step, [pushed, *tensors[1:]])

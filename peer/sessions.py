@@ -23,6 +23,7 @@ class Session:
     length: int = 0  # tokens already in the cache
     wire_dtype: Any = None  # torch dtype of the hidden states it answers and pushes; None = as the input
     steps: set[tuple[int, int]] = dataclasses.field(default_factory=set)  # (offset, tokens) of computed steps
+    reorders: int = 0  # beam reorderings applied to the cache (a step's n-th reordering is applied once)
 
     @property
     def reserved_tokens(self) -> int:

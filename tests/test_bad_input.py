@@ -129,6 +129,29 @@ def test_a_rewrite_rolls_the_cache_back_and_a_bad_one_loses_nothing(setup):
         _run(client, s.close())
 
 
+def test_a_beam_reordering_applies_once_and_a_bad_one_loses_nothing(setup):
+    client, ready, _, runner = setup
+    s = _stream(client, ready)
+    try:
+        _open(client, s, 0, 3, batch_size=2)
+        torch.manual_seed(2)
+        first, nxt = torch.randn(2, 3, HIDDEN), torch.randn(2, 1, HIDDEN)
+        positions = torch.tensor([[3], [3]])
+        _step(client, s, first, 0)
+        for order, n, code in [([0, 2], 1, wire.ErrorCode.BAD_REQUEST), ([1], 1, wire.ErrorCode.BAD_REQUEST),
+                               ([1, 0], "1", wire.ErrorCode.BAD_REQUEST), ([1, 0], 2, wire.ErrorCode.OUT_OF_ORDER)]:
+            meta = {"op": "step", "session_id": "s1", "offset": 3, "reorder": order, "reorders": n}
+            _expect(code, _call, client, s, meta, [nxt, positions])
+        meta = {"op": "step", "session_id": "s1", "offset": 3, "reorder": [1, 1], "reorders": 1}
+        _, (out,) = _call(client, s, meta, [nxt, positions])
+        cache = runner.new_cache()
+        runner.forward(first, torch.arange(3).expand(2, -1), None, cache)
+        cache.reorder_cache(torch.tensor([1, 1]))
+        assert torch.equal(out, runner.forward(nxt, positions, None, cache))
+    finally:
+        _run(client, s.close())
+
+
 def test_garbage_metadata_and_raw_bytes(setup):
     client, ready, _, _ = setup
     s = _stream(client, ready)

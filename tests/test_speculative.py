@@ -26,6 +26,7 @@ def path(tiny_checkpoint):
 @pytest.fixture(scope="module")
 def swarm(make_swarm, path):
     swarm = make_swarm()
+    swarm.path = path
     swarm.peers = swarm.add_peers(path, [(0, 3), (3, 6), (3, 6)])
     return swarm
 
@@ -149,3 +150,46 @@ def test_failover_during_a_speculative_run(swarm, models, crops):
     assert killed
     assert out.tolist() == ref.tolist()
     assert crops
+
+
+@pytest.mark.parametrize("sample", [False, True])
+def test_beam_search_equals_local(models, sample):
+    """Beam search (and beam sampling): the peers' caches follow the beams inside the next step's message."""
+    local, remote = models
+    lengths = [5, 9]
+    ids = torch.zeros(2, 9, dtype=torch.long)
+    mask = torch.zeros_like(ids)
+    for row, n in enumerate(lengths):
+        ids[row, 9 - n:] = _repetitive(10 + row, 12)[0, :n]
+        mask[row, 9 - n:] = 1
+    kwargs = dict(attention_mask=mask, num_beams=3, num_return_sequences=2, max_new_tokens=8, do_sample=sample,
+                  pad_token_id=0, early_stopping=True)
+    if sample:
+        kwargs["top_k"] = 20
+    torch.manual_seed(5)
+    ref = local.generate(ids, **kwargs)
+    torch.manual_seed(5)
+    assert remote.generate(ids, **kwargs).tolist() == ref.tolist()
+
+
+def test_beam_search_survives_a_failover(swarm, models):
+    """A hop killed mid-search is rebuilt from the reordered inputs and gives the local beams."""
+    local, remote = models
+    alive = [p for p in swarm.peers if p.alive() and p.ready["blocks"] == [3, 6]]
+    if len(alive) < 2:  # the speculative failover test killed one
+        swarm.peers += swarm.add_peers(swarm.path, [(3, 6)])
+    by_id = {p.ready["peer_id"]: p for p in swarm.peers}
+    killed = []
+
+    def kill(step):
+        if step == 4 and not killed:
+            victim = by_id[next(h for h in _current_route(remote) if h.start == 3).peer_id]
+            victim.signal(signal.SIGKILL)
+            killed.append(victim)
+
+    ids = _repetitive(7, 10)
+    kwargs = dict(num_beams=3, max_new_tokens=10, do_sample=False, pad_token_id=0)
+    ref = local.generate(ids, **kwargs)
+    out = remote.generate(ids, logits_processor=LogitsProcessorList([OnStep(kill)]), **kwargs)
+    assert killed
+    assert out.tolist() == ref.tolist()
