@@ -1,9 +1,13 @@
-"""WAN emulation without netem: a TCP proxy on 127.0.0.1 that delays every byte by a fixed one-way
-delay, in each direction, and optionally caps the bandwidth.
+"""WAN emulation without netem: a TCP proxy on 127.0.0.1 that delays every byte by a one-way delay, in
+each direction, with optional jitter, loss and bandwidth caps (a residential upload cap included).
 
 Each direction of each connection is a delay queue: a chunk read at time t leaves at
 ``max(t, link free) + len / rate + delay``, in order, so the delay adds latency without serialising
-throughput (many chunks are in flight at once, as on a long link). A peer listens on port A and
+throughput (many chunks are in flight at once, as on a long link). Jitter adds to each chunk a delay
+drawn uniformly from [0, jitter]; a lost chunk (probability ``loss``) arrives one retransmission
+timeout later (Linux's: the larger of 200 ms and two round trips); release times never decrease,
+since TCP delivers in order (a late chunk holds back the ones behind it, as head-of-line blocking
+does). ``upload_mbit`` caps only the target's direction (what a volunteer's peer sends). A peer listens on port A and
 announces the proxy's port B (``--port A --announce-maddrs /ip4/127.0.0.1/tcp/B``), so everyone who
 dials it goes through the proxy (../shared/notes/platform-facts.md §5).
 
@@ -17,6 +21,7 @@ In-process (its own thread and loop)::
 As a process (one proxy per --listen/--target pair; prints a SWARMLLM_READY line, stops on SIGTERM)::
 
     python -m bench.wanproxy --listen 9001 --target 8001 --delay-ms 25 [--rate-mbit 100]
+        [--jitter-ms 25] [--loss 0.01] [--upload-mbit 20] [--seed 0]
 """
 
 from __future__ import annotations
@@ -25,10 +30,12 @@ import argparse
 import asyncio
 import collections
 import logging
+import random
 import signal
 import threading
 
 HOST = "127.0.0.1"  # the proxy only ever listens on and dials loopback
+MIN_RTO = 0.2  # seconds: Linux's minimum TCP retransmission timeout
 CHUNK = 64 * 1024  # bytes read at a time
 
 logger = logging.getLogger(__name__)
@@ -37,9 +44,19 @@ logger = logging.getLogger(__name__)
 class _Link:
     """One direction of one connection: read, stamp a release time, write at that time, in order."""
 
-    def __init__(self, delay: float, rate: float | None):
+    def __init__(self, delay: float, rate: float | None, jitter: float = 0.0, loss: float = 0.0,
+                 rng: random.Random | None = None):
         self.delay, self.rate = delay, rate  # seconds one way; bytes per second (None = unlimited)
+        self.jitter, self.loss, self.rng = jitter, loss, rng or random.Random()
         self.free_at = 0.0  # loop time when the link has finished serialising what it was given
+        self.last_release = 0.0  # TCP delivers in order: no chunk leaves before the one ahead of it
+
+    def _extra(self) -> float:
+        """Seconds this chunk waits beyond the fixed delay: jitter, and a retransmission if it is lost."""
+        extra = self.rng.uniform(0.0, self.jitter) if self.jitter else 0.0
+        if self.loss and self.rng.random() < self.loss:
+            extra += max(MIN_RTO, 4 * self.delay)  # one RTO: the larger of 200 ms and two round trips
+        return extra
 
     async def pump(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         loop = asyncio.get_running_loop()
@@ -55,6 +72,7 @@ class _Link:
                     release = self.free_at + self.delay
                 else:
                     release = now + self.delay
+                release = self.last_release = max(self.last_release, release + self._extra())
                 queue.append((release, data))  # b"" = end of stream, delivered after the same delay
                 arrived.set()
                 if not data:
@@ -86,13 +104,22 @@ class WanProxy:
     with ``delay`` seconds one way in each direction and at most ``rate_mbit`` Mbit/s each way (None =
     unlimited). ``start()`` runs it on its own thread and returns the port it listens on."""
 
-    def __init__(self, target_port: int, delay: float, *, listen_port: int = 0, rate_mbit: float | None = None):
+    def __init__(self, target_port: int, delay: float, *, listen_port: int = 0, rate_mbit: float | None = None,
+                 jitter: float = 0.0, loss: float = 0.0, upload_mbit: float | None = None, seed: int | None = None):
         if delay < 0:
             raise ValueError(f"delay must be >= 0 seconds, got {delay}")
-        if rate_mbit is not None and rate_mbit <= 0:
-            raise ValueError(f"rate_mbit must be > 0 (or None for unlimited), got {rate_mbit}")
+        for name, value in (("rate_mbit", rate_mbit), ("upload_mbit", upload_mbit)):
+            if value is not None and value <= 0:
+                raise ValueError(f"{name} must be > 0 (or None for unlimited), got {value}")
+        if jitter < 0:
+            raise ValueError(f"jitter must be >= 0 seconds, got {jitter}")
+        if not 0 <= loss < 1:
+            raise ValueError(f"loss must be a probability in [0, 1), got {loss}")
         self.target_port, self.delay, self.listen_port = target_port, delay, listen_port
         self.rate = rate_mbit * 1e6 / 8 if rate_mbit else None  # bytes per second
+        caps = [c for c in (self.rate, upload_mbit * 1e6 / 8 if upload_mbit else None) if c]
+        self.upload = min(caps) if caps else None  # bytes per second the target may send
+        self.jitter, self.loss, self.rng = jitter, loss, random.Random(seed)
         self.port: int | None = None
         self._loop: asyncio.AbstractEventLoop | None = None
         self._stop: asyncio.Event | None = None
@@ -127,6 +154,9 @@ class WanProxy:
         if self._stop is not None:
             self._stop.set()
 
+    def _link(self, rate: float | None) -> _Link:
+        return _Link(self.delay, rate, self.jitter, self.loss, random.Random(self.rng.random()))
+
     async def _connection(self, client_r: asyncio.StreamReader, client_w: asyncio.StreamWriter) -> None:
         try:
             target_r, target_w = await asyncio.open_connection(HOST, self.target_port)
@@ -137,8 +167,8 @@ class WanProxy:
             return
         try:
             async with asyncio.TaskGroup() as tasks:
-                tasks.create_task(_Link(self.delay, self.rate).pump(client_r, target_w))
-                tasks.create_task(_Link(self.delay, self.rate).pump(target_r, client_w))
+                tasks.create_task(self._link(self.rate).pump(client_r, target_w))
+                tasks.create_task(self._link(self.upload).pump(target_r, client_w))  # what the target sends
         except* (ConnectionError, OSError):
             pass  # either side hung up or reset: the normal end of a proxied connection
         finally:
@@ -199,8 +229,9 @@ async def _main(args: argparse.Namespace) -> None:
 
     if len(args.listen) != len(args.target):
         raise SystemExit(f"give as many --listen ports as --target ports, got {args.listen} and {args.target}")
-    proxies = [WanProxy(t, args.delay_ms / 1000, listen_port=b, rate_mbit=args.rate_mbit)
-               for b, t in zip(args.listen, args.target)]
+    proxies = [WanProxy(t, args.delay_ms / 1000, listen_port=b, rate_mbit=args.rate_mbit, jitter=args.jitter_ms / 1000,
+                        loss=args.loss, upload_mbit=args.upload_mbit, seed=None if args.seed is None else args.seed + i)
+               for i, (b, t) in enumerate(zip(args.listen, args.target))]
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):
@@ -211,7 +242,8 @@ async def _main(args: argparse.Namespace) -> None:
             tasks.create_task(proxy.serve(lambda port, e=event: e.set()))
         await asyncio.wait_for(asyncio.gather(*(e.wait() for e in ready)), timeout=10)
         print(ready_line("wanproxy", ports=[[p.port, p.target_port] for p in proxies], delay_ms=args.delay_ms,
-                         rate_mbit=args.rate_mbit), flush=True)
+                         rate_mbit=args.rate_mbit, jitter_ms=args.jitter_ms, loss=args.loss,
+                         upload_mbit=args.upload_mbit), flush=True)
         await stop.wait()
         for proxy in proxies:
             proxy.request_stop()
@@ -225,6 +257,13 @@ def main() -> None:
                         help="port(s) on 127.0.0.1 to forward to, one per --listen port")
     parser.add_argument("--delay-ms", type=float, default=25.0, help="one-way delay per direction, milliseconds")
     parser.add_argument("--rate-mbit", type=float, default=None, help="bandwidth cap per direction, Mbit/s")
+    parser.add_argument("--jitter-ms", type=float, default=0.0,
+                        help="each chunk waits a further uniform [0, J] ms (order kept: head-of-line blocking)")
+    parser.add_argument("--loss", type=float, default=0.0,
+                        help="probability a chunk is lost and retransmitted one RTO later (max(200 ms, 2 RTT))")
+    parser.add_argument("--upload-mbit", type=float, default=None,
+                        help="cap on what the target sends (a volunteer's residential upload), Mbit/s")
+    parser.add_argument("--seed", type=int, default=None, help="seed for jitter and loss")
     asyncio.run(_main(parser.parse_args()))
 
 

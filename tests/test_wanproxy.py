@@ -101,8 +101,42 @@ def test_unreachable_target_drops_the_connection():
             assert sock.recv(1) == b""
 
 
+def test_jitter_and_loss_keep_bytes_in_order_and_loss_costs_a_retransmission(echo_port):
+    with WanProxy(echo_port, 0.01, jitter=0.05, seed=1) as proxy:
+        with socket.create_connection(("127.0.0.1", proxy.port), timeout=10) as sock:
+            payload = os.urandom(2**20)
+            sender = threading.Thread(target=sock.sendall, args=(payload,), daemon=True)
+            sender.start()
+            assert _recv_exactly(sock, len(payload)) == payload
+            sender.join(timeout=10)
+    with WanProxy(echo_port, 0.01, loss=0.999, seed=1) as proxy:  # (almost) every chunk is retransmitted
+        with socket.create_connection(("127.0.0.1", proxy.port), timeout=10) as sock:
+            began = time.monotonic()
+            sock.sendall(b"ping")
+            assert _recv_exactly(sock, 4) == b"ping"
+            assert time.monotonic() - began >= 2 * 0.2  # one minimum RTO each way
+
+
+def test_upload_cap_slows_only_what_the_target_sends(echo_port):
+    upload_mbit = 8.0  # 1 MB/s from the target; the client's direction is unlimited
+    with WanProxy(echo_port, 0.0, upload_mbit=upload_mbit) as proxy:
+        assert proxy.rate is None and proxy.upload == upload_mbit * 1e6 / 8
+        with socket.create_connection(("127.0.0.1", proxy.port), timeout=10) as sock:
+            payload = b"u" * 100_000
+            began = time.monotonic()
+            sock.sendall(payload)
+            assert _recv_exactly(sock, len(payload)) == payload
+            assert time.monotonic() - began >= len(payload) / (upload_mbit * 1e6 / 8) * 0.99
+
+
 def test_rejects_bad_settings():
     with pytest.raises(ValueError, match="delay"):
         WanProxy(1, -1.0)
     with pytest.raises(ValueError, match="rate_mbit"):
         WanProxy(1, 0.0, rate_mbit=0)
+    with pytest.raises(ValueError, match="upload_mbit"):
+        WanProxy(1, 0.0, upload_mbit=-1)
+    with pytest.raises(ValueError, match="jitter"):
+        WanProxy(1, 0.0, jitter=-0.1)
+    with pytest.raises(ValueError, match="loss"):
+        WanProxy(1, 0.0, loss=1.0)
