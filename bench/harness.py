@@ -93,10 +93,12 @@ def _free_port() -> int:
 
 class BenchSwarm(launch.LocalSwarm):
     """A DHT node and one peer per span; with ``delay_ms``, each peer behind its own WAN proxy (all the
-    proxies in one `python -m bench.wanproxy` process, so they never share the client's GIL)."""
+    proxies in one `python -m bench.wanproxy` process, so they never share the client's GIL), with
+    optional jitter, loss and upload cap (see bench/wanproxy.py)."""
 
     def __init__(self, model_dir: str, spans: list[tuple[int, int]], *, delay_ms: float | None = None,
-                 rate_mbit: float | None = None, extra: list[str] = ()):
+                 rate_mbit: float | None = None, extra: list[str] = (), jitter_ms: float = 0.0, loss: float = 0.0,
+                 upload_mbit: float | None = None, seed: int | None = 0):
         self.procs: list[launch.SwarmProcess] = []  # so stop() works if the DHT node fails to start
         self.peers: list[launch.SwarmProcess] = []
         try:
@@ -108,6 +110,11 @@ class BenchSwarm(launch.LocalSwarm):
                         "--listen", *["0"] * len(spans), "--target", *map(str, ports)]
                 if rate_mbit:
                     args += ["--rate-mbit", str(rate_mbit)]
+                if upload_mbit:
+                    args += ["--upload-mbit", str(upload_mbit)]
+                args += ["--jitter-ms", str(jitter_ms), "--loss", str(loss)]
+                if seed is not None:
+                    args += ["--seed", str(seed)]
                 proxy = self._track(launch.SwarmProcess("wanproxy", args))
                 proxy.wait_ready(30)
                 announce = [["--announce-maddrs", f"/ip4/127.0.0.1/tcp/{b}"] for b, _ in proxy.ready["ports"]]

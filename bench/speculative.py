@@ -1,0 +1,139 @@
+"""Speculative decoding benchmark: tokens/s of plain greedy decoding vs prompt lookup and a draft model,
+through a 3-peer swarm behind WAN proxies with jitter, on a repetitive task (rewriting a paragraph).
+
+SmolLM2-135M-Instruct in float32 (unless --model-dir), one peer per span, every peer behind its own
+proxy (``--delay-ms`` one way, ``--jitter-ms`` more, uniform). Per mode, in the same run and on the
+same swarm: tokens/s, round trips (swarm steps) per generation, tokens checked per trip, and the
+acceptance rate of drafted tokens. Modes: plain greedy (the baseline), ``prompt_lookup_num_tokens``,
+and a draft model that always agrees (the target's own weights run locally with no confidence
+threshold: an upper bound on what a draft can give). Every mode's tokens are checked against local
+greedy: speculative decoding must not change the output.
+
+    .venv/bin/python -m bench.speculative [--delay-ms 50] [--jitter-ms 25] [--new-tokens 64]
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import time
+
+import torch
+from transformers import AutoModelForCausalLM, AutoTokenizer
+
+from bench import harness
+from client import AutoDistributedModelForCausalLM
+from client.swarm import SessionCore
+from peer import wire
+from swarmllm import checkpoints
+
+PARAGRAPH = ("The history of the printing press begins in the fifteenth century, when movable type made books "
+             "cheaper and faster to produce than ever before. Printers spread across Europe within a few decades, "
+             "and with them came pamphlets, newspapers and a new public that could read and argue about ideas.")
+TARGET_SPEEDUP = 2.0  # prompt lookup tokens/s over plain greedy
+TARGET_CHECKED = 4  # tokens checked per round trip with a draft that always agrees
+
+
+def _say(msg: str) -> None:
+    print(f"[speculative] {msg}", file=sys.stderr, flush=True)
+
+
+class TripCounter:
+    """Counts the swarm steps of inference sessions (one step = one trip through every hop) and their tokens."""
+
+    def __init__(self):
+        self.tokens: list[int] = []
+        self._original = SessionCore.step
+
+    def __enter__(self) -> "TripCounter":
+        counter, original = self, self._original
+
+        async def step(core, hidden, *args, **kwargs):
+            if core.rpc == wire.RPC_INFERENCE:
+                counter.tokens.append(hidden.shape[1])
+            return await original(core, hidden, *args, **kwargs)
+
+        SessionCore.step = step
+        return self
+
+    def __exit__(self, *exc) -> None:
+        SessionCore.step = self._original
+
+
+def prompt(tokenizer) -> torch.Tensor:
+    messages = [{"role": "user", "content": f"Copy this paragraph exactly, word for word:\n\n{PARAGRAPH}"}]
+    text = tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+    return tokenizer(text, return_tensors="pt")["input_ids"]
+
+
+def run_mode(model, ids, new_tokens: int, pad: int, **mode) -> dict:
+    with TripCounter() as trips:
+        began = time.perf_counter()
+        out = model.generate(ids, max_new_tokens=new_tokens, min_new_tokens=new_tokens, do_sample=False,
+                             pad_token_id=pad, **mode)
+        seconds = time.perf_counter() - began
+    decode = trips.tokens[1:]  # the first trip is the prompt (plus the first draft)
+    generated = out.shape[1] - ids.shape[1]
+    drafted = trips.tokens[0] - ids.shape[1] + sum(t - 1 for t in decode)
+    accepted = generated - len(trips.tokens)  # every trip yields one token beyond the drafts it accepts
+    return {"tokens_per_s": generated / seconds, "seconds": seconds, "trips": len(trips.tokens),
+            "tokens_checked_per_trip": sum(decode) / max(len(decode), 1),
+            "tokens_per_trip": generated / max(len(trips.tokens), 1),
+            "acceptance": accepted / drafted if drafted else None, "tokens": out[0, ids.shape[1]:].tolist()}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--model-dir", default=None, help="checkpoint (default: SmolLM2-135M-Instruct, fp32)")
+    parser.add_argument("--peers", type=int, default=3)
+    parser.add_argument("--delay-ms", type=float, default=50.0, help="one-way delay per link")
+    parser.add_argument("--jitter-ms", type=float, default=25.0, help="extra delay per chunk, uniform in [0, J]")
+    parser.add_argument("--new-tokens", type=int, default=64)
+    parser.add_argument("--lookup-tokens", type=int, default=10, help="prompt_lookup_num_tokens")
+    parser.add_argument("--draft-tokens", type=int, default=8, help="tokens the always-agreeing draft proposes")
+    parser.add_argument("--threads", type=int, default=1)
+    args = parser.parse_args()
+    torch.set_num_threads(args.threads)
+
+    model_dir = args.model_dir or checkpoints.smollm2(log=_say)
+    tokenizer = AutoTokenizer.from_pretrained(model_dir)
+    ids, pad = prompt(tokenizer), tokenizer.eos_token_id
+    spans = harness.split_blocks(AutoModelForCausalLM.from_pretrained(model_dir).config.num_hidden_layers, args.peers)
+    local = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32).eval()
+    reference = local.generate(ids, max_new_tokens=args.new_tokens, min_new_tokens=args.new_tokens, do_sample=False,
+                               pad_token_id=pad)[0, ids.shape[1]:].tolist()
+    draft = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32).eval()
+    draft.generation_config.update(assistant_confidence_threshold=0.0, num_assistant_tokens=args.draft_tokens,
+                                   num_assistant_tokens_schedule="constant")
+    modes = {"greedy": {}, f"prompt lookup ({args.lookup_tokens})": {"prompt_lookup_num_tokens": args.lookup_tokens},
+             f"draft that always agrees ({args.draft_tokens})": {"assistant_model": draft}}
+    _say(f"{len(spans)} peers behind {args.delay_ms} ms (+ up to {args.jitter_ms} ms jitter) proxies; "
+         f"prompt {ids.shape[1]} tokens, {args.new_tokens} new")
+    results = {}
+    with harness.BenchSwarm(model_dir, spans, delay_ms=args.delay_ms, jitter_ms=args.jitter_ms,
+                            extra=["--num-threads", str(args.threads)]) as swarm:
+        model = AutoDistributedModelForCausalLM.from_pretrained(model_dir, swarm.initial_peers, reputation_path=None)
+        try:
+            model.generate(ids[:, :8], max_new_tokens=4, pad_token_id=pad)  # warm-up: RTTs measured, routes planned
+            for name, mode in modes.items():
+                _say(name)
+                results[name] = run_mode(model, ids, args.new_tokens, pad, **mode)
+                results[name]["equals_local"] = results[name].pop("tokens") == reference
+        finally:
+            model.swarm.shutdown()
+    base = results["greedy"]["tokens_per_s"]
+    print(harness.table(
+        ["mode", "tokens/s", "vs greedy", "round trips", "tokens per trip", "checked per trip", "acceptance",
+         "equals local"],
+        [[name, r["tokens_per_s"], f"{r['tokens_per_s'] / base:.2f}", r["trips"], f"{r['tokens_per_trip']:.2f}",
+          f"{r['tokens_checked_per_trip']:.2f}", "—" if r["acceptance"] is None else f"{r['acceptance']:.2f}",
+          r["equals_local"]] for name, r in results.items()]))
+    print(f"\ntargets: prompt lookup >= {TARGET_SPEEDUP}x greedy tokens/s; >= {TARGET_CHECKED} tokens checked per "
+          f"round trip with a draft that always agrees")
+    path = harness.write_results("speculative", {"model_dir": model_dir, "spans": spans, "prompt_tokens": ids.shape[1],
+                                                 "modes": results}, args)
+    print(f"\nwrote {path}")
+
+
+if __name__ == "__main__":
+    main()
