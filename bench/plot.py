@@ -1,4 +1,4 @@
-"""Draw docs/bench.png from bench/results/{decode,concurrency,memory}.json (whichever exist).
+"""Draw docs/bench.png from bench/results/{decode,concurrency,memory,speculative}.json (whichever exist).
 
     .venv/bin/python -m bench.plot [--out docs/bench.png]
 
@@ -80,12 +80,28 @@ def _memory(ax, doc: dict) -> None:
     ax.set_title("peer memory", fontsize=10)
 
 
+def _speculative(ax, doc: dict) -> None:
+    modes = doc["modes"]
+    names = list(modes)
+    tps = [modes[n]["tokens_per_s"] for n in names]
+    bars = ax.bar(range(len(names)), tps, color=["#888"] + ["#3a7"] * (len(names) - 1))
+    for bar, name in zip(bars, names):
+        m = modes[name]
+        ax.text(bar.get_x() + bar.get_width() / 2, bar.get_height(), f"{m['tokens_per_trip']:.1f} tok/trip",
+                ha="center", va="bottom", fontsize=7)
+    ax.axhline(2 * tps[0], color="k", linestyle=":", label="target: 2x greedy")
+    ax.set_xticks(range(len(names)), [n.replace(" (", "\n(") for n in names], fontsize=7)
+    ax.set_ylabel("tokens/s")
+    ax.legend(fontsize=7)
+    ax.set_title("speculative decoding, 50 ms + jitter links", fontsize=10)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--out", default=os.path.normpath(DEFAULT_OUT))
     args = parser.parse_args()
     panels = [(name, draw, doc) for name, draw in [("decode", _decode), ("concurrency", _concurrency),
-                                                   ("memory", _memory)] if (doc := _load(name)) is not None]
+                                                   ("memory", _memory), ("speculative", _speculative)] if (doc := _load(name)) is not None]
     if not panels:
         raise SystemExit(f"no results in {RESULTS_DIR}: run python -m bench.decode (or concurrency, memory) first")
     fig, axes = plt.subplots(1, len(panels), figsize=(5 * len(panels), 4.2), squeeze=False)
