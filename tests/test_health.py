@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-import os
 import pathlib
 import shutil
 import signal
@@ -83,6 +82,11 @@ def test_json_state_and_metrics(health_swarm):
     assert "/api/v1/state" in _get(url + "openapi.json")
 
 
+def _without_auto_refresh(route):
+    response = route.fetch()
+    route.fulfill(response=response, body=response.text().replace('http-equiv="refresh"', 'http-equiv="x-off"'))
+
+
 def test_page_in_headless_chromium_and_a_killed_peer_disappears(health_swarm):
     from playwright.sync_api import sync_playwright
 
@@ -93,6 +97,12 @@ def test_page_in_headless_chromium_and_a_killed_peer_disappears(health_swarm):
         browser = p.chromium.launch(executable_path=chromium, args=["--no-sandbox", "--disable-gpu"])
         try:
             page = browser.new_page(viewport={"width": 1100, "height": 700})
+            # The page reloads itself every --refresh-period (1 s here); on a busy machine that reload can
+            # start before a load finishes and interrupt page.goto. The browser gets the page as served
+            # but with the reload switched off, so each goto is one navigation; that it is served with
+            # the reload is checked on the raw HTML.
+            assert '<meta http-equiv="refresh" content="1">' in _get(url)
+            page.route(url, _without_auto_refresh)
             page.goto(url, timeout=30_000)
             cells = page.locator(".cell")
             assert cells.count() == 6
