@@ -184,10 +184,12 @@ def _check_disk(repo_id: str, revision: str | None, files: Iterable[str]) -> Non
                        "point HF_HUB_CACHE at a larger disk")
 
 
-def fetch_part(model: str, stack_attr: str, num_blocks: int, blocks: range, *, outside: bool) -> str:
-    """Fetch what a part of ``model`` needs and return a local folder ``from_pretrained`` can load it from."""
+def fetch_part(model: str, stack_attr: str, num_blocks: int, blocks: range, *, outside: bool,
+               snapshot: str | None = None) -> str:
+    """Fetch what a part of ``model`` needs and return a local folder ``from_pretrained`` can load it from
+    (``snapshot``: the folder ``fetch_metadata`` already returned, if the caller has it)."""
     repo_id, revision = split_id(model)
-    snapshot = fetch_metadata(model)
+    snapshot = snapshot or fetch_metadata(model)
     index_path = os.path.join(snapshot, INDEX_FILE)
     if not os.path.isfile(index_path):
         _check_disk(repo_id, revision, [SINGLE_FILE])

@@ -93,8 +93,10 @@ def part_source(model: str, blocks: range, *, keep_outside: bool) -> str:
     holding those tensors, fetched first."""
     if not hub.is_hub_id(model):
         return model
-    config = load_config(model)
-    return hub.fetch_part(model, hub.stack_attr_for(config), config.num_hidden_layers, blocks, outside=keep_outside)
+    snapshot = hub.fetch_metadata(model)  # once: config and part share it
+    config = load_config(snapshot)
+    return hub.fetch_part(model, hub.stack_attr_for(config), config.num_hidden_layers, blocks, outside=keep_outside,
+                          snapshot=snapshot)
 
 
 def load_config(model_dir: str) -> PretrainedConfig:
