@@ -4,12 +4,14 @@ through a 3-peer swarm behind WAN proxies with jitter, on a repetitive task (rew
 SmolLM2-135M-Instruct in float32 (unless --model-dir), one peer per span, every peer behind its own
 proxy (``--delay-ms`` one way, ``--jitter-ms`` more, uniform). Per mode, in the same run and on the
 same swarm: tokens/s, round trips (swarm steps) per generation, tokens checked per trip, and the
-acceptance rate of drafted tokens. Modes: plain greedy (the baseline), ``prompt_lookup_num_tokens``,
+acceptance rate of drafted tokens; and time to first token of chats that start with a known
+~1,000-token system prompt (kept by the peers from an earlier chat: prefix reuse) vs chats whose
+system prompt is new to the swarm, alternated in the same run. Modes: plain greedy (the baseline), ``prompt_lookup_num_tokens``,
 and a draft model that always agrees (the target's own weights run locally with no confidence
 threshold: an upper bound on what a draft can give). Every mode's tokens are checked against local
 greedy: speculative decoding must not change the output.
 
-    .venv/bin/python -m bench.speculative [--delay-ms 50] [--jitter-ms 25] [--new-tokens 64]
+    .venv/bin/python -m bench.speculative [--delay-ms 50] [--jitter-ms 25] [--new-tokens 64] [--prefix-tokens 1000]
 """
 
 from __future__ import annotations
@@ -32,6 +34,10 @@ PARAGRAPH = ("The history of the printing press begins in the fifteenth century,
              "and with them came pamphlets, newspapers and a new public that could read and argue about ideas.")
 TARGET_SPEEDUP = 2.0  # prompt lookup tokens/s over plain greedy
 TARGET_CHECKED = 4  # tokens checked per round trip with a draft that always agrees
+TARGET_TTFT = 3.0  # time to first token, new system prompt over known one
+RULES = ["Answer in plain English and keep every sentence short.", "Cite the paragraph you rely on by its number.",
+         "Never invent dates, names or numbers that the documents do not give.",
+         "When two documents disagree, say so and quote both.", "Prefer the most recent document when in doubt."]
 
 
 def _say(msg: str) -> None:
@@ -66,6 +72,43 @@ def prompt(tokenizer) -> torch.Tensor:
     return tokenizer(text, return_tensors="pt")["input_ids"]
 
 
+def system_prompt(tokenizer, tokens: int, variant: int) -> str:
+    """A long system prompt of about ``tokens`` tokens; each variant differs from its first line on."""
+    lines = [f"You are assistant number {variant} of the archive, and these are your standing instructions."]
+    n = 0
+    while len(tokenizer("\n".join(lines))["input_ids"]) < tokens:
+        lines.append(f"{n + 1}. {RULES[n % len(RULES)]} Document {n + 1}: {PARAGRAPH}")
+        n += 1
+    return "\n".join(lines)
+
+
+def chat(tokenizer, system: str, question: str) -> torch.Tensor:
+    messages = [{"role": "system", "content": system}, {"role": "user", "content": question}]
+    text = tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+    return tokenizer(text, return_tensors="pt")["input_ids"]
+
+
+def time_to_first_token(model, tokenizer, prefix_tokens: int, trials: int, pad: int) -> dict:
+    """Median seconds to the first token: chats with a system prompt the peers have seen (kept from a first
+    chat) vs chats with a new one, alternated."""
+    known = system_prompt(tokenizer, prefix_tokens, 0)
+    model.generate(chat(tokenizer, known, "What is this archive about?"), max_new_tokens=1, pad_token_id=pad)
+    seconds: dict[str, list[float]] = {"new system prompt": [], "known system prompt": []}
+    lengths = []
+    for k in range(trials):
+        question = f"Question {k}: who printed the first newspaper mentioned in document {k + 1}?"
+        for name, system in (("new system prompt", system_prompt(tokenizer, prefix_tokens, k + 1)),
+                             ("known system prompt", known)):
+            ids = chat(tokenizer, system, question)
+            lengths.append(ids.shape[1])
+            began = time.perf_counter()
+            model.generate(ids, max_new_tokens=1, pad_token_id=pad)
+            seconds[name].append(time.perf_counter() - began)
+    medians = {name: sorted(v)[len(v) // 2] for name, v in seconds.items()}
+    return {"prompt_tokens": [min(lengths), max(lengths)], "seconds": seconds, "median_seconds": medians,
+            "ratio": medians["new system prompt"] / medians["known system prompt"]}
+
+
 def run_mode(model, ids, new_tokens: int, pad: int, **mode) -> dict:
     with TripCounter() as trips:
         began = time.perf_counter()
@@ -91,6 +134,8 @@ def main() -> None:
     parser.add_argument("--new-tokens", type=int, default=64)
     parser.add_argument("--lookup-tokens", type=int, default=10, help="prompt_lookup_num_tokens")
     parser.add_argument("--draft-tokens", type=int, default=8, help="tokens the always-agreeing draft proposes")
+    parser.add_argument("--prefix-tokens", type=int, default=1000, help="system prompt length for the TTFT test")
+    parser.add_argument("--ttft-trials", type=int, default=5, help="chats per kind in the TTFT test")
     parser.add_argument("--threads", type=int, default=1)
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
@@ -119,6 +164,8 @@ def main() -> None:
                 _say(name)
                 results[name] = run_mode(model, ids, args.new_tokens, pad, **mode)
                 results[name]["equals_local"] = results[name].pop("tokens") == reference
+            _say(f"time to first token, {args.ttft_trials} chats with a known and a new system prompt each")
+            ttft = time_to_first_token(model, tokenizer, args.prefix_tokens, args.ttft_trials, pad)
         finally:
             model.swarm.shutdown()
     base = results["greedy"]["tokens_per_s"]
@@ -128,10 +175,16 @@ def main() -> None:
         [[name, r["tokens_per_s"], f"{r['tokens_per_s'] / base:.2f}", r["trips"], f"{r['tokens_per_trip']:.2f}",
           f"{r['tokens_checked_per_trip']:.2f}", "—" if r["acceptance"] is None else f"{r['acceptance']:.2f}",
           r["equals_local"]] for name, r in results.items()]))
+    print()
+    print(harness.table(["chat", "prompt tokens", "median TTFT (s)", "vs known"],
+                        [[name, f"{ttft['prompt_tokens'][0]}-{ttft['prompt_tokens'][1]}", seconds,
+                          f"{seconds / ttft['median_seconds']['known system prompt']:.2f}"]
+                         for name, seconds in ttft["median_seconds"].items()]))
     print(f"\ntargets: prompt lookup >= {TARGET_SPEEDUP}x greedy tokens/s; >= {TARGET_CHECKED} tokens checked per "
-          f"round trip with a draft that always agrees")
+          f"round trip with a draft that always agrees; "
+          f"time to first token with a known system prompt >= {TARGET_TTFT}x lower")
     path = harness.write_results("speculative", {"model_dir": model_dir, "spans": spans, "prompt_tokens": ids.shape[1],
-                                                 "modes": results}, args)
+                                                 "modes": results, "ttft": ttft}, args)
     print(f"\nwrote {path}")
 
 

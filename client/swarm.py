@@ -65,6 +65,8 @@ class ClientConfig:
     wire_dtype: str | None = None  # hidden states on the wire: None = as computed (float32 stays bit-exact);
     # "bfloat16" / "float16" = half the bytes, negotiated with each peer when the session opens
 
+    prefix_cache: bool = True  # peers may reuse their kept caches of earlier sessions that began with the same
+    # inputs (and keep this session's for later ones); False = this client's sessions neither reuse nor leave any
     formats: tuple[str, ...] | None = None  # formats a route may use, mixed ("nf4", "bfloat16", "float16/int8");
     # None = one format per session, the most precise that covers every block (see client.routing)
 
@@ -432,6 +434,8 @@ class SessionCore:
         meta = {"op": "open", "session_id": session_id, "start": hop.start, "end": hop.end,
                 "batch_size": self.batch_size, "max_length": self.max_length,
                 "reorders": self.reorders}
+        if not self.swarm.cfg.prefix_cache:
+            meta["prefix_cache"] = False
         if self.swarm.cfg.wire_dtype is not None:
             meta["wire_dtype"] = self.swarm.cfg.wire_dtype
         try:

@@ -7,6 +7,7 @@ Files:
                transformers' from_pretrained (peer and client both use it)
 - blocks.py    the generic block runner (the model's own base model holding the peer's blocks)
 - sessions.py  inference sessions inside a KV-cache budget counted in tokens
+- prefixes.py  kept histories of recent sessions (digest-chain keyed), reused by sessions that start alike
 - handler.py   RPC handlers: validation, compute on one owner thread, typed errors
 - config.py    PeerConfig and its command-line arguments
 - server.py    the peer process: load, join the DHT, serve, announce, drain on SIGTERM

@@ -25,7 +25,7 @@ import torch
 from torch import nn
 from transformers import AutoModel, DynamicCache, PretrainedConfig
 
-from peer import layout, wire
+from peer import layout, prefixes, wire
 from peer.quant import check_backend as quant_check, logical_numel, quantization_config, release_checkpoint_pages, resident_bytes
 from peer.layout import load_config, span_config  # noqa: F401  (re-exported: the peer's config readers)
 
@@ -89,6 +89,7 @@ class BlockRunner:
         self.loaded_tensor_names: tuple[str, ...] = module._swarm_tensor_names  # named as in the full model
         self.num_parameters = sum(logical_numel(p) for p in module.parameters())
         self.weight_bytes = resident_bytes(module)
+        self.prefix_nonce = prefixes.new_nonce()  # kept prefixes match only sessions on these weights
         meta_left = [n for n, t in list(module.named_parameters()) + list(module.named_buffers()) if t.is_meta]
         if meta_left:
             raise RuntimeError(f"tensors left unmaterialised after loading: {meta_left[:5]}")

@@ -24,6 +24,7 @@ class PeerConfig:
     identity_path: str | None = None  # None: a fresh identity for this run
     maddr_file: str | None = None
     cache_tokens: int = 16384  # KV-cache budget, tokens per block, all sessions together
+    prefix_cache: bool = True  # keep finished sessions' histories (within the budget) for reuse
     max_session_length: int = 8192  # tokens
     max_message_bytes: int = 64 * 2**20  # bytes
     idle_timeout: float = 300.0  # seconds a session may sit without a step
@@ -94,6 +95,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="write this peer's multiaddrs here (one per line) once it is ready")
     parser.add_argument("--cache-tokens", type=int, default=16384,
                         help="KV-cache budget in tokens (batch x max_length summed over sessions)")
+    parser.add_argument("--no-prefix-cache", action="store_true",
+                        help="keep no finished session's cache for reuse by sessions that start the same way")
     parser.add_argument("--max-session-length", type=int, default=8192, help="longest session, tokens")
     parser.add_argument("--max-message-bytes", type=int, default=64 * 2**20,
                         help="largest tensor payload one message may carry, bytes")
@@ -138,7 +141,7 @@ def from_args(args: argparse.Namespace) -> PeerConfig:
         dtype=args.dtype, device=args.device, quant=args.quant, max_memory=args.max_memory, host=args.host, port=args.port,
         announce_maddrs=tuple(args.announce_maddrs), public_name=args.name, model_id=args.model_id,
         identity_path=args.identity, maddr_file=args.maddr_file, cache_tokens=args.cache_tokens,
-        max_session_length=args.max_session_length, max_message_bytes=args.max_message_bytes, idle_timeout=args.idle_timeout,
+        prefix_cache=not args.no_prefix_cache, max_session_length=args.max_session_length, max_message_bytes=args.max_message_bytes, idle_timeout=args.idle_timeout,
         announce_period=args.announce_period, drain_timeout=args.drain_timeout, num_threads=args.num_threads,
         throughput=args.throughput, num_blocks=args.num_blocks, balance_period=args.balance_period, balance_threshold=args.balance_threshold,
         placement_jitter=args.placement_jitter, use_auto_relay=args.use_auto_relay or args.no_listen,

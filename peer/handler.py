@@ -18,7 +18,7 @@ import torch
 from hivemind.p2p import P2P, P2PContext
 from hivemind.proto import runtime_pb2
 
-from peer import wire
+from peer import prefixes, wire
 from peer.blocks import BlockRunner
 from peer.compute import ComputeOwner
 from peer.push import PushSender, parse_next
@@ -60,6 +60,7 @@ class PeerHandler:
         idle_timeout: float = 300.0,  # seconds a session may wait for its next step
         max_session_length: int = 8192,  # tokens
         statistics: Callable[[], dict[str, Any]] = dict,
+        prefix_cache: bool = True,  # keep recent sessions' histories for sessions that start the same way
     ):
         self.runner = runner
         self.sessions = sessions
@@ -67,6 +68,7 @@ class PeerHandler:
         self.idle_timeout = idle_timeout
         self.max_session_length = max_session_length
         self.accepting = True  # False while draining: no new sessions
+        self.prefix_cache = prefix_cache
         self._statistics = statistics
         self.compute = ComputeOwner()
         self.pusher: PushSender | None = None  # set by register()
@@ -246,6 +248,13 @@ class PeerHandler:
         session.wire_dtype = None if wire_dtype is None else wire.HIDDEN_DTYPE_NAMES[wire_dtype]
         # a replacement starts from already reordered inputs (older clients do not send it)
         session.reorders = _int_field(meta, "reorders", 0) if "reorders" in meta else 0
+        reuse = meta.get("prefix_cache", True)
+        if not isinstance(reuse, bool):
+            raise WireError(ErrorCode.BAD_REQUEST, f"prefix_cache must be true or false, got {reuse!r}")
+        nonce = getattr(runner, "prefix_nonce", None)
+        if reuse and self.prefix_cache and not ephemeral and nonce is not None and prefixes.reusable(session.cache):
+            session.prefix = prefixes.Entry(start, end, batch_size)
+            session.prefix_root = prefixes.root_digest(nonce, start, end, batch_size, runner.dtype)
         return session
 
     def _validate_step(self, session: Session, meta: dict, tensors: list[torch.Tensor], rewrite: bool = False):
@@ -303,8 +312,7 @@ class PeerHandler:
                                                         f"{session.reorders}")
         return hidden, position_ids.long(), None if mask is None else mask.long()
 
-    @staticmethod
-    def _rewind(session: Session, meta: dict) -> None:
+    def _rewind(self, session: Session, meta: dict) -> None:
         """A step marked ``rewrite`` replaces the tokens from its offset on (speculative decoding rejected
         them): the cache is cropped to the offset first. Idempotent, so a rewrite step that arrives twice
         (pushed, then re-sent) computes the same thing twice rather than going out of order. Called once
@@ -318,6 +326,8 @@ class PeerHandler:
                                                    "or recurrent layer past its window): generate without drafts")
         session.cache.crop(-drop)
         session.length = offset
+        if session.prefix is not None:
+            self.sessions.prefixes.truncate(session.prefix, offset)
         session.steps = {(o, t) for o, t in session.steps if o + t <= offset}
 
     async def _step(self, session: Session, meta: dict, tensors: list[torch.Tensor]) -> runtime_pb2.ExpertResponse:
@@ -330,11 +340,12 @@ class PeerHandler:
         if "reorder" in meta and meta["reorders"] == session.reorders + 1:
             # beam search: the rows of the cache follow the beams chosen at the last step (applied once;
             # the same step pushed and re-sent, or a replacement built from reordered inputs, skips it)
+            self.sessions.stop_reuse(session)  # its rows no longer follow one history each
             session.cache.reorder_cache(torch.tensor(meta["reorder"], dtype=torch.long))
             session.reorders += 1
         chain = parse_next(meta.get("next"))
         try:
-            out = await self.compute.run(session.runner, hidden, position_ids, mask, session.cache)
+            out, reused = await self._compute(session, hidden, position_ids, mask)
         except Exception as e:  # a compute failure must not take the peer down; this session is lost
             logger.exception("compute failed in session %s", session.session_id)
             raise WireError(ErrorCode.INTERNAL, f"the peer failed computing this step ({type(e).__name__}): re-route") from e
@@ -342,9 +353,11 @@ class PeerHandler:
         session.length += tokens
         session.steps.add((offset, tokens))
         self.requests_served += 1
-        self.steps_computed += hidden.shape[0] * tokens
+        self.steps_computed += hidden.shape[0] * (tokens - reused)
         out = wire.to_wire_dtype(out, session.wire_dtype or hidden.dtype)
         reply = {"op": "result", "length": session.length, "input_digest": wire.digest(hidden)}
+        if reused:
+            reply["reused"] = reused
         if chain:
             step = {"op": "step", "offset": offset}
             if rewrite:
@@ -358,6 +371,34 @@ class PeerHandler:
             if failure is not None:
                 reply["push_error"] = failure
         return wire.response(reply, [out])
+
+    async def _compute(self, session: Session, hidden: torch.Tensor, position_ids: torch.Tensor,
+                       mask: torch.Tensor | None) -> tuple[torch.Tensor, int]:
+        """Run one step: (output (batch, t, hidden), tokens reused from a kept prefix). The first tokens
+        of the step that some kept history holds are copied from it (keys, values and outputs); the
+        rest are computed on top."""
+        entry = session.prefix
+        if entry is None:
+            return await self.compute.run(session.runner, hidden, position_ids, mask, session.cache), 0
+        offset, tokens = session.length, hidden.shape[1]
+        head = entry.digests[-1] if entry.tokens else session.prefix_root
+        digests = prefixes.chain(head, hidden, position_ids, mask, offset)
+        store = self.sessions.prefixes
+        source, reused = store.lookup(digests, offset)
+        parts = []
+        if reused:
+            cache = session.cache
+            for layer in range(len(cache.layers)):
+                cache.update(*source.kv(layer, offset, offset + reused), cache.start + layer)
+            parts.append(source.output(offset, offset + reused))
+            store.hits += 1
+            store.tokens_reused += hidden.shape[0] * reused
+        if reused < tokens:
+            parts.append(await self.compute.run(session.runner, hidden[:, reused:], position_ids[:, reused:], mask,
+                                                session.cache))
+        out = parts[0] if len(parts) == 1 else torch.cat(parts, dim=1)  # (batch, t, hidden)
+        store.publish(entry, session.cache, digests, out)
+        return out, reused
 
     @staticmethod
     def _duplicate(session: Session, meta: dict, tensors: list[torch.Tensor]) -> runtime_pb2.ExpertResponse | None:

@@ -120,7 +120,7 @@ class Peer:
             "loaded_tensors": list(runner.loaded_tensor_names), "relayed": self.relayed, "moves": self.moves,
             "uptime": time.time() - self.started_at, "version": SOFTWARE_VERSION,
             "tokens_computed": self.handler.steps_computed, "errors": dict(self.handler.errors),
-            **self.handler.counters(),
+            **self.handler.counters(), **self.sessions.prefixes.statistics(),
         }
 
     def metrics_text(self) -> str:
@@ -142,6 +142,10 @@ class Peer:
             f"swarmllm_peer_pushes_received_total {stats['pushes_received']}",
             "# TYPE swarmllm_peer_batched_steps_total counter",
             f"swarmllm_peer_batched_steps_total {stats['batched_steps']}",
+            "# TYPE swarmllm_peer_prefix_cache_tokens gauge",
+            f"swarmllm_peer_prefix_cache_tokens {stats['prefix_cache_tokens']}",
+            "# TYPE swarmllm_peer_prefix_tokens_reused_total counter",
+            f"swarmllm_peer_prefix_tokens_reused_total {stats['prefix_tokens_reused']}",
             "# TYPE swarmllm_peer_errors_total counter",
         ]
         lines += [f'swarmllm_peer_errors_total{{code="{code}"}} {n}' for code, n in sorted(stats["errors"].items())]
@@ -222,7 +226,7 @@ class Peer:
         _say(f"blocks [{self.start}, {self.end}) hold {quant.human(self.runner.weight_bytes)} of weights")
         self.handler = PeerHandler(
             self.runner, self.sessions, max_message_bytes=cfg.max_message_bytes, idle_timeout=cfg.idle_timeout,
-            max_session_length=cfg.max_session_length, statistics=self.statistics,
+            max_session_length=cfg.max_session_length, statistics=self.statistics, prefix_cache=cfg.prefix_cache,
         )
         p2p = await self.dht.replicate_p2p()
         await self.handler.register(p2p)

@@ -2,7 +2,9 @@
 
 The budget is counted in tokens of cache per block: a session of ``batch_size`` sequences up to
 ``max_length`` tokens reserves ``batch_size * max_length`` tokens for its whole life. A session lives as
-long as its stream; the handler closes it when the stream ends or sits idle too long.
+long as its stream; the handler closes it when the stream ends or sits idle too long. Prefixes kept for
+reuse (``peer.prefixes``) live in what sessions leave free and are evicted, least recently used first,
+when a session needs the room.
 """
 
 from __future__ import annotations
@@ -10,6 +12,7 @@ from __future__ import annotations
 import dataclasses
 from typing import Any, Callable
 
+from peer.prefixes import Entry, PrefixStore
 from peer.wire import ErrorCode, WireError
 
 
@@ -24,6 +27,8 @@ class Session:
     wire_dtype: Any = None  # torch dtype of the hidden states it answers and pushes; None = as the input
     steps: set[tuple[int, int]] = dataclasses.field(default_factory=set)  # (offset, tokens) of computed steps
     reorders: int = 0  # beam reorderings applied to the cache (a step's n-th reordering is applied once)
+    prefix: Entry | None = None  # its history as a prefix others may reuse (None: not reusable)
+    prefix_root: bytes = b""  # the digest of its empty history
 
     @property
     def reserved_tokens(self) -> int:
@@ -37,6 +42,7 @@ class SessionTable:
         self.budget_tokens = budget_tokens
         self.busy_retry_after = busy_retry_after  # seconds
         self._sessions: dict[str, Session] = {}
+        self.prefixes = PrefixStore()
 
     @property
     def used_tokens(self) -> int:
@@ -44,6 +50,7 @@ class SessionTable:
 
     @property
     def tokens_left(self) -> int:
+        """Tokens a new session can reserve (kept prefixes make way for it)."""
         return self.budget_tokens - self.used_tokens
 
     def __len__(self) -> int:
@@ -67,9 +74,19 @@ class SessionTable:
                 f"are free; retry later or on another peer",
                 retry_after=self.busy_retry_after,
             )
+        while self.prefixes.frozen_tokens > self.tokens_left - want and self.prefixes.evict_one():
+            pass
         session = Session(session_id, batch_size, max_length, runner, make_cache())
         self._sessions[session_id] = session
         return session
 
+    def stop_reuse(self, session: Session) -> None:
+        """The session's history stops growing as a prefix (beam reordering): keep what it has so far."""
+        if session.prefix is not None:
+            self.prefixes.freeze(session.prefix, self.tokens_left)
+            session.prefix = None
+
     def close(self, session_id: str) -> None:
-        self._sessions.pop(session_id, None)
+        session = self._sessions.pop(session_id, None)
+        if session is not None:
+            self.stop_reuse(session)

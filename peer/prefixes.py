@@ -1,0 +1,209 @@
+"""Prefix reuse: the caches of prefixes this peer computed recently, so a session that starts with a known
+prefix (a chat's system prompt, few-shot examples) skips computing it (pure bookkeeping, no I/O).
+
+**Keys.** A session's history is named by a digest chain over what the peer itself received: the digest
+after token t hashes the digest after token t - 1 with token t's hidden states (every row, as sent), its
+position ids and its attention-mask column; the chain starts from the runner's random nonce, the span and
+the batch size. Equal digests mean equal histories, so the keys and values of those tokens, and the
+outputs the blocks gave for them, are the same ones a fresh computation would give (up to the rounding of
+a different chunking, as chunked prefill already has). The client names nothing new: the peer keys on the
+inputs it receives anyway, and the client can opt out per session (``prefix_cache: false``).
+
+**Entries.** An open session publishes its history as an entry after each step: references to its cache
+tensors (transformers' ``DynamicLayer`` grows by concatenation, so a tensor once referenced never changes:
+a snapshot costs no copy) and the outputs of its steps. While the session is open the entry shares its
+memory, which the session's reservation already counts. When the session closes, reorders its rows (beam
+search) or stops being reusable, the entry is frozen: from then on it costs its own bytes, counted in
+the peer's cache budget in cache tokens (its bytes over one token's keys and values across its blocks),
+and it is the first thing evicted (least recently used first) when a session needs room.
+
+Only caches made of plain ``DynamicLayer`` take part (a sliding window keeps only its last tokens).
+"""
+
+from __future__ import annotations
+
+import collections
+import hashlib
+import math
+import os
+from typing import Any
+
+import torch
+from transformers.cache_utils import DynamicLayer
+
+DOMAIN = b"swarmllm-prefix-v1"
+
+
+def new_nonce() -> bytes:
+    """A runner's nonce: entries made by one set of weights never match a session on another."""
+    return os.urandom(16)
+
+
+def reusable(cache: Any) -> bool:
+    """True if ``cache`` (a SpanCache) is made only of plain growing layers."""
+    return bool(cache.layers) and all(type(layer) is DynamicLayer for layer in cache.layers)
+
+
+def root_digest(nonce: bytes, start: int, end: int, batch_size: int, dtype: torch.dtype) -> bytes:
+    """The digest of an empty history of a session over blocks [start, end)."""
+    return hashlib.sha256(b"|".join([DOMAIN, nonce, f"{start}:{end}:{batch_size}:{dtype}".encode()])).digest()
+
+
+def chain(previous: bytes, hidden: torch.Tensor, position_ids: torch.Tensor, mask: torch.Tensor | None,
+          offset: int) -> list[bytes]:
+    """The digests after each new token of a step: hidden (batch, t, hidden) as received, position_ids
+    (batch, t), mask (batch, offset + t) or None. Returns t digests."""
+    tokens = hidden.shape[1]
+    rows = hidden.detach().cpu().transpose(0, 1).contiguous()  # (t, batch, hidden)
+    raw = rows.view(torch.uint8).reshape(tokens, -1).numpy()  # (t, bytes): the bits as sent, any dtype
+    positions = position_ids.detach().cpu().long().t().contiguous().numpy()  # (t, batch)
+    columns = None if mask is None else mask[:, offset:offset + tokens].detach().cpu().long().t().contiguous().numpy()
+    out = []
+    for t in range(tokens):
+        h = hashlib.sha256(previous)
+        h.update(raw[t].tobytes())
+        h.update(positions[t].tobytes())
+        h.update(b"-" if columns is None else columns[t].tobytes())
+        previous = h.digest()
+        out.append(previous)
+    return out
+
+
+class Entry:
+    """The history of one session: keys/values (references to its cache tensors), outputs, digests."""
+
+    def __init__(self, start: int, end: int, batch_size: int):
+        self.start, self.end, self.batch_size = start, end, batch_size
+        self.digests: list[bytes] = []  # digest after token t, for t < tokens
+        self.keys: list[torch.Tensor] = []  # per layer (batch, kv_heads, >= tokens, head_dim)
+        self.values: list[torch.Tensor] = []
+        self.outputs: list[torch.Tensor] = []  # the blocks' outputs in order: chunks of (batch, t, hidden)
+        self.live = True  # still owned by an open session, whose reservation counts its memory
+        self.cost = 0  # cache tokens it is charged once frozen
+
+    @property
+    def tokens(self) -> int:
+        return len(self.digests)
+
+    def kv(self, layer: int, begin: int, end: int) -> tuple[torch.Tensor, torch.Tensor]:
+        return self.keys[layer][..., begin:end, :], self.values[layer][..., begin:end, :]
+
+    def output(self, begin: int, end: int) -> torch.Tensor:
+        """The outputs for tokens [begin, end): (batch, end - begin, hidden)."""
+        parts, at = [], 0
+        for chunk in self.outputs:
+            n = chunk.shape[1]
+            if at + n > begin and at < end:
+                parts.append(chunk[:, max(begin - at, 0):min(end - at, n)])
+            at += n
+        return torch.cat(parts, dim=1)
+
+    def truncate(self, tokens: int) -> list[bytes]:
+        """Keep the first ``tokens`` tokens; returns the digests dropped."""
+        dropped, self.digests = self.digests[tokens:], self.digests[:tokens]
+        kept, at = [], 0
+        for chunk in self.outputs:
+            if at >= tokens:
+                break
+            kept.append(chunk[:, :tokens - at])
+            at += chunk.shape[1]
+        self.outputs = kept
+        return dropped
+
+    def nbytes(self) -> int:
+        def size(t: torch.Tensor) -> int:
+            return t[..., :self.tokens, :].numel() * t.element_size() if t.ndim == 4 else t.numel() * t.element_size()
+        return sum(size(t) for t in self.keys + self.values) + sum(size(t) for t in self.outputs)
+
+    def token_bytes(self) -> int:
+        """Bytes of one token's keys and values across the entry's blocks (one row): a cache token."""
+        return sum(t.shape[1] * t.shape[3] * t.element_size() for t in self.keys + self.values)
+
+
+class PrefixStore:
+    """The index of entries by digest and the frozen entries, least recently used first."""
+
+    def __init__(self, clock=None):
+        self._index: dict[bytes, tuple[Entry, int]] = {}  # digest -> (an entry holding it, tokens up to it)
+        self._frozen: collections.OrderedDict[int, Entry] = collections.OrderedDict()  # id -> entry, LRU first
+        self.hits = 0  # steps that reused at least one token
+        self.tokens_reused = 0  # tokens x rows not computed thanks to a hit
+
+    @property
+    def frozen_tokens(self) -> int:
+        """Cache tokens the frozen entries are charged."""
+        return sum(e.cost for e in self._frozen.values())
+
+    def __len__(self) -> int:
+        return len(self._frozen)
+
+    def lookup(self, digests: list[bytes], offset: int) -> tuple[Entry | None, int]:
+        """The longest run of a step's digests (tokens offset, offset + 1, ...) some entry holds: (entry, k)."""
+        for k in range(len(digests), 0, -1):
+            found = self._index.get(digests[k - 1])
+            if found is not None and found[1] == offset + k:
+                entry = found[0]
+                if not entry.live:
+                    self._frozen.move_to_end(id(entry))
+                return entry, k
+        return None, 0
+
+    def publish(self, entry: Entry, cache: Any, digests: list[bytes], output: torch.Tensor) -> None:
+        """A live entry's session has computed (or reused) a step: record it. ``cache`` is its SpanCache."""
+        offset = entry.tokens
+        entry.keys = [layer.keys for layer in cache.layers]
+        entry.values = [layer.values for layer in cache.layers]
+        entry.outputs.append(output)
+        entry.digests.extend(digests)
+        for t, digest in enumerate(digests):
+            self._index[digest] = (entry, offset + t + 1)
+
+    def truncate(self, entry: Entry, tokens: int) -> None:
+        """The session rolled back to ``tokens`` (rejected draft tokens)."""
+        self._unindex(entry, entry.truncate(tokens))
+
+    def freeze(self, entry: Entry, room: int) -> None:
+        """The entry's session is done with it. It is kept, charged its own bytes, if it fits in ``room``
+        cache tokens (after evicting older entries); otherwise dropped."""
+        if not entry.live:
+            return
+        entry.live = False
+        if not entry.tokens:
+            return
+        # tensors cropped by a rollback are views of longer ones: keep only what the entry needs
+        entry.keys = [k[..., :entry.tokens, :].clone() if k.shape[-2] > entry.tokens else k for k in entry.keys]
+        entry.values = [v[..., :entry.tokens, :].clone() if v.shape[-2] > entry.tokens else v for v in entry.values]
+        entry.cost = math.ceil(entry.nbytes() / max(1, entry.token_bytes()))
+        if entry.cost > room:
+            self._unindex(entry, entry.digests)
+            return
+        self._frozen[id(entry)] = entry
+        while self.frozen_tokens > room:
+            self.evict_one()
+
+    def drop(self, entry: Entry) -> None:
+        """Forget a live entry (its session was not reusable after all)."""
+        entry.live = False
+        self._unindex(entry, entry.digests)
+
+    def evict_one(self) -> int:
+        """Evict the least recently used frozen entry; returns the cache tokens freed (0: none left)."""
+        if not self._frozen:
+            return 0
+        _, entry = self._frozen.popitem(last=False)
+        self._unindex(entry, entry.digests)
+        return entry.cost
+
+    def clear(self) -> None:
+        self._index.clear()
+        self._frozen.clear()
+
+    def _unindex(self, entry: Entry, digests: list[bytes]) -> None:
+        for digest in digests:
+            found = self._index.get(digest)
+            if found is not None and found[0] is entry:
+                del self._index[digest]
+
+    def statistics(self) -> dict[str, int]:
+        return {"prefix_entries": len(self._frozen), "prefix_cache_tokens": self.frozen_tokens,
+                "prefix_hits": self.hits, "prefix_tokens_reused": self.tokens_reused}

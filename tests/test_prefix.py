@@ -1,0 +1,249 @@
+"""Prefix reuse: a peer keeps the caches of recent sessions' histories (within its cache budget, least
+recently used evicted first) and a session that starts with the same inputs copies them instead of
+computing them, on every hop. Output unchanged.
+
+In-process cases drive the peer's handler on a real BlockRunner; the swarm cases run a tiny Llama over
+two peer processes [0, 3) + [3, 6) and compare generate() with local transformers."""
+
+from __future__ import annotations
+
+import asyncio
+
+import pytest
+import torch
+from transformers import AutoModelForCausalLM
+
+from client import AutoDistributedModelForCausalLM
+from peer import prefixes, wire
+from peer.blocks import BlockRunner
+from peer.handler import PeerHandler
+from peer.sessions import SessionTable
+from peer.wire import WireError
+from tests.test_push import _stats
+
+
+@pytest.fixture(scope="module")
+def path(tiny_checkpoint):
+    return tiny_checkpoint("llama")
+
+
+@pytest.fixture(scope="module")
+def runner(path):
+    return BlockRunner(path, 0, 6)
+
+
+class Peer:
+    """A handler over a real runner, driven step by step as its streams would drive it."""
+
+    def __init__(self, runner: BlockRunner, budget: int = 4096, prefix_cache: bool = True):
+        self.runner = runner
+        self.handler = PeerHandler(runner, SessionTable(budget), prefix_cache=prefix_cache)
+        self.store = self.handler.sessions.prefixes
+        self._count = 0
+
+    def open(self, batch: int = 1, max_length: int = 256, **meta):
+        self._count += 1
+        return self.handler._open({"op": "open", "session_id": f"s{self._count}", "start": 0, "end": 6,
+                                   "batch_size": batch, "max_length": max_length, **meta}, ephemeral=False)
+
+    def step(self, session, hidden, positions, mask=None, **meta) -> tuple[dict, torch.Tensor]:
+        tensors = [hidden, positions] + ([] if mask is None else [mask])
+        meta = {"op": "step", "session_id": session.session_id, "offset": meta.pop("offset", session.length), **meta}
+        reply = asyncio.run(self.handler._step(session, meta, tensors))
+        meta, out = wire.unpack(reply)
+        return meta, out[0]
+
+    def close(self, session) -> None:
+        self.handler.sessions.close(session.session_id)
+
+
+def _inputs(runner, tokens: int, seed: int, batch: int = 1) -> torch.Tensor:
+    return torch.randn(batch, tokens, runner.hidden_size, generator=torch.Generator().manual_seed(seed))
+
+
+def _positions(begin: int, end: int, batch: int = 1) -> torch.Tensor:
+    return torch.arange(begin, end).expand(batch, -1).contiguous()
+
+
+def test_a_known_prefix_is_copied_not_computed_and_gives_the_same_outputs(runner):
+    peer = Peer(runner)
+    prefix, tail_a, tail_b = _inputs(runner, 40, 1), _inputs(runner, 5, 2), _inputs(runner, 7, 3)
+    first = peer.open()
+    meta, out_a = peer.step(first, torch.cat([prefix, tail_a], 1), _positions(0, 45))
+    assert "reused" not in meta
+    peer.step(first, _inputs(runner, 1, 4), _positions(45, 46))  # a decode step: the entry grows
+    peer.close(first)
+    assert len(peer.store) == 1 and peer.store.frozen_tokens >= 46
+    assert peer.handler.sessions.tokens_left == 4096  # kept prefixes make way: a session can have it all
+
+    computed_before = peer.handler.steps_computed
+    second = peer.open()
+    meta, out_b = peer.step(second, torch.cat([prefix, tail_b], 1), _positions(0, 47))
+    assert meta["reused"] == 40 and peer.handler.steps_computed - computed_before == 7
+    torch.testing.assert_close(out_b[:, :40], out_a[:, :40], rtol=0, atol=0)  # the kept outputs
+    # and what a fresh computation gives, up to the rounding of another chunking
+    fresh = runner.forward(torch.cat([prefix, tail_b], 1), _positions(0, 47), None, runner.new_cache())
+    torch.testing.assert_close(out_b, fresh, rtol=1e-5, atol=1e-5)
+    # the next decode step runs on the copied cache: equal to a fresh session's
+    x = _inputs(runner, 1, 5)
+    _, out = peer.step(second, x, _positions(47, 48))
+    cache = runner.new_cache()
+    runner.forward(torch.cat([prefix, tail_b], 1), _positions(0, 47), None, cache)
+    torch.testing.assert_close(out, runner.forward(x, _positions(47, 48), None, cache), rtol=1e-5, atol=1e-5)
+    peer.close(second)
+    assert peer.store.statistics()["prefix_tokens_reused"] == 40
+
+
+def test_chunked_prefill_and_a_batch_with_padding_reuse_token_by_token(runner):
+    peer = Peer(runner)
+    batch = 2
+    prompt = _inputs(runner, 30, 6, batch)
+    mask = torch.ones(batch, 30, dtype=torch.long)
+    mask[1, :4] = 0  # left padding on row 1
+    positions = (mask.cumsum(-1) - 1).clamp_min(0)
+    first = peer.open(batch)
+    _, whole = peer.step(first, prompt, positions, mask)
+    peer.close(first)
+    second = peer.open(batch)
+    outs = []
+    for begin in range(0, 30, 8):  # the same prompt in chunks of 8: every chunk is copied
+        meta, out = peer.step(second, prompt[:, begin:begin + 8], positions[:, begin:begin + 8],
+                              mask[:, :min(begin + 8, 30)])
+        assert meta["reused"] == out.shape[1]
+        outs.append(out)
+    torch.testing.assert_close(torch.cat(outs, 1), whole, rtol=0, atol=0)
+    peer.close(second)
+    other = mask.clone()
+    other[0, :2] = 0  # another mask is another history: nothing is reused
+    third = peer.open(batch)
+    meta, _ = peer.step(third, prompt, positions, other)
+    assert "reused" not in meta
+    peer.close(third)
+
+
+def test_rollback_and_beam_reordering_keep_the_index_true(runner):
+    peer = Peer(runner)
+    prompt = _inputs(runner, 12, 7)
+    first = peer.open()
+    peer.step(first, prompt, _positions(0, 12))
+    peer.step(first, _inputs(runner, 3, 8), _positions(12, 15))  # draft tokens, then rejected:
+    peer.step(first, _inputs(runner, 2, 9), _positions(13, 15), offset=13, rewrite=True)
+    assert first.prefix.tokens == 15
+    peer.close(first)
+    second = peer.open()
+    x = _inputs(runner, 3, 8)  # the rejected draft is no longer a known history past token 13
+    meta, _ = peer.step(second, torch.cat([prompt, x], 1), _positions(0, 15))
+    assert meta["reused"] == 13
+    peer.close(second)
+
+    beams = peer.open(batch=2)
+    peer.step(beams, _inputs(runner, 6, 10, 2), _positions(0, 6, 2))
+    peer.step(beams, _inputs(runner, 1, 11, 2), _positions(6, 7, 2), reorder=[1, 1], reorders=1)
+    assert beams.prefix is None  # its rows no longer follow one history each: kept as it was, not grown
+    frozen = len(peer.store)
+    peer.close(beams)
+    assert len(peer.store) == frozen
+
+
+def test_kept_prefixes_live_in_the_budget_and_the_oldest_go_first(runner):
+    peer = Peer(runner, budget=80)
+    table = peer.handler.sessions
+    for k in range(3):  # one after another: each reserves 40 tokens while open, then leaves its history
+        session = peer.open(max_length=40)
+        peer.step(session, _inputs(runner, 30, 20 + k), _positions(0, 30))
+        peer.close(session)
+        assert table.used_tokens + table.prefixes.frozen_tokens <= table.budget_tokens
+    # an entry costs its keys/values plus its outputs, in cache tokens: more than 30, so 3 do not fit
+    assert len(table.prefixes) == 2 and 60 < table.prefixes.frozen_tokens <= 80
+    # the newest is a hit; the oldest was evicted (least recently used first)
+    probe = peer.open(max_length=40)
+    assert peer.step(probe, _inputs(runner, 30, 22), _positions(0, 30))[0]["reused"] == 30
+    peer.close(probe)
+    probe = peer.open(max_length=40)
+    assert "reused" not in peer.step(probe, _inputs(runner, 30, 20), _positions(0, 30))[0]
+    peer.close(probe)
+    # a session that needs the room evicts kept prefixes rather than being refused
+    big = peer.open(max_length=80)
+    assert table.prefixes.frozen_tokens == 0 and table.tokens_left == 0
+    peer.close(big)
+
+
+def test_opting_out_and_bad_flags(runner):
+    peer = Peer(runner)
+    session = peer.open(prefix_cache=False)
+    assert session.prefix is None
+    peer.step(session, _inputs(runner, 10, 30), _positions(0, 10))
+    peer.close(session)
+    assert len(peer.store) == 0
+    with pytest.raises(WireError, match="prefix_cache must be true or false"):
+        peer.open(prefix_cache="yes")
+    off = Peer(runner, prefix_cache=False)
+    assert off.open().prefix is None
+    # another runner's entries (other weights, even of the same blocks) never match
+    assert prefixes.root_digest(runner.prefix_nonce, 0, 6, 1, torch.float32) != \
+        prefixes.root_digest(prefixes.new_nonce(), 0, 6, 1, torch.float32)
+
+
+# ---- through the swarm --------------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def swarm(make_swarm, path):
+    swarm = make_swarm()
+    swarm.peers = swarm.add_peers(path, [(0, 3), (3, 6)])
+    return swarm
+
+
+@pytest.fixture(scope="module")
+def models(swarm, path):
+    local = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).eval()
+    remote = AutoDistributedModelForCausalLM.from_pretrained(path, swarm.initial_peers, step_timeout=10.0)
+    yield local, remote
+    remote.swarm.shutdown()
+
+
+def _reused(model) -> dict[int, int]:
+    return {start: stats["prefix_tokens_reused"] for start, stats in _stats(model).items()}
+
+
+def test_a_new_session_with_a_known_prefix_skips_it_on_every_hop(models, path, swarm):
+    local, remote = models
+    g = torch.Generator().manual_seed(40)
+    system = torch.randint(3, 250, (1, 150), generator=g)  # a system prompt both chats start with
+    first = torch.cat([system, torch.randint(3, 250, (1, 9), generator=g)], 1)
+    second = torch.cat([system, torch.randint(3, 250, (1, 11), generator=g)], 1)
+    kwargs = dict(max_new_tokens=6, do_sample=False)
+    assert torch.equal(remote.generate(first, **kwargs), local.generate(first, **kwargs))
+    before = _reused(remote)
+    # another client, prefilling in chunks of 64: the histories match token by token, not by message
+    chunked = AutoDistributedModelForCausalLM.from_pretrained(path, swarm.initial_peers, max_chunk_tokens=64)
+    try:
+        assert torch.equal(chunked.generate(second, **kwargs), local.generate(second, **kwargs))
+        after = _reused(remote)
+        assert {s: after[s] - before[s] for s in after} == {0: 150, 3: 150}
+        # a client that opts out neither reuses nor leaves its history behind
+        shy = AutoDistributedModelForCausalLM.from_pretrained(path, swarm.initial_peers, prefix_cache=False)
+        try:
+            kept = {s: stats["prefix_entries"] for s, stats in _stats(remote).items()}
+            assert torch.equal(shy.generate(second, **kwargs), local.generate(second, **kwargs))
+            assert _reused(remote) == after
+            assert {s: stats["prefix_entries"] for s, stats in _stats(remote).items()} == kept
+        finally:
+            shy.swarm.shutdown()
+    finally:
+        chunked.swarm.shutdown()
+
+
+def test_a_repeated_left_padded_batch_equals_local(models):
+    local, remote = models
+    g = torch.Generator().manual_seed(41)
+    ids = torch.randint(3, 250, (2, 20), generator=g)
+    mask = torch.ones_like(ids)
+    mask[0, :5] = 0
+    kwargs = dict(attention_mask=mask, max_new_tokens=5, do_sample=False, pad_token_id=0)
+    want = local.generate(ids, **kwargs)
+    assert torch.equal(remote.generate(ids, **kwargs), want)
+    before = _reused(remote)
+    assert torch.equal(remote.generate(ids, **kwargs), want)  # every prompt token and the decode steps
+    after = _reused(remote)
+    assert all(after[s] - before[s] >= 2 * 20 for s in after)
