@@ -73,9 +73,11 @@ class PeerHandler:
         self.compute = ComputeOwner()
         self.pusher: PushSender | None = None  # set by register()
         self._inboxes: dict[str, asyncio.Queue] = {}  # session id -> its inbox, for pushes
+        self._open_sessions: dict[str, Session] = {}  # session id -> the session of that inbox
         self.requests_served = 0
         self.steps_computed = 0  # tokens x batch rows through the blocks
         self.pushes_received = 0
+        self.prefix_pushes = 0  # pushes that named their first inputs by a kept prefix, accepted
         self.errors: collections.Counter[str] = collections.Counter()  # wire errors sent, by code
 
     async def register(self, p2p: P2P) -> None:
@@ -96,7 +98,7 @@ class PeerHandler:
         """Work counters for statistics(): pushes and batching."""
         return {"pushes_sent": self.pusher.sent if self.pusher else 0,
                 "pushes_failed": self.pusher.failed if self.pusher else 0,
-                "pushes_received": self.pushes_received,
+                "pushes_received": self.pushes_received, "prefix_pushes": self.prefix_pushes,
                 "batched_passes": self.compute.batches, "batched_steps": self.compute.batched_steps}
 
     # ---- RPCs ---------------------------------------------------------------------------------------
@@ -133,12 +135,41 @@ class PeerHandler:
             if inbox.full():
                 raise WireError(ErrorCode.BUSY, f"session {session_id!r} already has {MAX_INBOX} messages queued",
                                 retry_after=0.1)
+            if "prefix" in meta:
+                meta, tensors = self._resolve_prefix(self._open_sessions.get(session_id), meta, tensors)
         except WireError as e:
             self.errors[e.code.value] += 1
             return wire.error_response(e)
         self.pushes_received += 1
         inbox.put_nowait(_Pushed(meta, tensors))
         return wire.response({"op": "queued"})
+
+    def _resolve_prefix(self, session: Session | None, meta: dict, tensors: list) -> tuple[dict, list]:
+        """A pushed step whose first inputs are named by the digest of their history: rebuilt from the
+        entry that keeps them, or refused (the previous peer then sends it in full)."""
+        ref = meta.get("prefix")
+        tokens = ref.get("tokens") if isinstance(ref, dict) else None
+        chain = ref.get("chain") if isinstance(ref, dict) else None
+        offset = meta.get("offset")
+        if (not isinstance(tokens, int) or isinstance(tokens, bool) or tokens < 1 or not isinstance(chain, str)
+                or len(chain) != 64 or not isinstance(offset, int) or isinstance(offset, bool) or offset < 0
+                or not tensors or tensors[0].ndim != 3):
+            raise WireError(ErrorCode.BAD_REQUEST, "prefix must be {tokens: int >= 1, chain: 64 hex digits} on a step "
+                                                   "with an offset and hidden states")
+        try:
+            digest = bytes.fromhex(chain)
+        except ValueError:
+            raise WireError(ErrorCode.BAD_REQUEST, "prefix chain must be 64 hex digits") from None
+        entry = None
+        if session is not None and session.prefix is not None:
+            entry = self.sessions.prefixes.find(session.prefix.scope, digest, offset + tokens)
+        if entry is None or entry.batch_size != tensors[0].shape[0]:
+            raise WireError(ErrorCode.UNKNOWN_PREFIX, "this peer keeps no such prefix: send the hidden states")
+        kept = entry.input(offset, offset + tokens)
+        if kept.dtype != tensors[0].dtype or kept.shape[2] != tensors[0].shape[2]:
+            raise WireError(ErrorCode.UNKNOWN_PREFIX, "the kept prefix has other hidden states: send them")
+        meta = {k: v for k, v in meta.items() if k != "prefix"}
+        return meta, [torch.cat([kept, tensors[0]], dim=1), *tensors[1:]]
 
     # ---- one stream = one session -------------------------------------------------------------------
 
@@ -177,6 +208,7 @@ class PeerHandler:
                         session = self._open(meta, ephemeral)
                         if not ephemeral:
                             self._inboxes[session.session_id] = inbox
+                            self._open_sessions[session.session_id] = session
                         yield wire.response({"op": "opened", "session_id": session.session_id,
                                              "cache_tokens_left": self.sessions.tokens_left})
                     elif op == "step":
@@ -200,6 +232,7 @@ class PeerHandler:
             if session is not None and not ephemeral:
                 if self._inboxes.get(session.session_id) is inbox:
                     del self._inboxes[session.session_id]
+                    self._open_sessions.pop(session.session_id, None)
                 self.sessions.close(session.session_id)
 
     async def _read_client(self, requests: AsyncIterator[runtime_pb2.ExpertRequest], inbox: asyncio.Queue) -> None:
@@ -253,8 +286,9 @@ class PeerHandler:
             raise WireError(ErrorCode.BAD_REQUEST, f"prefix_cache must be true or false, got {reuse!r}")
         nonce = getattr(runner, "prefix_nonce", None)
         if reuse and self.prefix_cache and not ephemeral and nonce is not None and prefixes.reusable(session.cache):
-            session.prefix = prefixes.Entry(start, end, batch_size)
-            session.prefix_root = prefixes.root_digest(nonce, start, end, batch_size, runner.dtype)
+            session.prefix = prefixes.Entry(prefixes.scope(nonce, start, end), batch_size)
+            session.prefix_root = prefixes.root_digest(batch_size)
+            session.out_digests = []
         return session
 
     def _validate_step(self, session: Session, meta: dict, tensors: list[torch.Tensor], rewrite: bool = False):
@@ -328,6 +362,7 @@ class PeerHandler:
         session.length = offset
         if session.prefix is not None:
             self.sessions.prefixes.truncate(session.prefix, offset)
+            del session.out_digests[offset:]
         session.steps = {(o, t) for o, t in session.steps if o + t <= offset}
 
     async def _step(self, session: Session, meta: dict, tensors: list[torch.Tensor]) -> runtime_pb2.ExpertResponse:
@@ -358,6 +393,9 @@ class PeerHandler:
         reply = {"op": "result", "length": session.length, "input_digest": wire.digest(hidden)}
         if reused:
             reply["reused"] = reused
+        if session.out_digests is not None:  # what the next hop receives, named for a later reference
+            head = session.out_digests[-1] if session.out_digests else session.prefix_root
+            session.out_digests += prefixes.chain(head, out, position_ids, mask, offset)
         if chain:
             step = {"op": "step", "offset": offset}
             if rewrite:
@@ -366,7 +404,14 @@ class PeerHandler:
                 step["reorder"], step["reorders"] = meta["reorder"], meta["reorders"]
             tamper = getattr(session.runner, "tamper_push", None)  # only a testing adversary has one
             pushed = out if tamper is None else tamper(out)
-            failure = await self.pusher.push(chain, step, [pushed, *tensors[1:]])
+            failure = "not tried"
+            if reused and tamper is None and session.out_digests is not None:
+                # the next hop most likely keeps this history too: name its first inputs instead of sending them
+                named = {**step, "prefix": {"tokens": reused, "chain": session.out_digests[offset + reused - 1].hex()}}
+                failure = await self.pusher.push(chain, named, [pushed[:, reused:], *tensors[1:]])
+                self.prefix_pushes += failure is None
+            if failure is not None:
+                failure = await self.pusher.push(chain, step, [pushed, *tensors[1:]])
             reply["pushed"] = failure is None
             if failure is not None:
                 reply["push_error"] = failure
@@ -384,7 +429,7 @@ class PeerHandler:
         head = entry.digests[-1] if entry.tokens else session.prefix_root
         digests = prefixes.chain(head, hidden, position_ids, mask, offset)
         store = self.sessions.prefixes
-        source, reused = store.lookup(digests, offset)
+        source, reused = store.lookup(entry.scope, digests, offset)
         parts = []
         if reused:
             cache = session.cache
@@ -397,7 +442,7 @@ class PeerHandler:
             parts.append(await self.compute.run(session.runner, hidden[:, reused:], position_ids[:, reused:], mask,
                                                 session.cache))
         out = parts[0] if len(parts) == 1 else torch.cat(parts, dim=1)  # (batch, t, hidden)
-        store.publish(entry, session.cache, digests, out)
+        store.publish(entry, session.cache, digests, hidden, out)
         return out, reused
 
     @staticmethod

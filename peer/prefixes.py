@@ -1,13 +1,17 @@
 """Prefix reuse: the caches of prefixes this peer computed recently, so a session that starts with a known
 prefix (a chat's system prompt, few-shot examples) skips computing it (pure bookkeeping, no I/O).
 
-**Keys.** A session's history is named by a digest chain over what the peer itself received: the digest
-after token t hashes the digest after token t - 1 with token t's hidden states (every row, as sent), its
-position ids and its attention-mask column; the chain starts from the runner's random nonce, the span and
-the batch size. Equal digests mean equal histories, so the keys and values of those tokens, and the
-outputs the blocks gave for them, are the same ones a fresh computation would give (up to the rounding of
-a different chunking, as chunked prefill already has). The client names nothing new: the peer keys on the
-inputs it receives anyway, and the client can opt out per session (``prefix_cache: false``).
+**Keys.** A history is named by a digest chain over its inputs: the digest after token t hashes the
+digest after token t - 1 with token t's hidden states (every row, as sent, and their dtype), its position
+ids and its attention-mask column, from a root that names the batch size. Equal digests mean equal
+histories, so the keys and values of those tokens, and the outputs the blocks gave for them, are the
+same ones a fresh computation would give (up to the rounding of a different chunking, as chunked prefill
+already has). A peer looks digests up within a scope of its runner's random nonce and the span, so
+entries made by other weights or blocks never match. The chain is public: a peer that reused a prefix
+pushes the next peer of the route the digest of its outputs for it instead of the outputs themselves,
+and the next peer, which kept the same history, rebuilds the inputs from its entry (if it does not keep
+it, the push is refused and sent again in full). The client names nothing new: the peers key on the
+inputs they exchange anyway, and the client can opt out per session (``prefix_cache: false``).
 
 **Entries.** An open session publishes its history as an entry after each step: references to its cache
 tensors (transformers' ``DynamicLayer`` grows by concatenation, so a tensor once referenced never changes:
@@ -44,9 +48,14 @@ def reusable(cache: Any) -> bool:
     return bool(cache.layers) and all(type(layer) is DynamicLayer for layer in cache.layers)
 
 
-def root_digest(nonce: bytes, start: int, end: int, batch_size: int, dtype: torch.dtype) -> bytes:
-    """The digest of an empty history of a session over blocks [start, end)."""
-    return hashlib.sha256(b"|".join([DOMAIN, nonce, f"{start}:{end}:{batch_size}:{dtype}".encode()])).digest()
+def root_digest(batch_size: int) -> bytes:
+    """The digest of an empty history of ``batch_size`` rows."""
+    return hashlib.sha256(b"|".join([DOMAIN, f"batch={batch_size}".encode()])).digest()
+
+
+def scope(nonce: bytes, start: int, end: int) -> bytes:
+    """What a peer prefixes its index keys with: its runner's weights and the span."""
+    return hashlib.sha256(b"|".join([DOMAIN, nonce, f"{start}:{end}".encode()])).digest()[:16]
 
 
 def chain(previous: bytes, hidden: torch.Tensor, position_ids: torch.Tensor, mask: torch.Tensor | None,
@@ -56,11 +65,13 @@ def chain(previous: bytes, hidden: torch.Tensor, position_ids: torch.Tensor, mas
     tokens = hidden.shape[1]
     rows = hidden.detach().cpu().transpose(0, 1).contiguous()  # (t, batch, hidden)
     raw = rows.view(torch.uint8).reshape(tokens, -1).numpy()  # (t, bytes): the bits as sent, any dtype
+    dtype = str(hidden.dtype).encode()
     positions = position_ids.detach().cpu().long().t().contiguous().numpy()  # (t, batch)
     columns = None if mask is None else mask[:, offset:offset + tokens].detach().cpu().long().t().contiguous().numpy()
     out = []
     for t in range(tokens):
         h = hashlib.sha256(previous)
+        h.update(dtype)
         h.update(raw[t].tobytes())
         h.update(positions[t].tobytes())
         h.update(b"-" if columns is None else columns[t].tobytes())
@@ -69,14 +80,36 @@ def chain(previous: bytes, hidden: torch.Tensor, position_ids: torch.Tensor, mas
     return out
 
 
-class Entry:
-    """The history of one session: keys/values (references to its cache tensors), outputs, digests."""
+def _slice(chunks: list[torch.Tensor], begin: int, end: int) -> torch.Tensor:
+    """Tokens [begin, end) of a sequence kept as chunks of (batch, t, hidden)."""
+    parts, at = [], 0
+    for chunk in chunks:
+        n = chunk.shape[1]
+        if at + n > begin and at < end:
+            parts.append(chunk[:, max(begin - at, 0):min(end - at, n)])
+        at += n
+    return torch.cat(parts, dim=1)
 
-    def __init__(self, start: int, end: int, batch_size: int):
-        self.start, self.end, self.batch_size = start, end, batch_size
+
+def _truncate(chunks: list[torch.Tensor], tokens: int) -> list[torch.Tensor]:
+    kept, at = [], 0
+    for chunk in chunks:
+        if at >= tokens:
+            break
+        kept.append(chunk[:, :tokens - at])
+        at += chunk.shape[1]
+    return kept
+
+
+class Entry:
+    """The history of one session: keys/values (references to its cache tensors), inputs, outputs, digests."""
+
+    def __init__(self, scope: bytes, batch_size: int):
+        self.scope, self.batch_size = scope, batch_size
         self.digests: list[bytes] = []  # digest after token t, for t < tokens
         self.keys: list[torch.Tensor] = []  # per layer (batch, kv_heads, >= tokens, head_dim)
         self.values: list[torch.Tensor] = []
+        self.inputs: list[torch.Tensor] = []  # the hidden states received, as sent: chunks of (batch, t, hidden)
         self.outputs: list[torch.Tensor] = []  # the blocks' outputs in order: chunks of (batch, t, hidden)
         self.live = True  # still owned by an open session, whose reservation counts its memory
         self.cost = 0  # cache tokens it is charged once frozen
@@ -90,30 +123,22 @@ class Entry:
 
     def output(self, begin: int, end: int) -> torch.Tensor:
         """The outputs for tokens [begin, end): (batch, end - begin, hidden)."""
-        parts, at = [], 0
-        for chunk in self.outputs:
-            n = chunk.shape[1]
-            if at + n > begin and at < end:
-                parts.append(chunk[:, max(begin - at, 0):min(end - at, n)])
-            at += n
-        return torch.cat(parts, dim=1)
+        return _slice(self.outputs, begin, end)
+
+    def input(self, begin: int, end: int) -> torch.Tensor:
+        """The inputs received for tokens [begin, end): (batch, end - begin, hidden)."""
+        return _slice(self.inputs, begin, end)
 
     def truncate(self, tokens: int) -> list[bytes]:
         """Keep the first ``tokens`` tokens; returns the digests dropped."""
         dropped, self.digests = self.digests[tokens:], self.digests[:tokens]
-        kept, at = [], 0
-        for chunk in self.outputs:
-            if at >= tokens:
-                break
-            kept.append(chunk[:, :tokens - at])
-            at += chunk.shape[1]
-        self.outputs = kept
+        self.inputs, self.outputs = _truncate(self.inputs, tokens), _truncate(self.outputs, tokens)
         return dropped
 
     def nbytes(self) -> int:
         def size(t: torch.Tensor) -> int:
             return t[..., :self.tokens, :].numel() * t.element_size() if t.ndim == 4 else t.numel() * t.element_size()
-        return sum(size(t) for t in self.keys + self.values) + sum(size(t) for t in self.outputs)
+        return sum(size(t) for t in self.keys + self.values) + sum(size(t) for t in self.inputs + self.outputs)
 
     def token_bytes(self) -> int:
         """Bytes of one token's keys and values across the entry's blocks (one row): a cache token."""
@@ -137,26 +162,35 @@ class PrefixStore:
     def __len__(self) -> int:
         return len(self._frozen)
 
-    def lookup(self, digests: list[bytes], offset: int) -> tuple[Entry | None, int]:
+    def lookup(self, scope: bytes, digests: list[bytes], offset: int) -> tuple[Entry | None, int]:
         """The longest run of a step's digests (tokens offset, offset + 1, ...) some entry holds: (entry, k)."""
         for k in range(len(digests), 0, -1):
-            found = self._index.get(digests[k - 1])
-            if found is not None and found[1] == offset + k:
-                entry = found[0]
-                if not entry.live:
-                    self._frozen.move_to_end(id(entry))
+            entry = self.find(scope, digests[k - 1], offset + k)
+            if entry is not None:
                 return entry, k
         return None, 0
 
-    def publish(self, entry: Entry, cache: Any, digests: list[bytes], output: torch.Tensor) -> None:
+    def find(self, scope: bytes, digest: bytes, tokens: int) -> Entry | None:
+        """An entry whose first ``tokens`` tokens are the history named ``digest`` (marked as used)."""
+        found = self._index.get(scope + digest)
+        if found is None or found[1] != tokens:
+            return None
+        entry = found[0]
+        if not entry.live:
+            self._frozen.move_to_end(id(entry))
+        return entry
+
+    def publish(self, entry: Entry, cache: Any, digests: list[bytes], inputs: torch.Tensor, output: torch.Tensor
+                ) -> None:
         """A live entry's session has computed (or reused) a step: record it. ``cache`` is its SpanCache."""
         offset = entry.tokens
         entry.keys = [layer.keys for layer in cache.layers]
         entry.values = [layer.values for layer in cache.layers]
+        entry.inputs.append(inputs)
         entry.outputs.append(output)
         entry.digests.extend(digests)
         for t, digest in enumerate(digests):
-            self._index[digest] = (entry, offset + t + 1)
+            self._index[entry.scope + digest] = (entry, offset + t + 1)
 
     def truncate(self, entry: Entry, tokens: int) -> None:
         """The session rolled back to ``tokens`` (rejected draft tokens)."""
@@ -200,9 +234,9 @@ class PrefixStore:
 
     def _unindex(self, entry: Entry, digests: list[bytes]) -> None:
         for digest in digests:
-            found = self._index.get(digest)
+            found = self._index.get(entry.scope + digest)
             if found is not None and found[0] is entry:
-                del self._index[digest]
+                del self._index[entry.scope + digest]
 
     def statistics(self) -> dict[str, int]:
         return {"prefix_entries": len(self._frozen), "prefix_cache_tokens": self.frozen_tokens,

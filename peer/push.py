@@ -104,6 +104,8 @@ class PushSender:
         except (*_NETWORK_ERRORS, ValueError, WireError) as e:
             return self._failed(target, f"{type(e).__name__}: {e}")
         error = WireError.from_metadata(answer)
+        if error is not None and error.code == wire.ErrorCode.UNKNOWN_PREFIX:
+            return str(error)  # not a failure of the link: the caller sends the step in full
         if error is not None:
             return self._failed(target, str(error))
         self.sent += 1

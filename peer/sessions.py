@@ -29,6 +29,7 @@ class Session:
     reorders: int = 0  # beam reorderings applied to the cache (a step's n-th reordering is applied once)
     prefix: Entry | None = None  # its history as a prefix others may reuse (None: not reusable)
     prefix_root: bytes = b""  # the digest of its empty history
+    out_digests: list[bytes] | None = None  # the digest chain of what it answered (the next hop's inputs)
 
     @property
     def reserved_tokens(self) -> int:
@@ -84,7 +85,7 @@ class SessionTable:
         """The session's history stops growing as a prefix (beam reordering): keep what it has so far."""
         if session.prefix is not None:
             self.prefixes.freeze(session.prefix, self.tokens_left)
-            session.prefix = None
+            session.prefix = session.out_digests = None
 
     def close(self, session_id: str) -> None:
         session = self._sessions.pop(session_id, None)

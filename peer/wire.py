@@ -64,6 +64,7 @@ class ErrorCode(str, enum.Enum):
     TOO_LARGE = "too_large"  # message or session larger than the peer accepts at all
     BUSY = "busy"  # cache budget full right now: retry later or elsewhere
     UNKNOWN_SESSION = "unknown_session"
+    UNKNOWN_PREFIX = "unknown_prefix"  # a pushed step named inputs by a prefix this peer does not keep
     OUT_OF_ORDER = "out_of_order"  # step offset does not match the tokens the session holds
     EXPIRED = "expired"  # session idle for too long
     DRAINING = "draining"  # peer is leaving and accepts no new sessions

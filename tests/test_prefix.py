@@ -40,6 +40,10 @@ class Peer:
         self.handler = PeerHandler(runner, SessionTable(budget), prefix_cache=prefix_cache)
         self.store = self.handler.sessions.prefixes
         self._count = 0
+        self.loop = asyncio.new_event_loop()  # one loop for the handler's life, as in a peer process
+
+    def run(self, coro):
+        return self.loop.run_until_complete(coro)
 
     def open(self, batch: int = 1, max_length: int = 256, **meta):
         self._count += 1
@@ -49,7 +53,7 @@ class Peer:
     def step(self, session, hidden, positions, mask=None, **meta) -> tuple[dict, torch.Tensor]:
         tensors = [hidden, positions] + ([] if mask is None else [mask])
         meta = {"op": "step", "session_id": session.session_id, "offset": meta.pop("offset", session.length), **meta}
-        reply = asyncio.run(self.handler._step(session, meta, tensors))
+        reply = self.run(self.handler._step(session, meta, tensors))
         meta, out = wire.unpack(reply)
         return meta, out[0]
 
@@ -180,8 +184,39 @@ def test_opting_out_and_bad_flags(runner):
     off = Peer(runner, prefix_cache=False)
     assert off.open().prefix is None
     # another runner's entries (other weights, even of the same blocks) never match
-    assert prefixes.root_digest(runner.prefix_nonce, 0, 6, 1, torch.float32) != \
-        prefixes.root_digest(prefixes.new_nonce(), 0, 6, 1, torch.float32)
+    assert prefixes.scope(runner.prefix_nonce, 0, 6) != prefixes.scope(prefixes.new_nonce(), 0, 6)
+    assert prefixes.scope(runner.prefix_nonce, 0, 6) != prefixes.scope(runner.prefix_nonce, 0, 5)
+
+
+def test_a_pushed_step_may_name_its_first_inputs_by_a_kept_prefix(runner):
+    peer = Peer(runner)
+    prompt = _inputs(runner, 20, 40)
+    first = peer.open()
+    _, whole = peer.step(first, prompt, _positions(0, 20))
+    peer.close(first)
+    root = prefixes.root_digest(1)
+    named = prefixes.chain(root, prompt, _positions(0, 20), None, 0)[15].hex()  # tokens [0, 16)
+    second = peer.open()
+    peer.handler._inboxes[second.session_id] = asyncio.Queue()
+    peer.handler._open_sessions[second.session_id] = second
+
+    def push(prefix, hidden):
+        meta = {"op": "step", "session_id": second.session_id, "offset": 0, "prefix": prefix}
+        reply = peer.run(peer.handler.rpc_push(wire.request(meta, [hidden, _positions(0, 20)]), None))
+        return wire.unpack(reply)[0]
+
+    assert push({"tokens": 16, "chain": named}, prompt[:, 16:])["op"] == "queued"
+    item = peer.handler._inboxes[second.session_id].get_nowait()
+    assert "prefix" not in item.meta and torch.equal(item.tensors[0], prompt)  # rebuilt in full
+    meta, out = peer.step(second, *item.tensors)
+    assert meta["reused"] == 20 and torch.equal(out, whole)
+    # a prefix it does not keep, or a malformed one, is refused: the pusher sends the step in full
+    assert push({"tokens": 16, "chain": "00" * 32}, prompt[:, 16:])["error"]["code"] == "unknown_prefix"
+    assert push({"tokens": 15, "chain": named}, prompt[:, 15:])["error"]["code"] == "unknown_prefix"
+    for bad in ({"tokens": 0, "chain": named}, {"tokens": 16, "chain": "zz" * 32}, "yes", {"tokens": True}):
+        assert push(bad, prompt[:, 16:])["error"]["code"] == "bad_request"
+    assert peer.handler._inboxes[second.session_id].empty()
+    peer.close(second)
 
 
 # ---- through the swarm --------------------------------------------------------------------------------
@@ -221,6 +256,8 @@ def test_a_new_session_with_a_known_prefix_skips_it_on_every_hop(models, path, s
         assert torch.equal(chunked.generate(second, **kwargs), local.generate(second, **kwargs))
         after = _reused(remote)
         assert {s: after[s] - before[s] for s in after} == {0: 150, 3: 150}
+        # the first peer named those 150 inputs to the second instead of sending them
+        assert _stats(remote)[0]["prefix_pushes"] >= 1
         # a client that opts out neither reuses nor leaves its history behind
         shy = AutoDistributedModelForCausalLM.from_pretrained(path, swarm.initial_peers, prefix_cache=False)
         try:
