@@ -1,4 +1,5 @@
-"""Draw docs/bench.png from bench/results/{decode,concurrency,memory,speculative}.json (whichever exist).
+"""Draw docs/bench.png from bench/results/{decode,concurrency,memory,speculative}.json (whichever exist;
+speculative.json also gives the prefix-reuse panel).
 
     .venv/bin/python -m bench.plot [--out docs/bench.png]
 
@@ -96,12 +97,30 @@ def _speculative(ax, doc: dict) -> None:
     ax.set_title("speculative decoding, 50 ms + jitter links", fontsize=10)
 
 
+def _ttft(ax, doc: dict) -> None:
+    ttft = doc["ttft"]
+    wires = list(ttft)
+    width = 0.38
+    for k, (kind, color) in enumerate([("new system prompt", "#888"), ("known system prompt", "#3a7")]):
+        values = [ttft[w]["median_seconds"][kind] for w in wires]
+        ax.bar([i + (k - 0.5) * width for i in range(len(wires))], values, width, color=color, label=kind)
+    for i, w in enumerate(wires):
+        ax.text(i, ttft[w]["median_seconds"]["new system prompt"], f"{ttft[w]['ratio']:.2f}x lower",
+                ha="center", va="bottom", fontsize=7)
+    ax.set_xticks(range(len(wires)), [f"{w} wire" for w in wires], fontsize=8)
+    ax.set_ylabel("time to first token, s (median)")
+    ax.legend(fontsize=7)
+    ax.set_title("prefix reuse: ~1,000-token system prompt", fontsize=10)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--out", default=os.path.normpath(DEFAULT_OUT))
     args = parser.parse_args()
     panels = [(name, draw, doc) for name, draw in [("decode", _decode), ("concurrency", _concurrency),
                                                    ("memory", _memory), ("speculative", _speculative)] if (doc := _load(name)) is not None]
+    if (doc := _load("speculative")) is not None and "ttft" in doc:
+        panels.append(("speculative", _ttft, doc))
     if not panels:
         raise SystemExit(f"no results in {RESULTS_DIR}: run python -m bench.decode (or concurrency, memory) first")
     fig, axes = plt.subplots(1, len(panels), figsize=(5 * len(panels), 4.2), squeeze=False)
