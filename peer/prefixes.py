@@ -148,7 +148,7 @@ class Entry:
 class PrefixStore:
     """The index of entries by digest and the frozen entries, least recently used first."""
 
-    def __init__(self, clock=None):
+    def __init__(self):
         self._index: dict[bytes, tuple[Entry, int]] = {}  # digest -> (an entry holding it, tokens up to it)
         self._frozen: collections.OrderedDict[int, Entry] = collections.OrderedDict()  # id -> entry, LRU first
         self.hits = 0  # steps that reused at least one token
@@ -215,11 +215,6 @@ class PrefixStore:
         while self.frozen_tokens > room:
             self.evict_one()
 
-    def drop(self, entry: Entry) -> None:
-        """Forget a live entry (its session was not reusable after all)."""
-        entry.live = False
-        self._unindex(entry, entry.digests)
-
     def evict_one(self) -> int:
         """Evict the least recently used frozen entry; returns the cache tokens freed (0: none left)."""
         if not self._frozen:
@@ -227,10 +222,6 @@ class PrefixStore:
         _, entry = self._frozen.popitem(last=False)
         self._unindex(entry, entry.digests)
         return entry.cost
-
-    def clear(self) -> None:
-        self._index.clear()
-        self._frozen.clear()
 
     def _unindex(self, entry: Entry, digests: list[bytes]) -> None:
         for digest in digests:
