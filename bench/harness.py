@@ -55,7 +55,7 @@ def add_arguments(parser: argparse.ArgumentParser, *, trials: int, prompt_tokens
 class Workload:
     model_dir: str
     spans: list[tuple[int, int]]  # one peer per span
-    tokenizer: object
+    tokenizer: object  # None for a checkpoint without tokenizer files (the prompt is seeded ids)
     ids: torch.Tensor  # (1, prompt_tokens)
     pad: int  # token id generate() pads with
 
@@ -66,8 +66,15 @@ def workload(args: argparse.Namespace, log) -> Workload:
     if getattr(args, "threads", None):
         torch.set_num_threads(args.threads)
     model_dir = args.model_dir or checkpoints.smollm2(log=log)
-    spans = split_blocks(AutoConfig.from_pretrained(model_dir).num_hidden_layers, args.peers)
-    tokenizer = AutoTokenizer.from_pretrained(model_dir)
+    config = AutoConfig.from_pretrained(model_dir)
+    spans = split_blocks(config.num_hidden_layers, args.peers)
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(model_dir)
+    except (OSError, ValueError, TypeError) as e:  # a checkpoint without tokenizer files: ids are all we need
+        log(f"no tokenizer in {model_dir} ({type(e).__name__}); the prompt is {args.prompt_tokens} seeded random ids")
+        ids = torch.randint(3, config.vocab_size, (1, args.prompt_tokens), generator=torch.Generator().manual_seed(0))
+        eos = config.eos_token_id
+        return Workload(model_dir, spans, None, ids, (eos[0] if isinstance(eos, list) else eos) or 0)
     return Workload(model_dir, spans, tokenizer, prompt_ids(tokenizer, args.prompt_tokens), tokenizer.eos_token_id)
 
 

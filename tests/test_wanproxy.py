@@ -140,3 +140,17 @@ def test_rejects_bad_settings():
         WanProxy(1, 0.0, jitter=-0.1)
     with pytest.raises(ValueError, match="loss"):
         WanProxy(1, 0.0, loss=1.0)
+
+
+def test_a_benchmark_workload_needs_no_tokenizer(tiny_checkpoint):
+    """bench.concurrency and friends run on a checkpoint without tokenizer files: they need token ids only."""
+    import argparse
+
+    import torch
+
+    from bench import harness
+    args = argparse.Namespace(model_dir=tiny_checkpoint("llama"), peers=2, prompt_tokens=12, threads=None)
+    work = harness.workload(args, lambda message: None)
+    assert work.tokenizer is None and tuple(work.ids.shape) == (1, 12) and work.spans == [(0, 3), (3, 6)]
+    assert torch.equal(work.ids, harness.workload(args, lambda message: None).ids)  # seeded
+    assert isinstance(work.pad, int)
