@@ -148,14 +148,11 @@ class PeerHandler:
         """A pushed step whose first inputs are named by the digest of their history: rebuilt from the
         entry that keeps them, or refused (the previous peer then sends it in full)."""
         ref = meta.get("prefix")
-        tokens = ref.get("tokens") if isinstance(ref, dict) else None
-        chain = ref.get("chain") if isinstance(ref, dict) else None
-        offset = meta.get("offset")
-        if (not isinstance(tokens, int) or isinstance(tokens, bool) or tokens < 1 or not isinstance(chain, str)
-                or len(chain) != 64 or not isinstance(offset, int) or isinstance(offset, bool) or offset < 0
-                or not tensors or tensors[0].ndim != 3):
-            raise WireError(ErrorCode.BAD_REQUEST, "prefix must be {tokens: int >= 1, chain: 64 hex digits} on a step "
-                                                   "with an offset and hidden states")
+        if not isinstance(ref, dict) or not isinstance(ref.get("chain"), str) or len(ref["chain"]) != 64:
+            raise WireError(ErrorCode.BAD_REQUEST, "prefix must be {tokens: int >= 1, chain: 64 hex digits}")
+        tokens, chain, offset = _int_field(ref, "tokens", 1), ref["chain"], _int_field(meta, "offset", 0)
+        if not tensors or tensors[0].ndim != 3:
+            raise WireError(ErrorCode.BAD_REQUEST, "a step naming a prefix still carries (batch, tokens, hidden) states")
         try:
             digest = bytes.fromhex(chain)
         except ValueError:
