@@ -12,6 +12,7 @@ generate() how many tokens they already hold.
 from __future__ import annotations
 
 import contextlib
+import inspect
 import logging
 import threading
 from typing import Iterator
@@ -67,6 +68,7 @@ class _SwarmCall(threading.local):
         self.position_ids: torch.Tensor | None = None
         self.attention_mask: torch.Tensor | None = None
         self.active = False
+        self.keep_last = 0  # positions the caller's head reads (logits_to_keep); 0 = all of them
 
 
 def remote_base_class(base_cls: type) -> type:
@@ -140,7 +142,7 @@ def attach_swarm(model: nn.Module, swarm: RemoteSwarm) -> None:
             raise RuntimeError("the final norm ran outside the model's forward: the swarm was not asked")
         hidden = args[0]  # (batch, seq, hidden) after the family's embedding stage
         if call.session is not None:
-            out = call.session.step(hidden.float(), call.position_ids, call.attention_mask)
+            out = call.session.step(hidden.float(), call.position_ids, call.attention_mask, need_last=call.keep_last)
         else:
             out = swarm.forward(hidden.float(), call.position_ids, call.attention_mask)
         return (out.to(hidden.device, hidden.dtype), *args[1:])
@@ -271,6 +273,26 @@ class DistributedMixin:
         return inputs, kwargs
 
 
+def _forward_noting_kept_logits(dist_cls: type, lm_cls: type):
+    """The model's forward, which first notes how many last positions its head reads (``logits_to_keep``,
+    which generate() sets to 1, or to a draft's length + 1): peers may then leave out the outputs of
+    earlier positions they reused from a kept prefix. Same signature as the model's own forward, so
+    generate() still sees that it takes ``logits_to_keep``."""
+
+    def forward(self, *args, **kwargs):
+        call = self.base_model._swarm_call
+        keep = kwargs.get("logits_to_keep", 0)
+        call.keep_last = keep if isinstance(keep, int) and not isinstance(keep, bool) and keep > 0 else 0
+        try:
+            return super(dist_cls, self).forward(*args, **kwargs)
+        finally:
+            call.keep_last = 0
+
+    forward.__signature__ = inspect.signature(lm_cls.forward)
+    forward.__doc__ = lm_cls.forward.__doc__
+    return forward
+
+
 class AutoDistributedModelForCausalLM:
     """Factory, like transformers' AutoModelForCausalLM, for models whose blocks run in the swarm."""
 
@@ -286,6 +308,7 @@ class AutoDistributedModelForCausalLM:
         lm_cls = AutoModelForCausalLM._model_mapping[type(config)]
         # Same name and module as the model's class: transformers looks weight conversions up by class name.
         dist_cls = type(lm_cls.__name__, (DistributedMixin, lm_cls), {"__module__": lm_cls.__module__})
+        dist_cls.forward = _forward_noting_kept_logits(dist_cls, lm_cls)
         # The model's own class and constructors (computed buffers are real), loaded by transformers
         # with an empty block stack: embeddings, final norm and head only (for a hub repo id, only the
         # shards holding them are fetched).

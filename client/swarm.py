@@ -35,7 +35,9 @@ DEFAULT_REPUTATION_PATH = os.environ.get(
 logger = logging.getLogger(__name__)
 
 # Refusals that say nothing bad about the peer: it is full, has moved to other blocks, or is leaving.
-_NOT_A_FAULT = {wire.ErrorCode.BUSY.value, wire.ErrorCode.WRONG_BLOCKS.value, wire.ErrorCode.DRAINING.value}
+_NOT_A_FAULT = {wire.ErrorCode.BUSY.value, wire.ErrorCode.WRONG_BLOCKS.value, wire.ErrorCode.DRAINING.value,
+                wire.ErrorCode.UNKNOWN_PREFIX.value}
+PROBE_EVERY = 32  # tokens between the histories a probe asks about
 
 
 @dataclasses.dataclass(frozen=True)
@@ -67,6 +69,8 @@ class ClientConfig:
 
     prefix_cache: bool = True  # peers may reuse their kept caches of earlier sessions that began with the same
     # inputs (and keep this session's for later ones); False = this client's sessions neither reuse nor leave any
+    probe_min_bytes: int = 256 * 2**10  # a session's first step at least this large (on the wire) first asks the
+    # first peer how much of it it keeps (one small round trip), and names that part instead of uploading it
     formats: tuple[str, ...] | None = None  # formats a route may use, mixed ("nf4", "bfloat16", "float16/int8");
     # None = one format per session, the most precise that covers every block (see client.routing)
 
@@ -91,12 +95,28 @@ class StepInput:
     rewrite: bool = False  # the peer first drops what it holds from ``offset`` on (a rolled-back draft)
     reorder: tuple[tuple[int, ...], int] | None = None  # (rows, sequence number): beam search's reordering
     # of the cache, applied by the peer before computing (never kept in a hop's history, which is reordered)
+    named: int = 0  # the first tokens are sent as the digest of their history (the peer keeps them: a probe said so)
+    chain: str = ""  # that digest, hex
 
     def truncated(self, length: int) -> "StepInput":
         """This step cut to the tokens before ``length`` (which must lie inside it)."""
         keep = length - self.offset
-        return dataclasses.replace(self, hidden=self.hidden[:, :keep], position_ids=self.position_ids[:, :keep],
+        return dataclasses.replace(self, named=0, chain="", hidden=self.hidden[:, :keep], position_ids=self.position_ids[:, :keep],
                                    mask=None if self.mask is None else self.mask[:, :length])
+
+
+@dataclasses.dataclass
+class Hole:
+    """Outputs a peer named instead of sending (reused from a prefix it keeps): the first ``tokens``
+    positions of ``tensor`` are NaN until fetched from one of ``sources`` (the hop that produced them,
+    then the hop that received them as inputs), which must return bytes with the ``digest`` the producer
+    committed to in its reply. NaN marks a hole unambiguously: real hidden states are always finite."""
+
+    tensor: torch.Tensor  # (batch, t, hidden), holes first
+    tokens: int
+    digest: str
+    offset: int  # session position of the tensor's first token
+    sources: list[tuple["HopSession", str]]  # (hop, "outputs" | "inputs") to fetch from, in order
 
 
 class Equivocation(PeerError):
@@ -121,16 +141,23 @@ class HopSession:
         """This hop as an entry of a step's push chain."""
         return {"peer_id": self.hop.peer_id, "session_id": self.session_id, "maddrs": list(self.hop.maddrs)}
 
-    def send(self, x: StepInput, chain: list[dict] | None = None) -> None:
-        """Send one step; with ``chain`` the peer pushes its output on along it."""
+    def send(self, x: StepInput, chain: list[dict] | None = None, *, full: bool = False) -> None:
+        """Send one step; with ``chain`` the peer pushes its output on along it. ``full``: the reply
+        carries every output (none named instead)."""
         meta = {"op": "step", "session_id": self.session_id, "offset": x.offset}
+        hidden = x.hidden
+        if full:
+            meta["full_outputs"] = True
+        elif x.named:
+            meta["prefix"] = {"tokens": x.named, "chain": x.chain}
+            hidden = hidden[:, x.named:]
         if x.rewrite:
             meta["rewrite"] = True
         if x.reorder is not None:
             meta["reorder"], meta["reorders"] = list(x.reorder[0]), x.reorder[1]
         if chain:
             meta["next"] = chain
-        self.stream.send(meta, [x.hidden, x.position_ids] + ([] if x.mask is None else [x.mask]))
+        self.stream.send(meta, [hidden, x.position_ids] + ([] if x.mask is None else [x.mask]))
 
     async def receive(self, x: StepInput, timeout: float, probe=None) -> tuple[dict, torch.Tensor]:
         """Wait up to ``timeout`` seconds for the result of step ``x`` (sent by us or pushed to the peer);
@@ -147,13 +174,23 @@ class HopSession:
             if not call.done():
                 call.cancel()
                 await asyncio.gather(call, return_exceptions=True)
-        if len(out) != 1 or tuple(out[0].shape) != tuple(x.hidden.shape):
-            raise PeerError(self.hop.peer_id, f"returned {[tuple(t.shape) for t in out]} for input {tuple(x.hidden.shape)}")
+        batch, tokens, hidden = x.hidden.shape
+        omitted = meta.get("omitted", 0)
+        if (not isinstance(omitted, int) or isinstance(omitted, bool) or not 0 <= omitted < tokens
+                or (omitted and not isinstance(meta.get("omitted_digest"), str))):
+            raise PeerError(self.hop.peer_id, f"named {omitted!r} of {tokens} outputs instead of sending them")
+        if len(out) != 1 or tuple(out[0].shape) != (batch, tokens - omitted, hidden):
+            raise PeerError(self.hop.peer_id, f"returned {[tuple(t.shape) for t in out]} for input {tuple(x.hidden.shape)}"
+                                              + (f" less {omitted} named tokens" if omitted else ""))
         if not torch.isfinite(out[0]).all():
             raise PeerError(self.hop.peer_id, "returned NaN or infinite hidden states")
+        result = out[0]
+        if omitted:  # NaN where the peer kept its outputs: fetched only if something needs them
+            result = torch.full((batch, tokens, hidden), float("nan"), dtype=out[0].dtype)
+            result[:, omitted:] = out[0]
         self.history.append(dataclasses.replace(x, reorder=None) if x.reorder is not None else x)
-        self.outputs.append(out[0])
-        return meta, out[0]
+        self.outputs.append(result)
+        return meta, result
 
     def reorder(self, rows: torch.Tensor) -> None:
         """Beam search picked ``rows``: the inputs and outputs kept for replays and audits follow them."""
@@ -177,8 +214,8 @@ class HopSession:
         self.history, self.outputs = kept, outs
 
     async def step(self, x: StepInput, timeout: float, probe=None) -> torch.Tensor:
-        """Send one step and wait for its result (client-relayed)."""
-        self.send(x)
+        """Send one step and wait for its whole result (client-relayed: replays)."""
+        self.send(x, full=True)
         return (await self.receive(x, timeout, probe))[1]
 
 
@@ -312,15 +349,27 @@ class SwarmCore:
         finally:
             await core._close_hops(core.hops)
 
-    def submit_audits(self, spans: list[ServedSpan]) -> list[asyncio.Task]:
+    def submit_audits(self, spans: list[ServedSpan], *, sampled: bool = False,
+                      after: asyncio.Future | None = None) -> list[asyncio.Task]:
+        """Audit the spans the sampling policy draws (all of them if ``sampled``: already drawn), once
+        ``after`` (fetching the outputs peers named instead of sending) is done."""
         tasks = []
         for span in spans:
-            if self.auditor.sampled(span):
-                task = asyncio.get_running_loop().create_task(self.auditor.audit(span), name="audit")
+            if sampled or self.auditor.sampled(span):
+                task = asyncio.get_running_loop().create_task(self._audit_after(after, span), name="audit")
                 self._audits.add(task)
                 task.add_done_callback(self._audits.discard)
                 tasks.append(task)
         return tasks
+
+    async def _audit_after(self, after: asyncio.Future | None, span: ServedSpan) -> AuditResult:
+        if after is not None:
+            await asyncio.shield(after)
+            if any(torch.isnan(t).any() for t in span.hidden + span.outputs):
+                logger.info("not auditing %s on [%d, %d): outputs it named could not be fetched",
+                            span.peer_id, span.start, span.end)
+                return AuditResult(span.peer_id, Verdict.IMPOSSIBLE)
+        return await self.auditor.audit(span)
 
     async def wait_audits(self, timeout: float | None = None) -> None:
         """Wait for every audit in flight; errors inside an audit propagate here."""
@@ -387,6 +436,7 @@ class SessionCore:
         self.reorders = 0  # beam reorderings so far; the peers apply each exactly once
         self.pending_reorder: tuple[int, ...] | None = None  # rows the next step's cache must follow
         self.formats: tuple[str, ...] | None = swarm.cfg.formats  # pinned to one format at open if None
+        self.holes: list[Hole] = []  # outputs peers named instead of sending, not fetched yet
 
     async def open(self) -> None:
         self.hops = await self._open_route(0, self.swarm.cfg.num_blocks)
@@ -436,6 +486,8 @@ class SessionCore:
                 "reorders": self.reorders}
         if not self.swarm.cfg.prefix_cache:
             meta["prefix_cache"] = False
+        elif self.rpc == wire.RPC_INFERENCE:
+            meta["lazy_outputs"] = True  # the outputs of reused tokens may be named instead of sent
         if self.swarm.cfg.wire_dtype is not None:
             meta["wire_dtype"] = self.swarm.cfg.wire_dtype
         try:
@@ -445,9 +497,10 @@ class SessionCore:
             raise
         return HopSession(hop, stream, session_id)
 
-    def reorder(self, rows: list[int]) -> None:
+    async def reorder(self, rows: list[int]) -> None:
         """Beam search: row i of every hop's cache becomes row ``rows[i]``. Costs no message: the next step
         carries it (numbered, so a step that reaches a peer twice reorders once)."""
+        await self.fill_holes()  # the peers stop keeping histories whose rows move
         if len(rows) != self.batch_size or not all(0 <= r < self.batch_size for r in rows):
             raise SwarmError(f"a reordering of a batch of {self.batch_size} needs as many rows in range, got {rows}")
         if list(rows) == list(range(self.batch_size)):
@@ -460,22 +513,25 @@ class SessionCore:
         if pending is None:
             self.reorders += 1
 
-    def crop(self, length: int) -> None:
+    async def crop(self, length: int) -> None:
         """Roll the session back to its first ``length`` tokens (rejected draft tokens). Costs no message:
         the next step tells every hop to crop its cache to that offset before computing."""
         if not 0 <= length <= self.position:
             raise SwarmError(f"cannot roll a session of {self.position} tokens back to {length}")
         if length == self.position:
             return
+        await self.fill_holes()  # the peers will drop what they kept after ``length``
         for hop in self.hops:
             hop.truncate(length)
         self.position = length
         self.rewind = True
 
     async def step(self, hidden: torch.Tensor, position_ids: torch.Tensor, attention_mask: torch.Tensor | None,
-                   *, recover: bool = True) -> torch.Tensor:
+                   *, recover: bool = True, need_last: int = 0) -> torch.Tensor:
         """hidden (batch, t, hidden) -> (batch, t, hidden) through every hop; long inputs go in chunks.
-        ``recover=False``: a failing peer raises instead of being replaced (audits target one peer)."""
+        ``recover=False``: a failing peer raises instead of being replaced (audits target one peer).
+        ``need_last`` > 0: only the last ``need_last`` positions of the result are read (the head's
+        ``logits_to_keep``); outputs before them that the last peer named instead of sending stay NaN."""
         batch, tokens = hidden.shape[:2]
         if batch != self.batch_size:
             raise SwarmError(f"session was opened for batch size {self.batch_size}, step has {batch}")
@@ -492,11 +548,73 @@ class SessionCore:
                                    self.position + begin, rewrite=self.rewind and begin == 0))
         if self.pending_reorder is not None:
             steps[0] = dataclasses.replace(steps[0], reorder=(self.pending_reorder, self.reorders))
+        if (self.position == 0 and cfg.prefix_cache and self.rpc == wire.RPC_INFERENCE
+                and batch * tokens * hidden.shape[2] * wire_dtype.itemsize >= cfg.probe_min_bytes):
+            steps = await self._name_known_prefix(steps)
         outputs = await self._through_route(steps, recover, push=cfg.push and self.rpc == wire.RPC_INFERENCE)
         self.position += tokens
         self.rewind = False
         self.pending_reorder = None
-        return torch.cat(outputs, dim=1).to(hidden.dtype)
+        out = torch.cat(outputs, dim=1)
+        needed = out[:, -need_last:] if 0 < need_last < tokens else out
+        if self.holes and torch.isnan(needed).any():
+            await self.fill_holes()
+            out = torch.cat(outputs, dim=1)
+            needed = out[:, -need_last:] if 0 < need_last < tokens else out
+            if torch.isnan(needed).any():
+                raise SwarmError("the last peer named outputs instead of sending them and no peer could hand "
+                                 "them over (they failed): generate again")
+        return out.to(hidden.dtype)
+
+    async def _name_known_prefix(self, steps: list[StepInput]) -> list[StepInput]:
+        """A session's first long step: ask the first peer how much of it it keeps already (one small
+        round trip), and name that part by its digest instead of uploading it (prefix reuse)."""
+        hidden = torch.cat([x.hidden for x in steps], dim=1)
+        positions = torch.cat([x.position_ids for x in steps], dim=1)
+        chain = wire.history_chain(wire.history_root(hidden.shape[0]), hidden, positions, steps[-1].mask, 0)
+        ask = sorted({*range(PROBE_EVERY, len(chain), PROBE_EVERY), len(chain)})
+        meta = {"op": "probe", "session_id": self.hops[0].session_id, "offset": 0, "positions": ask,
+                "digests": [chain[p - 1].hex() for p in ask]}
+        try:
+            reply, _ = await self.hops[0].stream.call(meta, [], timeout=self.swarm.cfg.step_timeout)
+        except PeerError as e:
+            if e.recoverable:  # the peer is gone: replaced now, and the step goes in full
+                await self._replace(0, e, ban=e.code not in _NOT_A_FAULT)
+            return steps  # (an older peer does not know probes: nothing is named)
+        known = reply.get("tokens")
+        if not isinstance(known, int) or isinstance(known, bool) or not 0 <= known <= len(chain):
+            return steps
+        named = []
+        for x in steps:
+            n = min(known - x.offset, x.hidden.shape[1] - 1)  # every message still carries one token
+            named.append(dataclasses.replace(x, named=n, chain=chain[x.offset + n - 1].hex()) if n > 0 else x)
+        return named
+
+    async def fill_holes(self) -> None:
+        """Fetch every output a peer named instead of sending. One that no source can hand over (every
+        peer holding it failed) stays NaN: a replay that needs it fails with a clear error, an audit
+        skips its span."""
+        holes, self.holes = self.holes, []
+        await asyncio.gather(*(self._fill(hole) for hole in holes))
+
+    async def _fill(self, hole: Hole) -> bool:
+        batch, _, hidden = hole.tensor.shape
+        meta = {"kind": None, "offset": hole.offset, "tokens": hole.tokens}
+        for hop, kind in hole.sources:
+            try:
+                got = await self.swarm.transport.fetch(
+                    hop.hop.peer_id, {**meta, "kind": kind, "session_id": hop.session_id}, self.swarm.cfg.step_timeout)
+            except PeerError as e:
+                logger.info("could not fetch named %s from %s: %s", kind, hop.hop.peer_id, e)
+                continue
+            if (tuple(got.shape) != (batch, hole.tokens, hidden) or got.dtype != hole.tensor.dtype
+                    or wire.digest(got) != hole.digest):
+                logger.warning("peer %s answered a fetch of named %s with other data than the producer "
+                               "committed to", hop.hop.peer_id, kind)
+                continue
+            hole.tensor[:, :hole.tokens] = got
+            return True
+        return False
 
     def _chain(self, first: int, push: bool) -> list[dict] | None:
         """The push chain from hop ``first`` to the last (None when the client relays)."""
@@ -518,12 +636,13 @@ class SessionCore:
         timeout = self.swarm.step_timeout(x.hidden.shape[0] * x.hidden.shape[1])
         probe = self.swarm.probe()
         retries, i = 0, 0
+        hole: Hole | None = None  # the outputs of the hop before i that it named instead of sending
         while i < len(self.hops):
             hop = self.hops[i]
             watch = WatchNext(probe, self.hops[i + 1].hop.peer_id) if push and i + 1 < len(self.hops) else probe
             try:
                 meta, out = await hop.receive(x, timeout, watch)
-                if i > 0 and meta.get("input_digest") != wire.digest(x.hidden):
+                if i > 0 and not await self._received_as_returned(meta, x, hole):
                     hop.history.pop()
                     hop.outputs.pop()
                     raise Equivocation(self.hops[i - 1].hop.peer_id, "pushed the next peer other hidden states "
@@ -533,12 +652,19 @@ class SessionCore:
                 if isinstance(e, Equivocation):
                     i, x = await self._rebuild(i - 1, e)
                 else:
-                    await self._replace(i, e)
+                    await self._replace(i, e, ban=e.code not in _NOT_A_FAULT)
+                hole = None
                 if i < len(self.hops):
                     for resend in [x] + (later if i == 0 else []):
-                        self.hops[i].send(resend, self._chain(i + 1, push))
+                        self.hops[i].send(await self._whole(resend), self._chain(i + 1, push))
                 continue
             self.swarm.bans.succeed(hop.hop.peer_id)
+            if hole is not None:
+                hole.sources.append((hop, "inputs"))  # the next peer keeps them as its inputs too
+            hole = None
+            if meta.get("omitted"):
+                hole = Hole(out, meta["omitted"], meta["omitted_digest"], x.offset, [(hop, "outputs")])
+                self.holes.append(hole)
             x = dataclasses.replace(x, hidden=out)
             i += 1
             if isinstance(watch, WatchNext) and watch.next_failed is not None:
@@ -546,13 +672,37 @@ class SessionCore:
                 # relay to it and wait for it to fail a probe again
                 retries = self._one_more_retry(retries, watch.next_failed, recover)
                 await self._replace(i, watch.next_failed)
-                self.hops[i].send(x, self._chain(i + 1, push))
+                self.hops[i].send(await self._whole(x), self._chain(i + 1, push))
             elif i < len(self.hops) and meta.get("pushed") is not True:
                 if "push_error" in meta:
                     logger.info("peer %s could not push to the next peer (%s): relaying that link",
                                 hop.hop.peer_id, meta["push_error"])
-                self.hops[i].send(x, self._chain(i + 1, push))
+                self.hops[i].send(await self._whole(x), self._chain(i + 1, push))
         return x.hidden
+
+    async def _received_as_returned(self, meta: dict, x: StepInput, hole: Hole | None) -> bool:
+        """Did the hop compute on what the hop before it returned to us (``x``, whose first tokens may be
+        a hole that producer named)? A named part is checked against the digest its producer committed to."""
+        if hole is None:
+            return meta.get("input_digest") == wire.digest(x.hidden)
+        parts = meta.get("input_digests")
+        if meta.get("input_split") == hole.tokens and isinstance(parts, list) and len(parts) == 2:
+            return parts == [hole.digest, wire.digest(x.hidden[:, hole.tokens:])]
+        # the push went in full (this peer did not keep the prefix): compare the whole input
+        await self.fill_holes()
+        return meta.get("input_digest") == wire.digest(x.hidden)
+
+    async def _whole(self, x: StepInput) -> StepInput:
+        """``x`` with its named part fetched, before the client sends it on itself (to a replacement,
+        which may not keep what a probe found: nothing is named)."""
+        if x.named:
+            x = dataclasses.replace(x, named=0, chain="")
+        if torch.isnan(x.hidden).any():
+            await self.fill_holes()
+            if torch.isnan(x.hidden).any():
+                raise SwarmError("a peer named outputs instead of sending them and no peer could hand them over "
+                                 "(they failed): generate again")
+        return x
 
     def _one_more_retry(self, retries: int, error: PeerError, recover: bool) -> int:
         """Count one more failover in this step, or raise ``error`` if it may not be recovered from."""
@@ -566,6 +716,7 @@ class SessionCore:
         """Hop ``culprit`` pushed one thing and told us another: every hop after it computed on what we
         never saw. Replace the culprit (banned) and every later hop (not banned), replaying what each was
         sent; returns where the route resumes and the input for it (the culprit's replacement's output)."""
+        await self.fill_holes()
         for j in reversed(range(culprit + 1, len(self.hops))):
             await self._replace(j, error, ban=False)
         old_len = len(self.hops)
@@ -579,6 +730,7 @@ class SessionCore:
         fails on the way is avoided too; at most max_retries attempts. ``ban=False``: the hop is rebuilt
         but its peer did nothing wrong."""
         failed = self.hops[i]
+        await self.fill_holes()  # while the failed hop's neighbours still keep what it was named
         if ban:
             self.swarm.mark_failed(failed.hop.peer_id, error)
         await failed.stream.close(timeout=0)
@@ -588,6 +740,7 @@ class SessionCore:
                 replacement = await self._open_route(failed.hop.start, failed.hop.end)
                 probe = self.swarm.probe()
                 for x in failed.history:
+                    x = await self._whole(x)
                     timeout = self.swarm.step_timeout(x.hidden.shape[0] * x.hidden.shape[1])
                     for new in replacement:
                         x = dataclasses.replace(x, hidden=await new.step(x, timeout, probe))
@@ -603,11 +756,26 @@ class SessionCore:
                          f"after {self.swarm.cfg.max_retries} attempts; last error: {error}")
 
     async def close(self) -> list[asyncio.Task]:
-        """Close every hop, then (off the critical path) audit a sample of the spans they served."""
-        await self._close_hops(self.hops)
+        """Close every hop, then (off the critical path) audit a sample of the spans they served. The
+        sample is drawn first: outputs the peers named instead of sending are fetched only if an audit
+        needs them, in the background, before those hops' streams close (the peers keep them until then)."""
         if self.rpc != wire.RPC_INFERENCE:
+            await self._close_hops(self.hops)
             return []
-        return self.swarm.submit_audits([h.served() for h in self.hops])
+        hops, holes, self.holes = list(self.hops), self.holes, []
+        sampled = [span for span in (h.served() for h in hops) if self.swarm.auditor.sampled(span)]
+        if not (sampled and holes):
+            await self._close_hops(hops)
+            return self.swarm.submit_audits(sampled, sampled=True)
+
+        async def fetch_then_close() -> None:
+            try:
+                await asyncio.gather(*(self._fill(hole) for hole in holes))
+            finally:
+                await self._close_hops(hops)
+
+        ready = asyncio.ensure_future(fetch_then_close())  # owned by the audits, which await it
+        return self.swarm.submit_audits(sampled, sampled=True, after=ready)
 
     @staticmethod
     async def _close_hops(hops: list[HopSession]) -> None:
@@ -639,20 +807,18 @@ class RemoteSession:
     def route(self) -> list[Hop]:
         return [h.hop for h in self._core.hops]
 
-    def step(self, hidden: torch.Tensor, position_ids: torch.Tensor, attention_mask: torch.Tensor | None) -> torch.Tensor:
-        return self._swarm.loop.run(self._core.step(hidden, position_ids, attention_mask))
+    def step(self, hidden: torch.Tensor, position_ids: torch.Tensor, attention_mask: torch.Tensor | None,
+             need_last: int = 0) -> torch.Tensor:
+        """``need_last`` > 0: only the last positions of the result are read (see SessionCore.step)."""
+        return self._swarm.loop.run(self._core.step(hidden, position_ids, attention_mask, need_last=need_last))
 
     def reorder(self, rows: list[int]) -> None:
         """Beam search: row i of the peers' caches becomes row ``rows[i]`` (with the next step)."""
-        async def reorder():
-            self._core.reorder(rows)
-        self._swarm.loop.run(reorder())
+        self._swarm.loop.run(self._core.reorder(rows))
 
     def crop(self, length: int) -> None:
         """Keep the first ``length`` tokens (the peers crop their caches with the next step)."""
-        async def crop():
-            self._core.crop(length)
-        self._swarm.loop.run(crop())
+        self._swarm.loop.run(self._core.crop(length))
 
     def close(self) -> None:
         self._audits = self._swarm.loop.run(self._core.close())

@@ -60,20 +60,30 @@ class Transport:
     def forget(self, peer_id: str) -> None:
         self._connected.discard(peer_id)
 
+    async def _unary(self, peer_id: str, rpc: str, request, what: str, timeout: float
+                     ) -> tuple[dict[str, Any], list[torch.Tensor]]:
+        try:
+            reply = await asyncio.wait_for(
+                self.p2p.call_protobuf_handler(PeerID.from_base58(peer_id), rpc, request, runtime_pb2.ExpertResponse),
+                timeout)
+        except asyncio.TimeoutError:
+            raise PeerError(peer_id, f"no answer to {what} within {timeout:.1f} s") from None
+        except _NETWORK_ERRORS as e:
+            raise PeerError(peer_id, f"{what} failed: {type(e).__name__}: {e}") from None
+        return _check(peer_id, reply)
+
     async def info(self, peer_id: str, timeout: float = 5.0) -> tuple[dict[str, Any], float]:
         """(the peer's statistics, round-trip time in seconds)."""
         began = time.perf_counter()
-        try:
-            reply = await asyncio.wait_for(
-                self.p2p.call_protobuf_handler(
-                    PeerID.from_base58(peer_id), wire.RPC_INFO, runtime_pb2.ExpertUID(uid=""), runtime_pb2.ExpertResponse),
-                timeout)
-        except asyncio.TimeoutError:
-            raise PeerError(peer_id, f"no answer to info within {timeout:.1f} s") from None
-        except _NETWORK_ERRORS as e:
-            raise PeerError(peer_id, f"info failed: {type(e).__name__}: {e}") from None
-        meta, _ = _check(peer_id, reply)
+        meta, _ = await self._unary(peer_id, wire.RPC_INFO, runtime_pb2.ExpertUID(uid=""), "info", timeout)
         return meta, time.perf_counter() - began
+
+    async def fetch(self, peer_id: str, meta: dict[str, Any], timeout: float) -> torch.Tensor:
+        """Inputs or outputs an open session of ``peer_id`` kept and named instead of sending."""
+        _, tensors = await self._unary(peer_id, wire.RPC_FETCH, wire.request(meta, []), "a fetch", timeout)
+        if len(tensors) != 1:
+            raise PeerError(peer_id, f"answered a fetch with {len(tensors)} tensors")
+        return tensors[0]
 
     async def open_stream(self, peer_id: str, rpc: str) -> "Stream":
         stream = Stream(peer_id)

@@ -29,6 +29,7 @@ logger = logging.getLogger(__name__)
 
 MAX_BATCH_SIZE = 64
 MAX_SESSION_ID_CHARS = 128
+MAX_PROBE_DIGESTS = 1024  # digests one probe may ask about
 MAX_INBOX = 8  # messages queued on one session: the client's stream waits, pushes beyond get 'busy'
 _END = object()  # the client closed its side of the stream
 
@@ -78,12 +79,16 @@ class PeerHandler:
         self.steps_computed = 0  # tokens x batch rows through the blocks
         self.pushes_received = 0
         self.prefix_pushes = 0  # pushes that named their first inputs by a kept prefix, accepted
+        self.outputs_omitted = 0  # tokens x rows of reused outputs a reply named instead of carrying
+        self.fetches = 0  # kept inputs/outputs a client fetched after a reply named them
+        self.probe_hits = 0  # probes that found a kept history (the client then names it instead of uploading)
         self.errors: collections.Counter[str] = collections.Counter()  # wire errors sent, by code
 
     async def register(self, p2p: P2P) -> None:
         self.pusher = PushSender(p2p, lambda request: self.rpc_push(request, None))
         await p2p.add_protobuf_handler(wire.RPC_INFO, self.rpc_info, runtime_pb2.ExpertUID)
         await p2p.add_protobuf_handler(wire.RPC_PUSH, self.rpc_push, runtime_pb2.ExpertRequest)
+        await p2p.add_protobuf_handler(wire.RPC_FETCH, self.rpc_fetch, runtime_pb2.ExpertRequest)
         await p2p.add_protobuf_handler(
             wire.RPC_FORWARD, self.rpc_forward, runtime_pb2.ExpertRequest, stream_input=True, stream_output=True
         )
@@ -99,6 +104,7 @@ class PeerHandler:
         return {"pushes_sent": self.pusher.sent if self.pusher else 0,
                 "pushes_failed": self.pusher.failed if self.pusher else 0,
                 "pushes_received": self.pushes_received, "prefix_pushes": self.prefix_pushes,
+                "outputs_omitted": self.outputs_omitted, "fetches": self.fetches, "probe_hits": self.probe_hits,
                 "batched_passes": self.compute.batches, "batched_steps": self.compute.batched_steps}
 
     # ---- RPCs ---------------------------------------------------------------------------------------
@@ -144,6 +150,38 @@ class PeerHandler:
         inbox.put_nowait(_Pushed(meta, tensors))
         return wire.response({"op": "queued"})
 
+    async def rpc_fetch(self, request: runtime_pb2.ExpertRequest, context: P2PContext | None
+                        ) -> runtime_pb2.ExpertResponse:
+        """Tokens [offset, offset + tokens) of an open session's kept inputs or outputs (as sent): what a
+        reply named instead of carrying (``omitted``), fetched by a client that needs them after all
+        (an audit, a failover replay). The session id is the capability, as for pushes."""
+        try:
+            meta, _ = wire.unpack(request, max_bytes=self.max_message_bytes)
+            session_id = meta.get("session_id")
+            session = self._open_sessions.get(session_id) if isinstance(session_id, str) else None
+            if session is None:
+                raise WireError(ErrorCode.UNKNOWN_SESSION, f"no open inference session {session_id!r} here")
+            kind = meta.get("kind")
+            if kind not in ("inputs", "outputs"):
+                raise WireError(ErrorCode.BAD_REQUEST, f"kind must be 'inputs' or 'outputs', got {kind!r}")
+            offset, tokens = _int_field(meta, "offset", 0), _int_field(meta, "tokens", 1)
+            entry = session.prefix
+            if entry is None or offset + tokens > entry.tokens:
+                raise WireError(ErrorCode.UNKNOWN_PREFIX, f"this session no longer keeps tokens [{offset}, "
+                                                          f"{offset + tokens}) (its history was reordered or rolled back)")
+            if tokens * session.batch_size * session.runner.hidden_size * 4 > self.max_message_bytes:
+                raise WireError(ErrorCode.TOO_LARGE, "fetch fewer tokens at a time")
+            if kind == "inputs":
+                tensor = entry.input(offset, offset + tokens)
+            else:
+                tensor = wire.to_wire_dtype(entry.output(offset, offset + tokens),
+                                            session.wire_dtype or entry.inputs[0].dtype)
+        except WireError as e:
+            self.errors[e.code.value] += 1
+            return wire.error_response(e)
+        self.fetches += 1
+        return wire.response({"op": "fetched"}, [tensor])
+
     def _resolve_prefix(self, session: Session | None, meta: dict, tensors: list) -> tuple[dict, list]:
         """A pushed step whose first inputs are named by the digest of their history: rebuilt from the
         entry that keeps them, or refused (the previous peer then sends it in full)."""
@@ -160,13 +198,48 @@ class PeerHandler:
         entry = None
         if session is not None and session.prefix is not None:
             entry = self.sessions.prefixes.find(session.prefix.scope, digest, offset + tokens)
+            pinned = session.pinned[0] if session.pinned else None
+            if entry is None and pinned is not None and pinned.tokens >= offset + tokens \
+                    and pinned.digests[offset + tokens - 1] == digest:
+                entry = pinned  # found by this session's probe, evicted since (it stays alive while pinned)
         if entry is None or entry.batch_size != tensors[0].shape[0]:
             raise WireError(ErrorCode.UNKNOWN_PREFIX, "this peer keeps no such prefix: send the hidden states")
         kept = entry.input(offset, offset + tokens)
         if kept.dtype != tensors[0].dtype or kept.shape[2] != tensors[0].shape[2]:
             raise WireError(ErrorCode.UNKNOWN_PREFIX, "the kept prefix has other hidden states: send them")
         meta = {k: v for k, v in meta.items() if k != "prefix"}
+        meta["named_tokens"] = tokens  # the reply tells the client the digests of both parts
         return meta, [torch.cat([kept, tensors[0]], dim=1), *tensors[1:]]
+
+    def _probe(self, session: Session, meta: dict) -> dict:
+        """How much of a step the client is about to send this peer keeps already: the longest of the
+        given histories (digest chains after ``positions[j]`` tokens) some kept entry holds. The entry is
+        pinned for the session's next steps, which name that part instead of carrying it."""
+        offset = _int_field(meta, "offset", 0)
+        positions, digests = meta.get("positions"), meta.get("digests")
+        if (not isinstance(positions, list) or not isinstance(digests, list) or len(positions) != len(digests)
+                or len(digests) > MAX_PROBE_DIGESTS
+                or not all(isinstance(p, int) and not isinstance(p, bool) and 0 < p <= self.max_session_length
+                           for p in positions)
+                or any(a >= b for a, b in zip(positions, positions[1:]))
+                or not all(isinstance(d, str) and len(d) == 64 for d in digests)):
+            raise WireError(ErrorCode.BAD_REQUEST, f"a probe carries increasing token counts 'positions' and as "
+                                                   f"many 64-hex-digit 'digests' (at most {MAX_PROBE_DIGESTS})")
+        if offset != session.length:
+            raise WireError(ErrorCode.OUT_OF_ORDER, f"probe at token {offset} but the session holds {session.length}")
+        if session.prefix is None:
+            return {"op": "probed", "tokens": 0}
+        for tokens, hex_digest in zip(reversed(positions), reversed(digests)):
+            try:
+                digest = bytes.fromhex(hex_digest)
+            except ValueError:
+                raise WireError(ErrorCode.BAD_REQUEST, "probe digests must be hex") from None
+            entry = self.sessions.prefixes.find(session.prefix.scope, digest, offset + tokens)
+            if entry is not None and entry.batch_size == session.batch_size:
+                session.pinned = (entry, offset + tokens)
+                self.probe_hits += 1
+                return {"op": "probed", "tokens": tokens}
+        return {"op": "probed", "tokens": 0}
 
     # ---- one stream = one session -------------------------------------------------------------------
 
@@ -208,10 +281,15 @@ class PeerHandler:
                             self._open_sessions[session.session_id] = session
                         yield wire.response({"op": "opened", "session_id": session.session_id,
                                              "cache_tokens_left": self.sessions.tokens_left})
-                    elif op == "step":
+                    elif op in ("step", "probe"):
                         if session is None or meta.get("session_id") != session.session_id:
                             raise WireError(ErrorCode.UNKNOWN_SESSION,
                                             f"session {meta.get('session_id')!r} is not open on this stream: send 'open' first")
+                        if op == "probe":
+                            yield wire.response(self._probe(session, meta))
+                            continue
+                        if "prefix" in meta and not isinstance(item, _Pushed):  # pushed ones were resolved on arrival
+                            meta, tensors = self._resolve_prefix(session, meta, tensors)
                         yield await self._step(session, meta, tensors)
                     else:
                         raise WireError(ErrorCode.BAD_REQUEST, f"unknown op {op!r}: expected 'open' or 'step'")
@@ -278,14 +356,16 @@ class PeerHandler:
         session.wire_dtype = None if wire_dtype is None else wire.HIDDEN_DTYPE_NAMES[wire_dtype]
         # a replacement starts from already reordered inputs (older clients do not send it)
         session.reorders = _int_field(meta, "reorders", 0) if "reorders" in meta else 0
-        reuse = meta.get("prefix_cache", True)
-        if not isinstance(reuse, bool):
-            raise WireError(ErrorCode.BAD_REQUEST, f"prefix_cache must be true or false, got {reuse!r}")
+        reuse, lazy = meta.get("prefix_cache", True), meta.get("lazy_outputs", False)
+        for name, flag in (("prefix_cache", reuse), ("lazy_outputs", lazy)):
+            if not isinstance(flag, bool):
+                raise WireError(ErrorCode.BAD_REQUEST, f"{name} must be true or false, got {flag!r}")
         nonce = getattr(runner, "prefix_nonce", None)
         if reuse and self.prefix_cache and not ephemeral and nonce is not None and prefixes.reusable(session.cache):
             session.prefix = prefixes.Entry(prefixes.scope(nonce, start, end), batch_size)
             session.prefix_root = prefixes.root_digest(batch_size)
             session.out_digests = []
+            session.lazy = lazy
         return session
 
     def _validate_step(self, session: Session, meta: dict, tensors: list[torch.Tensor], rewrite: bool = False):
@@ -382,14 +462,28 @@ class PeerHandler:
             logger.exception("compute failed in session %s", session.session_id)
             raise WireError(ErrorCode.INTERNAL, f"the peer failed computing this step ({type(e).__name__}): re-route") from e
         offset, tokens = session.length, hidden.shape[1]
+        if session.pinned is not None and offset + tokens >= session.pinned[1]:
+            session.pinned = None  # past what the probe found: no later step names it
+        omit = min(reused, tokens - 1)  # reused outputs the reply and the push may name (never the last token)
         session.length += tokens
         session.steps.add((offset, tokens))
         self.requests_served += 1
         self.steps_computed += hidden.shape[0] * (tokens - reused)
         out = wire.to_wire_dtype(out, session.wire_dtype or hidden.dtype)
         reply = {"op": "result", "length": session.length, "input_digest": wire.digest(hidden)}
+        named = meta.get("named_tokens")
+        if isinstance(named, int) and not isinstance(named, bool) and 0 < named < tokens:
+            # the first inputs came named by the previous peer: the client checks each part on its own
+            reply["input_split"] = named
+            reply["input_digests"] = [wire.digest(hidden[:, :named]), wire.digest(hidden[:, named:])]
         if reused:
             reply["reused"] = reused
+        answer = out
+        if omit and session.lazy and session.prefix is not None and meta.get("full_outputs") is not True:
+            # the client opted in: these outputs stay here (committed to by their digest) until it fetches them
+            reply["omitted"], reply["omitted_digest"] = omit, wire.digest(out[:, :omit])
+            answer = out[:, omit:]
+            self.outputs_omitted += hidden.shape[0] * omit
         if session.out_digests is not None:  # what the next hop receives, named for a later reference
             head = session.out_digests[-1] if session.out_digests else session.prefix_root
             session.out_digests += prefixes.chain(head, out, position_ids, mask, offset)
@@ -402,17 +496,17 @@ class PeerHandler:
             tamper = getattr(session.runner, "tamper_push", None)  # only a testing adversary has one
             pushed = out if tamper is None else tamper(out)
             failure = "not tried"
-            if reused and tamper is None and session.out_digests is not None:
+            if omit and tamper is None and session.out_digests is not None:
                 # the next hop most likely keeps this history too: name its first inputs instead of sending them
-                named = {**step, "prefix": {"tokens": reused, "chain": session.out_digests[offset + reused - 1].hex()}}
-                failure = await self.pusher.push(chain, named, [pushed[:, reused:], *tensors[1:]])
+                named = {**step, "prefix": {"tokens": omit, "chain": session.out_digests[offset + omit - 1].hex()}}
+                failure = await self.pusher.push(chain, named, [pushed[:, omit:], *tensors[1:]])
                 self.prefix_pushes += failure is None
             if failure is not None:
                 failure = await self.pusher.push(chain, step, [pushed, *tensors[1:]])
             reply["pushed"] = failure is None
             if failure is not None:
                 reply["push_error"] = failure
-        return wire.response(reply, [out])
+        return wire.response(reply, [answer])
 
     async def _compute(self, session: Session, hidden: torch.Tensor, position_ids: torch.Tensor,
                        mask: torch.Tensor | None) -> tuple[torch.Tensor, int]:

@@ -35,7 +35,11 @@ from typing import Any
 import torch
 from transformers.cache_utils import DynamicLayer
 
-DOMAIN = b"swarmllm-prefix-v1"
+from peer.wire import PREFIX_DOMAIN as DOMAIN
+from peer.wire import history_chain as chain  # the chain is wire protocol: a client names a prefix with it too
+from peer.wire import history_root as root_digest
+
+__all__ = ["new_nonce", "reusable", "root_digest", "scope", "chain", "Entry", "PrefixStore"]
 
 
 def new_nonce() -> bytes:
@@ -48,36 +52,9 @@ def reusable(cache: Any) -> bool:
     return bool(cache.layers) and all(type(layer) is DynamicLayer for layer in cache.layers)
 
 
-def root_digest(batch_size: int) -> bytes:
-    """The digest of an empty history of ``batch_size`` rows."""
-    return hashlib.sha256(b"|".join([DOMAIN, f"batch={batch_size}".encode()])).digest()
-
-
 def scope(nonce: bytes, start: int, end: int) -> bytes:
     """What a peer prefixes its index keys with: its runner's weights and the span."""
     return hashlib.sha256(b"|".join([DOMAIN, nonce, f"{start}:{end}".encode()])).digest()[:16]
-
-
-def chain(previous: bytes, hidden: torch.Tensor, position_ids: torch.Tensor, mask: torch.Tensor | None,
-          offset: int) -> list[bytes]:
-    """The digests after each new token of a step: hidden (batch, t, hidden) as received, position_ids
-    (batch, t), mask (batch, offset + t) or None. Returns t digests."""
-    tokens = hidden.shape[1]
-    rows = hidden.detach().cpu().transpose(0, 1).contiguous()  # (t, batch, hidden)
-    raw = rows.view(torch.uint8).reshape(tokens, -1).numpy()  # (t, bytes): the bits as sent, any dtype
-    dtype = str(hidden.dtype).encode()
-    positions = position_ids.detach().cpu().long().t().contiguous().numpy()  # (t, batch)
-    columns = None if mask is None else mask[:, offset:offset + tokens].detach().cpu().long().t().contiguous().numpy()
-    out = []
-    for t in range(tokens):
-        h = hashlib.sha256(previous)
-        h.update(dtype)
-        h.update(raw[t].tobytes())
-        h.update(positions[t].tobytes())
-        h.update(b"-" if columns is None else columns[t].tobytes())
-        previous = h.digest()
-        out.append(previous)
-    return out
 
 
 def _slice(chunks: list[torch.Tensor], begin: int, end: int) -> torch.Tensor:

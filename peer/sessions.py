@@ -30,6 +30,8 @@ class Session:
     prefix: Entry | None = None  # its history as a prefix others may reuse (None: not reusable)
     prefix_root: bytes = b""  # the digest of its empty history
     out_digests: list[bytes] | None = None  # the digest chain of what it answered (the next hop's inputs)
+    pinned: tuple[Entry, int] | None = None  # (a kept history, tokens) a probe found: its next steps may name it
+    lazy: bool = False  # replies may omit the outputs of reused tokens (the client fetches them if it needs them)
 
     @property
     def reserved_tokens(self) -> int:

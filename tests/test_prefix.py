@@ -8,6 +8,7 @@ two peer processes [0, 3) + [3, 6) and compare generate() with local transformer
 from __future__ import annotations
 
 import asyncio
+import signal
 
 import pytest
 import torch
@@ -19,7 +20,11 @@ from peer.blocks import BlockRunner
 from peer.handler import PeerHandler
 from peer.sessions import SessionTable
 from peer.wire import WireError
+from swarmllm import launch
+from tests.conftest import CPU
+from tests.test_failover import OnStep
 from tests.test_push import _stats
+from verify.policy import AuditRates
 
 
 @pytest.fixture(scope="module")
@@ -219,6 +224,76 @@ def test_a_pushed_step_may_name_its_first_inputs_by_a_kept_prefix(runner):
     peer.close(second)
 
 
+def test_replies_name_reused_outputs_and_a_fetch_hands_them_over(runner):
+    peer = Peer(runner)
+    prompt = _inputs(runner, 24, 50)
+    first = peer.open()
+    _, whole = peer.step(first, prompt, _positions(0, 24))
+    peer.close(first)
+    second = peer.open(lazy_outputs=True)
+    peer.handler._open_sessions[second.session_id] = second
+    meta, tail = peer.step(second, torch.cat([prompt, _inputs(runner, 2, 51)], 1), _positions(0, 26))
+    # 24 reused: their outputs stay on the peer, committed to by their digest; the rest are sent
+    assert meta["reused"] == 24 and meta["omitted"] == 24 and tail.shape[1] == 2
+    assert meta["omitted_digest"] == wire.digest(whole)
+
+    def fetch(**fields):
+        request = wire.request({"session_id": second.session_id, "kind": "outputs", "offset": 0, "tokens": 24,
+                                **fields}, [])
+        return wire.unpack(peer.run(peer.handler.rpc_fetch(request, None)))
+
+    meta, got = fetch()
+    assert meta["op"] == "fetched" and torch.equal(got[0], whole)
+    _, got = fetch(kind="inputs", offset=4, tokens=8)
+    assert torch.equal(got[0], prompt[:, 4:12])
+    assert fetch(tokens=27)[0]["error"]["code"] == "unknown_prefix"  # more than the session holds
+    assert fetch(session_id="nope")[0]["error"]["code"] == "unknown_session"
+    for bad in ({"kind": "weights"}, {"tokens": 0}, {"offset": -1}, {"tokens": "24"}):
+        assert fetch(**bad)[0]["error"]["code"] == "bad_request"
+    # a step marked full, the last token, and a client that did not opt in: always sent
+    meta, out = peer.step(second, _inputs(runner, 1, 52), _positions(26, 27), full_outputs=True)
+    assert "omitted" not in meta and out.shape[1] == 1
+    peer.close(second)
+    plain = peer.open()
+    meta, out = peer.step(plain, prompt, _positions(0, 24))
+    assert meta["reused"] == 24 and "omitted" not in meta and torch.equal(out, whole)
+    peer.close(plain)
+
+
+def test_a_probe_finds_the_longest_kept_history_and_pins_it(runner):
+    peer = Peer(runner)
+    prompt = _inputs(runner, 40, 60)
+    first = peer.open()
+    _, whole = peer.step(first, prompt, _positions(0, 40))
+    peer.close(first)
+    chain = prefixes.chain(prefixes.root_digest(1), prompt, _positions(0, 40), None, 0)
+    other = prefixes.chain(prefixes.root_digest(1), _inputs(runner, 40, 61), _positions(0, 40), None, 0)
+
+    def probe(session, positions, digests, **fields):
+        return peer.handler._probe(session, {"op": "probe", "offset": 0, "positions": positions,
+                                             "digests": [d.hex() for d in digests], **fields})
+
+    second = peer.open()
+    assert probe(second, [8, 16, 32, 48], [chain[7], chain[15], chain[31], other[39]])["tokens"] == 32
+    assert second.pinned is not None and peer.handler.probe_hits == 1
+    assert probe(second, [8], [other[7]])["tokens"] == 0
+    for bad in ({"positions": [16, 8]}, {"positions": [0]}, {"digests": ["zz"]}, {"positions": "8"}):
+        with pytest.raises(WireError, match="a probe carries"):
+            peer.handler._probe(second, {"offset": 0, "positions": [8], "digests": [chain[7].hex()], **bad})
+    # the found history is pinned: evicted meanwhile, the session's next step may still name it
+    probe(second, [32], [chain[31]])
+    while peer.store.evict_one():
+        pass
+    meta = {"op": "step", "session_id": second.session_id, "offset": 0,
+            "prefix": {"tokens": 31, "chain": chain[30].hex()}}
+    meta, tensors = peer.handler._resolve_prefix(second, meta, [prompt[:, 31:], _positions(0, 40)])
+    assert torch.equal(tensors[0], prompt) and meta["named_tokens"] == 31
+    reply, out = wire.unpack(peer.run(peer.handler._step(second, meta, tensors)))
+    assert reply["input_split"] == 31 and reply["input_digests"][0] == wire.digest(prompt[:, :31])
+    assert torch.equal(out[0], whole) and second.pinned is None
+    peer.close(second)
+
+
 # ---- through the swarm --------------------------------------------------------------------------------
 
 
@@ -284,3 +359,60 @@ def test_a_repeated_left_padded_batch_equals_local(models):
     assert torch.equal(remote.generate(ids, **kwargs), want)  # every prompt token and the decode steps
     after = _reused(remote)
     assert all(after[s] - before[s] >= 2 * 20 for s in after)
+
+
+def _delta(model, before: dict, name: str) -> dict[int, int]:
+    return {start: stats[name] - before[start][name] for start, stats in _stats(model).items()}
+
+
+def test_a_known_prompt_is_named_not_uploaded_nor_returned_and_audits_fetch_it(swarm, path, models):
+    local, _ = models
+    client = AutoDistributedModelForCausalLM.from_pretrained(
+        path, swarm.initial_peers, probe_min_bytes=0, audit_rates=AuditRates.always(), reputation_path=None)
+    try:
+        ids = torch.randint(3, 250, (1, 90), generator=torch.Generator().manual_seed(70))
+        kwargs = dict(max_new_tokens=5, do_sample=False)
+        want = local.generate(ids, **kwargs)
+        assert torch.equal(client.generate(ids, **kwargs), want)
+        client.swarm.wait_audits()
+        before = _stats(client)
+        assert torch.equal(client.generate(ids, **kwargs), want)  # the whole prompt is a known history
+        # the first peer told the client it keeps it (the client named it instead of uploading it), and
+        # both peers named their outputs for it instead of returning them
+        assert _delta(client, before, "probe_hits")[0] == 1
+        assert all(n >= 89 for n in _delta(client, before, "outputs_omitted").values())
+        client.swarm.wait_audits()  # every span is audited: what the replies named was fetched for it
+        assert all(n >= 1 for n in _delta(client, before, "fetches").values())
+        assert not client.swarm.core.book.banned()
+    finally:
+        client.swarm.shutdown()
+
+
+def test_failover_after_replies_named_outputs_equals_local(swarm, path, models):
+    """Kill the first peer, then the second, right after a prefill whose outputs they named: the client
+    fetches what it needs from the surviving neighbour and replays into a fresh peer (this test replaces
+    the module's peers, so it runs last)."""
+    local, remote = models
+    ids = torch.randint(3, 250, (1, 60), generator=torch.Generator().manual_seed(71))
+    kwargs = dict(max_new_tokens=6, do_sample=False)
+    want = local.generate(ids, **kwargs)
+    assert torch.equal(remote.generate(ids, **kwargs), want)
+    for victim_index, (a, b) in ((0, (0, 3)), (1, (3, 6))):
+        assert torch.equal(remote.generate(ids, **kwargs), want)  # the route keeps the prompt (again)
+        seen = {}
+
+        def kill(step):
+            if step == 1:
+                session = remote._generate_sessions[0]
+                seen["holes"] = len(session._core.holes)
+                victim = next(p for p in swarm.peers if p.ready["peer_id"] == session.route[victim_index].peer_id)
+                victim.signal(signal.SIGKILL)
+                fresh = launch.start_peer(path, swarm.initial_peers, a, b, name=f"peer{a}-{b}", wait=False,
+                                          forked=swarm.forked, extra=CPU)
+                swarm.procs.append(fresh)
+                swarm.peers[swarm.peers.index(victim)] = fresh
+
+        out = remote.generate(ids, logits_processor=[OnStep(kill)], **kwargs)
+        assert seen["holes"] >= 1 and torch.equal(out, want)
+        for p in swarm.peers:
+            p.wait_ready(timeout=120)
