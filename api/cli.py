@@ -28,6 +28,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="seconds a request waits for peers to cover missing blocks before a 503")
     parser.add_argument("--token-timeout", type=float, default=120.0,
                         help="seconds a request waits for its next token before a 504")
+    parser.add_argument("--verify-mode", choices=["background", "redo", "strict"], default="background",
+                        help="background: audits never delay text; redo: wait for this generation's sampled "
+                             "audits and generate again without a peer caught lying; strict: answers only after "
+                             "every span a not-yet-trusted peer served was re-run on another peer and matched "
+                             "(slower: see the README's Verification section)")
     parser.add_argument("--formats", nargs="+", default=None, metavar="FORMAT",
                         help="peer formats a route may use and mix: DTYPE, QUANT or DTYPE/QUANT (e.g. nf4); "
                              "default: one format per generation, the most precise that covers every block")
@@ -47,7 +52,8 @@ def main(args: argparse.Namespace) -> None:
 
     tokenizer = AutoTokenizer.from_pretrained(args.model_dir)
     model = AutoDistributedModelForCausalLM.from_pretrained(args.model_dir, args.initial_peers, model_id=args.model_id,
-                                                            route_timeout=args.route_timeout, formats=args.formats)
+                                                            route_timeout=args.route_timeout, formats=args.formats,
+                                                            verify_mode=args.verify_mode)
     engine = Engine(model, tokenizer, max_concurrency=args.max_concurrency, token_timeout=args.token_timeout)
     text_config = model.config.get_text_config(decoder=True)
     cfg = ApiConfig(model_name=args.model_name or model_name(args.model_dir), aliases=(model.swarm.cfg.model_id,),

@@ -62,10 +62,15 @@ class _Watch(StoppingCriteria):
     """Called by generate() after every token: feeds each row's token to its choice, hands the text to
     the loop, and ends rows that met a stop sequence — or every row once the request is cancelled."""
 
-    def __init__(self, choices: list[ChoiceDecoder], emit: Callable[[object], None], cancel: threading.Event):
-        self.choices, self.emit, self.cancel = choices, emit, cancel
+    def __init__(self, choices: list[ChoiceDecoder], emit: Callable[[object], None], cancel: threading.Event,
+                 restart: Callable[[], None] | None = None):
+        self.choices, self.emit, self.cancel, self.restart = choices, emit, cancel, restart
+        self.length = 0  # tokens of the sequence at the last call
 
     def __call__(self, input_ids: torch.Tensor, scores, **kwargs) -> torch.Tensor:
+        if self.restart is not None and input_ids.shape[1] <= self.length:
+            self.restart()  # verify_mode redo/strict: generate() started again from the prompt
+        self.length = input_ids.shape[1]
         last = input_ids[:, -1].tolist()  # (batch,)
         for i, (choice, token) in enumerate(zip(self.choices, last)):
             if not choice.done:
@@ -167,13 +172,28 @@ class Engine:
             self._stats["started"] += 1
             self._stats["peak_running"] = max(self._stats["peak_running"], self._running)
         outcome, result = "failed", None
+        # verify_mode redo/strict: generate() may start again after its audits, so the text is held back
+        # until it returns (checked), and an attempt that starts again starts with fresh decoders
+        verified = getattr(getattr(getattr(self.model, "swarm", None), "cfg", None), "verify_mode", "background") \
+            != "background"
+        held: list[object] = []
+        out = held.append if verified else emit
         try:
-            choices = [ChoiceDecoder(self.decode, self.eos_ids, params.stop, params.max_tokens) for _ in range(params.n)]
+            def fresh() -> list[ChoiceDecoder]:
+                return [ChoiceDecoder(self.decode, self.eos_ids, params.stop, params.max_tokens) for _ in range(params.n)]
+
+            def restart() -> None:
+                choices[:] = fresh()
+                held.clear()
+
+            choices = fresh()
             if not cancel.is_set():
-                self._generate(prompt_ids, params, choices, emit, cancel)
+                self._generate(prompt_ids, params, choices, out, cancel, restart if verified else None)
             for i, choice in enumerate(choices):
                 if not choice.done:
-                    emit(Delta(i, choice.finish("length"), choice.finish_reason))
+                    out(Delta(i, choice.finish("length"), choice.finish_reason))
+            for item in held:
+                emit(item)
             outcome = "cancelled" if cancel.is_set() else "finished"
             result = _Done(Usage(len(prompt_ids), sum(c.tokens for c in choices)))
         except BaseException as e:  # handed to the request, which maps it to an HTTP error
@@ -187,7 +207,7 @@ class Engine:
                 self._cancels.discard(cancel)
         emit(result)
 
-    def _generate(self, prompt_ids, params: SamplingParams, choices, emit, cancel) -> None:
+    def _generate(self, prompt_ids, params: SamplingParams, choices, emit, cancel, restart=None) -> None:
         ids = torch.tensor([prompt_ids] * params.n, dtype=torch.long)  # (n, prompt) one row per choice
         processors = LogitsProcessorList()
         if not params.greedy:
@@ -197,7 +217,7 @@ class Engine:
             processors.append(_SeededSampler(params.seed))
         self.model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=params.max_tokens,
                             do_sample=False, logits_processor=processors, pad_token_id=self.pad_id,
-                            stopping_criteria=StoppingCriteriaList([_Watch(choices, emit, cancel)]))
+                            stopping_criteria=StoppingCriteriaList([_Watch(choices, emit, cancel, restart)]))
 
     def close(self, timeout: float = 30.0) -> None:
         """Cancel every generation and wait (``timeout`` seconds) for the workers to close their sessions."""

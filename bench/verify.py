@@ -1,9 +1,15 @@
-"""Verification benchmark: per adversary mode, sessions until the liar is banned (median over trials),
-false bans of honest peers, and the audits' overhead on client latency (ratio, same run).
+"""Verification benchmark: per adversary mode, how many wrong generations a liar hands users before it is
+banned, at default settings and in strict mode, sessions until the ban, false bans of honest peers; and
+what verification costs in client latency (ratios against no audits, same run).
 
-A real local swarm of a tiny 6-block Llama: an honest peer for [0, 6), two honest (slow) peers for
-[3, 6), and a liar for [3, 6) announcing itself fastest so routes prefer it. Each trial is a fresh
-client with default audit rates (a new peer is on probation: p = 0.25) and an empty reputation book.
+A real local swarm of a tiny 6-block Llama: honest peers for [0, 6), [0, 3) and two for [3, 6), and a
+liar for [3, 6) announcing itself fastest. A claim counts for at most twice the median claim per
+block of its format (client/routing.py), so the whole-model peer announces half the others' speed per
+block: routes through the liar's [3, 6) then look cheapest, the liar's best case. Each trial is a fresh
+client with an empty reputation book and default audit rates (a new identity's first 10 sessions are
+all audited, then 25 % while on probation); "default" is verify_mode="background" (text is never
+delayed, audits run after it), "strict" waits for every span of a peer not yet trusted to be re-run
+elsewhere and match. A generation is wrong if its tokens differ from local transformers' greedy ones.
 
     .venv/bin/python -m bench.verify [--trials 5]
 """
@@ -16,93 +22,141 @@ import tempfile
 import time
 
 import torch
+from transformers import AutoModelForCausalLM
 
+from bench import harness
 from client import AutoDistributedModelForCausalLM
 from swarmllm import checkpoints, launch
 from verify.policy import AuditRates
 from verify.reputation import Status, Verdict
 
-MODES = ["noise", "identity", "skip", "wrong_weights", "low_precision", "noise:0.1"]
-NO_AUDITS = AuditRates(0.0, 0.0, 0.0, 0.0)
+MODES = ["noise", "identity", "skip", "wrong_weights", "low_precision", "noise:0.1", "wrong_weights:0.3"]
+NO_AUDITS = AuditRates.never()
+TOKENS = 8
 
 
-def _client(path, peers, rates):
-    return AutoDistributedModelForCausalLM.from_pretrained(path, peers, audit_rates=rates, reputation_path=None)
+def _client(path, peers, rates=AuditRates(), verify_mode="background"):
+    return AutoDistributedModelForCausalLM.from_pretrained(path, peers, audit_rates=rates, verify_mode=verify_mode,
+                                                           reputation_path=None)
 
 
-def _session(model, seed, tokens=16):
-    ids = torch.randint(3, 250, (1, 8), generator=torch.Generator().manual_seed(seed))
+def _prompt(seed: int) -> torch.Tensor:
+    return torch.randint(3, 250, (1, 8), generator=torch.Generator().manual_seed(seed))
+
+
+def _session(model, seed, tokens=TOKENS) -> tuple[float, list[int]]:
+    """(seconds per token, the tokens)."""
     began = time.perf_counter()
-    model.generate(ids, max_new_tokens=tokens, do_sample=False, pad_token_id=0)
-    return (time.perf_counter() - began) / tokens
+    out = model.generate(_prompt(seed), max_new_tokens=tokens, do_sample=False, pad_token_id=0)
+    return (time.perf_counter() - began) / tokens, out[0].tolist()
+
+
+def _until_banned(model, liar_id: str, reference, seeds, max_sessions: int) -> tuple[int | None, int]:
+    """Sessions until the liar is banned (None: not within max_sessions) and wrong generations handed over."""
+    book, wrong = model.swarm.core.book, 0
+    for n in range(1, max_sessions + 1):
+        seed = next(seeds)
+        _, tokens = _session(model, seed)
+        wrong += tokens != reference(seed)
+        model.swarm.wait_audits()
+        if book.status(liar_id) == Status.BANNED:
+            return n, wrong
+    return None, wrong
+
+
+def _false_bans(model, honest_ids) -> int:
+    book, results = model.swarm.core.book, model.swarm.core.auditor.results
+    return (sum(book.status(p) == Status.BANNED for p in honest_ids)
+            + sum(r.peer_id in honest_ids and r.verdict in (Verdict.FAIL, Verdict.GROSS_FAIL) for r in results))
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--trials", type=int, default=5)
-    parser.add_argument("--max-sessions", type=int, default=200)
-    parser.add_argument("--overhead-sessions", type=int, default=30)
+    parser.add_argument("--max-sessions", type=int, default=100)
+    parser.add_argument("--overhead-sessions", type=int, default=20)
     args = parser.parse_args()
     path = checkpoints.tiny("llama", tempfile.mkdtemp(prefix="bench-verify-"))
+    local = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).eval()
+    references: dict[int, list[int]] = {}
+
+    def reference(seed: int) -> list[int]:
+        if seed not in references:
+            references[seed] = local.generate(_prompt(seed), max_new_tokens=TOKENS, do_sample=False,
+                                              pad_token_id=0)[0].tolist()
+        return references[seed]
+
     procs = []
     try:
         dht = launch.start_dht()
         procs.append(dht)
-        honest = [launch.start_peer(path, dht.maddrs, a, b, extra=["--throughput", "10"], wait=False)
-                  for a, b in [(0, 6), (3, 6), (3, 6)]]
+        honest = [launch.start_peer(path, dht.maddrs, a, b, extra=["--throughput", str(t)], wait=False)
+                  for a, b, t in [(0, 6, 5), (0, 3, 10), (3, 6, 10), (3, 6, 10)]]
         procs += honest
         for p in honest:
             p.wait_ready(180)
         honest_ids = {p.ready["peer_id"] for p in honest}
 
-        # audit overhead: the same sessions with default audit rates and with none, interleaved
-        with_audits, without = _client(path, dht.maddrs, AuditRates()), _client(path, dht.maddrs, NO_AUDITS)
+        # what verification costs: the same sessions with no audits, default audits and strict, interleaved
+        modes = {"no audits": _client(path, dht.maddrs, NO_AUDITS), "default": _client(path, dht.maddrs),
+                 "strict": _client(path, dht.maddrs, verify_mode="strict")}
+        latency: dict[str, list[float]] = {name: [] for name in modes}
         try:
-            on, off = [], []
             for s in range(args.overhead_sessions):
-                on.append(_session(with_audits, s))
-                off.append(_session(without, s))
-            with_audits.swarm.wait_audits()
-            audited = len(with_audits.swarm.core.auditor.results)
+                for name, model in modes.items():
+                    latency[name].append(_session(model, s)[0])
+            for model in modes.values():
+                model.swarm.wait_audits()
+            replays = {name: len(model.swarm.core.auditor.results) for name, model in modes.items()}
         finally:
-            with_audits.swarm.shutdown()
-            without.swarm.shutdown()
-        overhead = statistics.median(on) / statistics.median(off)
+            for model in modes.values():
+                model.swarm.shutdown()
+        medians = {name: statistics.median(v) for name, v in latency.items()}
 
-        rows, false_bans = [], 0
+        rows, false_bans, seeds = [], 0, iter(range(10**6))
         for mode in MODES:
             liar = launch.start_peer(path, dht.maddrs, 3, 6, extra=["--adversary", mode, "--throughput", "10000"])
             procs.append(liar)
-            liar_id, counts = liar.ready["peer_id"], []
+            liar_id = liar.ready["peer_id"]
+            result = {"default": ([], []), "strict": ([], [])}  # (sessions until banned, wrong generations)
             for trial in range(args.trials):
-                model = _client(path, dht.maddrs, AuditRates())
-                try:
-                    book = model.swarm.core.book
-                    for n in range(1, args.max_sessions + 1):
-                        _session(model, 1000 * trial + n, tokens=8)
-                        model.swarm.wait_audits()
-                        if book.status(liar_id) == Status.BANNED:
-                            counts.append(n)
-                            break
-                    false_bans += sum(book.status(p) == Status.BANNED for p in honest_ids)
-                    false_bans += sum(r.peer_id in honest_ids and r.verdict in (Verdict.FAIL, Verdict.GROSS_FAIL)
-                                      for r in model.swarm.core.auditor.results)
-                finally:
-                    model.swarm.shutdown()
+                for name, verify_mode in (("default", "background"), ("strict", "strict")):
+                    model = _client(path, dht.maddrs, verify_mode=verify_mode)
+                    try:
+                        sessions, wrong = _until_banned(model, liar_id, reference, seeds, args.max_sessions)
+                        if sessions is not None:
+                            result[name][0].append(sessions)
+                        result[name][1].append(wrong)
+                        false_bans += _false_bans(model, honest_ids)
+                    finally:
+                        model.swarm.shutdown()
             liar.stop()
-            caught = len(counts)
-            rows.append((mode, statistics.median(counts) if counts else float("nan"), caught))
+            rows.append((mode, result))
     finally:
         for p in reversed(procs):
             p.stop()
 
-    print(f"| adversary (--adversary) | sessions until banned, median of {args.trials} | trials caught |")
-    print("|---|---|---|")
-    for mode, median, caught in rows:
-        print(f"| {mode} | {median:g} | {caught}/{args.trials} |")
+    def median(values):
+        return f"{statistics.median(values):g}" if values else "—"
+
+    print(harness.table(
+        ["adversary (--adversary)", "default: wrong generations before the ban, max (median)",
+         "default: sessions until banned (median)", "default: trials banned",
+         "strict: wrong generations, total", "strict: sessions until banned (median)", "strict: trials banned"],
+        [[mode, f"{max(r['default'][1])} ({median(r['default'][1])})", median(r["default"][0]),
+          f"{len(r['default'][0])}/{args.trials}", sum(r["strict"][1]), median(r["strict"][0]),
+          f"{len(r['strict'][0])}/{args.trials}"] for mode, r in rows]))
     print(f"\nfalse bans or failed verdicts of honest peers: {false_bans}")
-    print(f"audit overhead: median per-token latency with default audit rates / without audits = {overhead:.3f} "
-          f"({audited} of {args.overhead_sessions} sessions' spans audited)")
+    print(harness.table(
+        ["verification", "median per-token latency (ms)", "vs no audits", "vs default", "audits per session"],
+        [[name, f"{1000 * m:.1f}", f"{m / medians['no audits']:.2f}", f"{m / medians['default']:.2f}",
+          f"{replays[name] / args.overhead_sessions:.2f}"] for name, m in medians.items()]))
+    print("\ntargets: default <= 1 wrong generation per liar identity; strict 0")
+    path_out = harness.write_results("verify", {
+        "modes": {mode: r for mode, r in rows}, "false_bans": false_bans,
+        "latency_ms": {k: 1000 * v for k, v in medians.items()},
+        "audits_per_session": {k: v / args.overhead_sessions for k, v in replays.items()}}, args)
+    print(f"\nwrote {path_out}")
 
 
 if __name__ == "__main__":

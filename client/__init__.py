@@ -10,11 +10,11 @@ Files:
 - cli.py       `swarmllm generate`
 """
 
-from client.errors import MissingBlocksError, PeerBusy, PeerError, SwarmError
+from client.errors import MissingBlocksError, PeerBusy, PeerError, SwarmError, UnverifiableError
 from client.model import AutoDistributedModelForCausalLM
 from client.swarm import ClientConfig, RemoteSession, RemoteSwarm
 
 __all__ = [
     "AutoDistributedModelForCausalLM", "ClientConfig", "RemoteSession", "RemoteSwarm",
-    "SwarmError", "MissingBlocksError", "PeerError", "PeerBusy",
+    "SwarmError", "MissingBlocksError", "PeerError", "PeerBusy", "UnverifiableError",
 ]

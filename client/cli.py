@@ -24,6 +24,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="relay every hop through this client instead of peers pushing to each other")
     parser.add_argument("--wire-dtype", choices=["bfloat16", "float16"], default=None,
                         help="send hidden states in 16 bits (half the bytes; default: as computed, exact)")
+    parser.add_argument("--verify-mode", choices=["background", "redo", "strict"], default="background",
+                        help="background: audits never delay text; redo: wait for this generation's sampled "
+                             "audits and generate again without a peer caught lying; strict: text only after "
+                             "every span a not-yet-trusted peer served was re-run on another peer and matched "
+                             "(slower: see the README's Verification section)")
     parser.add_argument("--formats", nargs="+", default=None, metavar="FORMAT",
                         help="peer formats a route may use and mix: DTYPE, QUANT or DTYPE/QUANT (e.g. nf4, "
                              "bfloat16/int8); default: one format, the most precise that covers every block")
@@ -39,7 +44,7 @@ def main(args: argparse.Namespace) -> None:
     tokenizer = AutoTokenizer.from_pretrained(layout.config_source(args.model_dir))
     model = AutoDistributedModelForCausalLM.from_pretrained(args.model_dir, args.initial_peers, model_id=args.model_id,
                                                             push=not args.no_push, wire_dtype=args.wire_dtype,
-                                                            formats=args.formats)
+                                                            formats=args.formats, verify_mode=args.verify_mode)
     try:
         if args.chat and tokenizer.chat_template:
             text = tokenizer.apply_chat_template([{"role": "user", "content": args.prompt}], tokenize=False,

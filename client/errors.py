@@ -7,6 +7,10 @@ class SwarmError(RuntimeError):
     """Base class of every error the client raises about the swarm."""
 
 
+class UnverifiableError(SwarmError):
+    """verify_mode="strict" could not have a span checked: no other peer serves those blocks in that format."""
+
+
 class MissingBlocksError(SwarmError):
     """No usable peer serves some blocks of the model."""
 

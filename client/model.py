@@ -23,15 +23,17 @@ from transformers import AutoConfig, AutoModelForCausalLM, PretrainedConfig
 from transformers.cache_utils import Cache
 from transformers.generation.configuration_utils import GenerationMode
 
-from client.errors import SwarmError
+from client.errors import SwarmError, UnverifiableError
 from client.swarm import ClientConfig, RemoteSession, RemoteSwarm
 from dht import records
 from peer import layout, wire
+from verify.auditor import NO_CHECKER
+from verify.reputation import Verdict
 
 logger = logging.getLogger(__name__)
 
 MAX_DRAFT_OVERSHOOT = 64  # tokens a session is sized beyond max_length for speculative decoding
-MAX_REDOS = 3  # with verify_mode="redo": generations re-done after an audit caught a lying peer
+MAX_REDOS = 3  # with verify_mode="redo"/"strict": generations re-done after an audit caught a lying peer
 
 
 class RemoteCache(Cache):
@@ -192,6 +194,9 @@ class DistributedMixin:
         state = self._thread_state
         if state.active_session is not None:
             raise RuntimeError("an inference session is already active on this model in this thread")
+        if self.swarm.cfg.verify_mode == "strict":
+            raise UnverifiableError("verify_mode='strict' checks whole generations before returning them, and an "
+                                    "inference session's text cannot be generated again: use generate() alone")
         session = self.swarm.open_session(batch_size, max_length)
         state.active_session = session
         try:
@@ -230,19 +235,37 @@ class DistributedMixin:
                 grown = sequences.shape[1] - mask.shape[1]
                 session.attention_mask = torch.cat([mask, mask.new_ones(mask.shape[0], grown)], dim=1)[:, : session.position]
             return output
-        redo = self.swarm.cfg.verify_mode == "redo"
+        mode = self.swarm.cfg.verify_mode
+        if mode == "background":
+            return self._generate_once(inputs, kwargs)[0]
+        streamer = kwargs.pop("streamer", None) if mode == "strict" else None  # fed once the text is checked
         rng_state = torch.get_rng_state()
         for attempt in range(MAX_REDOS + 1):
             output, sessions = self._generate_once(inputs, kwargs)
-            liars = [p for s in sessions for p in s.served_by_a_liar()] if redo else []
-            if not liars:
+            results = [r for s in sessions for r in s.audit_results()]
+            liars = sorted({r.peer_id for r in results if r.verdict in (Verdict.FAIL, Verdict.GROSS_FAIL)})
+            unsettled = [r for r in results if r.verdict != Verdict.PASS] if mode == "strict" else []
+            lone = [r for r in unsettled if r.verdict == Verdict.IMPOSSIBLE and r.reason == NO_CHECKER]
+            if lone and not liars:
+                spans = ", ".join(f"[{r.start}, {r.end}) served by {r.peer_id}" for r in lone)
+                raise UnverifiableError(f"strict verification: no other peer of the same format serves blocks "
+                                        f"{spans}, so that work cannot be checked and the text is withheld; add "
+                                        f"peers for those blocks or use verify_mode='redo'")
+            if not liars and not unsettled:
+                if streamer is not None:
+                    _replay_to_streamer(streamer, inputs if inputs is not None else kwargs.get("input_ids"), output)
                 return output
-            logger.warning("an audit caught %s returning wrong results during this generation; generating "
-                           "again without it (attempt %d of %d)", liars, attempt + 1, MAX_REDOS)
+            logger.warning("audits of this generation: %s; generating again (attempt %d of %d)",
+                           f"{liars} caught lying" if liars else [f"{r.peer_id}: {r.verdict.value} {r.reason}".strip()
+                                                                  for r in unsettled], attempt + 1, MAX_REDOS)
             torch.set_rng_state(rng_state)  # a sampled generation draws the same numbers again
+        if mode == "strict":
+            raise UnverifiableError(f"strict verification: no attempt of {MAX_REDOS + 1} could be checked "
+                                    f"(last: {[(r.peer_id, r.verdict.value) for r in unsettled]}); the text is withheld")
         raise SwarmError(f"every attempt was served by a peer that audits caught lying (last: {liars})")
 
     def _generate_once(self, inputs, kwargs):
+        """One generate() through the swarm: (output, the sessions it opened, closed)."""
         state = self._thread_state
         state.generate_sessions = opened = []
         try:
@@ -291,6 +314,16 @@ def _forward_noting_kept_logits(dist_cls: type, lm_cls: type):
     forward.__signature__ = inspect.signature(lm_cls.forward)
     forward.__doc__ = lm_cls.forward.__doc__
     return forward
+
+
+def _replay_to_streamer(streamer, prompt: torch.Tensor | None, output) -> None:
+    """Strict mode: the streamer gets the text only after the audits confirmed it, all at once."""
+    sequences = output if isinstance(output, torch.Tensor) else output.sequences
+    start = 0 if prompt is None else prompt.shape[1]
+    if prompt is not None:
+        streamer.put(prompt.cpu())
+    streamer.put(sequences[:, start:].cpu())
+    streamer.end()
 
 
 class AutoDistributedModelForCausalLM:

@@ -2,10 +2,18 @@
 
 Nodes are block boundaries; a peer serving [s, e) offers an edge a -> b for every pair of boundaries
 s <= a < b <= e (it runs the sub-range [a, b)). An edge costs the seconds one decode step is expected
-to spend there: the measured round trip (doubled and padded for relayed peers), plus the compute
-share (b - a) / (e - s) / announced throughput, inflated by the sessions the peer is already
-serving, plus a large penalty when the peer's free cache cannot hold the session. Dijkstra finds
-the cheapest chain; ties go to fewer hops, then to peer ids (deterministic).
+to spend there: the measured round trip (doubled and padded for relayed peers), plus (b - a) blocks
+times the peer's seconds per block, inflated by the sessions the peer is already serving, plus a
+large penalty when the peer's free cache cannot hold the session; the whole edge is then multiplied by
+the peer's standing (``STANDING_COST``). Dijkstra finds the cheapest chain; ties go to fewer hops,
+then to peer ids (deterministic).
+
+**Speed is measured, not believed** (``believed_speeds``): a peer's announced throughput is a claim.
+The client times its own steps on each peer it used (seconds per block per decode step) and ranks
+those by that. A peer it has not measured yet is assumed a little faster (``EXPLORE``) than the median
+measured peer of its format, whatever it claims, so the client tries it once and then knows; claiming
+more attracts nothing. With none measured yet, a claim counts, but never for more than
+``CLAIM_SLACK`` times the median claim of its format.
 
 Formats: a peer computes in a dtype with weights in a quant (``float32``, ``bfloat16/nf4``); outputs
 differ between formats, so a route only mixes formats the client allowed. A format pattern is
@@ -28,6 +36,8 @@ MIN_THROUGHPUT = 1e-3  # steps/s, floor for a peer announcing ~0
 LOAD_FACTOR = 0.5  # each open session on a peer adds this fraction of its compute time
 RELAY_PENALTY = 0.05  # seconds added to a relayed peer's (doubled) round trip
 CACHE_PENALTY = 10.0  # seconds: a peer whose free cache cannot hold the session is a last resort
+CLAIM_SLACK = 2.0  # an unmeasured claim counts for at most this many times the median claim of its format
+EXPLORE = 0.9  # an unmeasured peer is believed this fraction of the median measured peer's seconds per block
 
 
 @dataclasses.dataclass(frozen=True)
@@ -89,15 +99,49 @@ def choose_format(records: Iterable[PeerRecord], model_id: str, num_blocks: int,
     return f"{dtype}/{quant}"
 
 
-def hop_cost(record: PeerRecord, rtt: float | None, blocks: int | None = None, cache_tokens_needed: int = 0) -> float:
-    """Estimated seconds per decode step spent on ``blocks`` blocks (default: all) of this peer."""
+def claimed_speed(record: PeerRecord) -> float:
+    """Seconds per block per decode step that the peer's announced throughput claims."""
+    return 1.0 / (max(record.throughput, MIN_THROUGHPUT) * record.num_blocks)
+
+
+def believed_speeds(records: Iterable[PeerRecord], measured: Mapping[str, float]) -> dict[str, float]:
+    """Seconds per block per decode step to plan with, per peer: what this client measured; else
+    ``EXPLORE`` times the median measured speed of peers of the same format (any format if none); else
+    the peer's claim, but no faster than the median claim of its format over ``CLAIM_SLACK``."""
+    records = list(records)
+
+    def median(values: list[float]) -> float:
+        values = sorted(values)
+        return values[len(values) // 2]
+
+    by_format: dict[str, list[PeerRecord]] = {}
+    for r in records:
+        by_format.setdefault(r.format, []).append(r)
+    all_measured = [measured[r.peer_id] for r in records if r.peer_id in measured]
+    speeds = {}
+    for r in records:
+        if r.peer_id in measured:
+            speeds[r.peer_id] = measured[r.peer_id]
+            continue
+        alike = [measured[o.peer_id] for o in by_format[r.format] if o.peer_id in measured] or all_measured
+        if alike:
+            speeds[r.peer_id] = EXPLORE * median(alike)
+        else:
+            speeds[r.peer_id] = max(claimed_speed(r), median([claimed_speed(o) for o in by_format[r.format]]) / CLAIM_SLACK)
+    return speeds
+
+
+def hop_cost(record: PeerRecord, rtt: float | None, blocks: int | None = None, cache_tokens_needed: int = 0,
+             speed: float | None = None, standing: float = 1.0) -> float:
+    """Estimated seconds per decode step spent on ``blocks`` blocks (default: all) of this peer, at
+    ``speed`` seconds per block (default: its claim), times its ``standing`` (reputation) factor."""
     rtt = DEFAULT_RTT if rtt is None else rtt
     network = 2 * rtt + RELAY_PENALTY if record.relayed else rtt
     blocks = record.num_blocks if blocks is None else blocks
-    compute = blocks / record.num_blocks / max(record.throughput, MIN_THROUGHPUT)
+    compute = blocks * (claimed_speed(record) if speed is None else speed)
     compute *= 1 + LOAD_FACTOR * record.num_sessions
     penalty = CACHE_PENALTY if record.cache_tokens_left < cache_tokens_needed else 0.0
-    return network + compute + penalty
+    return (network + compute + penalty) * standing
 
 
 def uncovered(records: Iterable[PeerRecord], start: int, end: int) -> list[tuple[int, int]]:
@@ -134,11 +178,15 @@ def plan_route(
     end: int | None = None,
     cache_tokens_needed: int = 0,
     formats: Iterable[str] | None = None,
+    speeds: Mapping[str, float] | None = None,
+    standing: Mapping[str, float] | None = None,
 ) -> list[Hop]:
     """The cheapest chain of ONLINE, unbanned peers (or sub-ranges of them) that tiles [start, end),
-    through peers of the allowed ``formats`` only (None: any)."""
+    through peers of the allowed ``formats`` only (None: any). ``speeds``: seconds per block per step
+    to plan with (``believed_speeds``; default: the claims); ``standing``: cost factors by peer
+    (default 1)."""
     end = num_blocks if end is None else end
-    rtts = rtts or {}
+    rtts, speeds, standing = rtts or {}, speeds or {}, standing or {}
     records = list(records)
     formats = None if formats is None else tuple(formats)
     usable = [r for r in usable_records(records, model_id, num_blocks, banned) if r.start < end and r.end > start
@@ -158,7 +206,8 @@ def plan_route(
                 continue
             for b in boundaries:
                 if node < b <= min(r.end, end):
-                    edge = hop_cost(r, rtts.get(r.peer_id), b - node, cache_tokens_needed)
+                    edge = hop_cost(r, rtts.get(r.peer_id), b - node, cache_tokens_needed, speeds.get(r.peer_id),
+                                    standing.get(r.peer_id, 1.0))
                     candidate = (cost + edge, hops + 1, path + (r.peer_id,))
                     if b not in best or candidate < best[b]:
                         best[b] = candidate

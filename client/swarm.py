@@ -25,9 +25,9 @@ from dht import directory
 from dht import identity
 from dht.records import PeerRecord, PeerState, VerdictRecord
 from peer import wire
-from verify.auditor import AuditResult, Auditor, ServedSpan
-from verify.policy import AuditRates, SamplingPolicy
-from verify.reputation import ReputationBook, Verdict
+from verify.auditor import LOST_OUTPUTS, AuditResult, Auditor, Checker, ServedSpan
+from verify.policy import AuditRates, SamplingPolicy, standing_cost
+from verify.reputation import ReputationBook, Status, Verdict, identity_signals
 
 DEFAULT_REPUTATION_PATH = os.environ.get(
     "SWARMLLM_REPUTATION_PATH", os.path.join(os.path.expanduser("~"), ".cache", "swarmllm", "reputation.json"))
@@ -38,6 +38,8 @@ logger = logging.getLogger(__name__)
 _NOT_A_FAULT = {wire.ErrorCode.BUSY.value, wire.ErrorCode.WRONG_BLOCKS.value, wire.ErrorCode.DRAINING.value,
                 wire.ErrorCode.UNKNOWN_PREFIX.value}
 PROBE_EVERY = 32  # tokens between the histories a probe asks about
+VERIFY_MODES = ("background", "redo", "strict")
+TIMED_MAX_TOKENS = 16  # steps of at most this many tokens x rows time the peers' speed (decode-like steps)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -61,7 +63,9 @@ class ClientConfig:
     reputation_path: str | None = DEFAULT_REPUTATION_PATH  # the client's book across runs; None = memory only
     identity_path: str | None = None  # the client's key (signs its verdicts); None = a fresh one per run
     verify_mode: str = "background"  # "background": audits never delay generate(); "redo": generate() waits
-    # for the audits of its sessions and generates again (avoiding the cheater) if one confirms a lie
+    # for the audits of its sessions and generates again (avoiding the cheater) if one confirms a lie;
+    # "strict": every span a peer that is not trusted served is re-run on another peer and must match
+    # before generate() returns (UnverifiableError when no other peer can check it)
     push: bool = True  # peers forward each step to the next peer (k + 1 messages per token); False = the
     # client relays every hop itself (2k messages), which is also the fallback for a link that fails
     wire_dtype: str | None = None  # hidden states on the wire: None = as computed (float32 stays bit-exact);
@@ -80,6 +84,8 @@ class ClientConfig:
             if not formats:
                 raise ValueError("formats must name at least one format, or be None")
             object.__setattr__(self, "formats", tuple(routing.check_format(f) for f in formats))
+        if self.verify_mode not in VERIFY_MODES:
+            raise ValueError(f"verify_mode must be one of {VERIFY_MODES}, got {self.verify_mode!r}")
         if self.wire_dtype is not None and self.wire_dtype not in wire.HIDDEN_DTYPE_NAMES:
             raise ValueError(f"wire_dtype must be None or one of {sorted(wire.HIDDEN_DTYPE_NAMES)}, got {self.wire_dtype!r}")
 
@@ -225,6 +231,7 @@ class SwarmCore:
     def __init__(self, cfg: ClientConfig, transport: Transport, dht, peer_id: str):
         self.cfg, self.transport, self.dht, self.peer_id = cfg, transport, dht, peer_id
         self.rtts: dict[str, float] = {}  # peer id -> smoothed RTT (seconds) of peers that answered
+        self.speeds: dict[str, float] = {}  # peer id -> smoothed seconds per block of its decode steps, as timed here
         self.unreachable: set[str] = set()  # peers whose last ping failed
         self.records: list[PeerRecord] = []
         self.records_at = float("-inf")  # monotonic time of the last fetch
@@ -233,8 +240,8 @@ class SwarmCore:
         self.book = ReputationBook()
         if cfg.reputation_path:
             self.book.load(cfg.reputation_path)
-        self.auditor = Auditor(self.book, SamplingPolicy(cfg.audit_rates), self._audit_candidates, self._replay,
-                               replay_errors=(PeerError,), publish=self._publish)
+        self.auditor = Auditor(self.book, SamplingPolicy(cfg.audit_rates), self._audit_checkers, self._replay,
+                               replay_errors=(PeerError,), publish=self._publish, related=self.book.related)
         self._audits: set[asyncio.Task] = set()  # owned here: awaited by wait_audits() and at shutdown
 
     async def refresh(self, *, ping_all: bool = False) -> None:
@@ -242,6 +249,8 @@ class SwarmCore:
         ``ping_all``, which is how a dead peer that still has a record gets noticed)."""
         self.records = await directory.fetch_peers(self.dht, self.cfg.model_id)
         self.records_at = time.monotonic()
+        for r in self.records:  # a banned operator's new identity on the same address or name starts as a suspect
+            self.book.observe(r.peer_id, identity_signals(r.maddrs, r.public_name))
         targets = self.records if ping_all else [
             r for r in self.records if r.peer_id not in self.rtts and r.peer_id not in self.unreachable]
         await asyncio.gather(*(self._ping(r) for r in targets))
@@ -286,9 +295,13 @@ class SwarmCore:
             allowed = formats or self.cfg.formats or (routing.choose_format(
                 self.records, self.cfg.model_id, self.cfg.num_blocks, banned=avoid, start=start, end=end),)
             try:
+                strict = self.cfg.verify_mode == "strict"
+                standing = {r.peer_id: standing_cost(self.book.status(r.peer_id), self.cfg.audit_rates, strict)
+                            for r in self.records}
                 return routing.plan_route(self.records, self.cfg.model_id, self.cfg.num_blocks, rtts=self.rtts,
                                           banned=avoid, start=start, end=end, cache_tokens_needed=cache_tokens_needed,
-                                          formats=allowed)
+                                          formats=allowed, speeds=routing.believed_speeds(self.records, self.speeds),
+                                          standing=standing)
             except MissingBlocksError as e:
                 waited = time.monotonic() - began
                 if not wait or waited > self.cfg.route_timeout:
@@ -309,6 +322,12 @@ class SwarmCore:
             logger.info("the DHT did not answer within %.1f s: planning from the records of %.0f s ago",
                         self.cfg.stale_refresh_timeout, time.monotonic() - self.records_at)
 
+    def timed(self, peer_id: str, seconds: float, blocks: int) -> None:
+        """A decode step spent ``seconds`` on ``blocks`` blocks of this peer (as the client saw it)."""
+        speed = max(seconds, 0.0) / max(blocks, 1)
+        old = self.speeds.get(peer_id)
+        self.speeds[peer_id] = speed if old is None else 0.7 * old + 0.3 * speed
+
     def step_timeout(self, tokens: int) -> float:
         return self.cfg.step_timeout + self.cfg.step_timeout_per_token * tokens
 
@@ -319,12 +338,46 @@ class SwarmCore:
                 if r.state == PeerState.ONLINE and r.start <= start and end <= r.end and r.dtype == dtype
                 and r.quant == quant and r.peer_id not in exclude and r.peer_id not in self.unreachable]
 
-    async def _replay(self, peer_id: str, start: int, end: int, hidden: torch.Tensor, position_ids: torch.Tensor,
+    def _audit_checkers(self, start: int, end: int, dtype: str, quant: str, exclude: frozenset[str]) -> list[Checker]:
+        """Who can re-run [start, end) in this format: each peer serving all of it; if none does, chains of
+        other peers that split it differently (so a lone peer is still checkable), as many disjoint ones as
+        can be found, so that one can check and another referee."""
+        exclude = exclude | self.book.banned()
+        singles = self._audit_candidates(start, end, dtype, quant, exclude)
+        if singles:
+            return [((peer, start, end),) for peer in singles]
+        records = [r for r in self.records if r.dtype == dtype and r.quant == quant]
+
+        def chain(avoid: frozenset[str]) -> Checker | None:
+            try:
+                route = routing.plan_route(records, self.cfg.model_id, self.cfg.num_blocks, rtts=self.rtts,
+                                           start=start, end=end, banned=avoid | self.unreachable)
+            except MissingBlocksError:
+                return None
+            return tuple((h.peer_id, h.start, h.end) for h in route)
+
+        first = chain(exclude)
+        if first is None:
+            return []
+        found = {first} | {c for p, _, _ in first if (c := chain(exclude | {p})) is not None}
+        found = sorted(found)
+        peers = [set(c_peer for c_peer, _, _ in c) for c in found]
+        best: list[int] = [0]
+        for mask in range(1, 2 ** len(found)):  # the largest set of chains that share no peer (a handful)
+            pick = [i for i in range(len(found)) if mask >> i & 1]
+            if len(pick) > len(best) and all(not peers[i] & peers[j] for i in pick for j in pick if i < j):
+                best = pick
+        return [found[i] for i in best] if len(best) > 1 else found
+
+    async def _replay(self, checker: Checker, hidden: torch.Tensor, position_ids: torch.Tensor,
                       mask: torch.Tensor | None) -> torch.Tensor:
-        record = next((r for r in self.records if r.peer_id == peer_id), None)
-        hop = Hop(peer_id, start, end, record.maddrs if record else (), record.dtype if record else "float32",
-                  record.quant if record else "none")
-        return await self.forward_on(hop, hidden, position_ids, mask)
+        """Run a prefix through a checker's peers, one stateless forward each (what audits send)."""
+        for peer_id, start, end in checker:
+            record = next((r for r in self.records if r.peer_id == peer_id), None)
+            hop = Hop(peer_id, start, end, record.maddrs if record else (), record.dtype if record else "float32",
+                      record.quant if record else "none")
+            hidden = await self.forward_on(hop, hidden, position_ids, mask)
+        return hidden
 
     async def _publish(self, result: AuditResult, span: ServedSpan) -> None:
         """Publish a verdict on the DHT, signed with this client's identity (the health page shows it)."""
@@ -368,8 +421,16 @@ class SwarmCore:
             if any(torch.isnan(t).any() for t in span.hidden + span.outputs):
                 logger.info("not auditing %s on [%d, %d): outputs it named could not be fetched",
                             span.peer_id, span.start, span.end)
-                return AuditResult(span.peer_id, Verdict.IMPOSSIBLE)
+                return AuditResult(span.peer_id, Verdict.IMPOSSIBLE, start=span.start, end=span.end,
+                                   reason=LOST_OUTPUTS)
         return await self.auditor.audit(span)
+
+    def draw_audit(self, span: ServedSpan) -> bool:
+        """Whether to audit a span a session was served: the sampling policy's draw, or in strict mode
+        every span of a peer that is not trusted yet."""
+        if self.cfg.verify_mode == "strict":
+            return bool(span.hidden) and self.book.status(span.peer_id) != Status.TRUSTED
+        return self.auditor.sampled(span)
 
     async def wait_audits(self, timeout: float | None = None) -> None:
         """Wait for every audit in flight; errors inside an audit propagate here."""
@@ -437,6 +498,7 @@ class SessionCore:
         self.pending_reorder: tuple[int, ...] | None = None  # rows the next step's cache must follow
         self.formats: tuple[str, ...] | None = swarm.cfg.formats  # pinned to one format at open if None
         self.holes: list[Hole] = []  # outputs peers named instead of sending, not fetched yet
+        self.retired: list[ServedSpan] = []  # what replaced hops served before they failed (audited too)
 
     async def open(self) -> None:
         self.hops = await self._open_route(0, self.swarm.cfg.num_blocks)
@@ -625,18 +687,24 @@ class SessionCore:
         peer pushes its output to the next one (k + 1 messages per token on the critical path); without,
         the client relays each output to the next hop as it arrives (2k). Either way the client reads
         every hop's result in order: failover replays and audits need them."""
+        began = time.monotonic()
         for x in steps:
             self.hops[0].send(x, self._chain(1, push))
-        return [await self._one_step(x, steps[n + 1:], recover, push) for n, x in enumerate(steps)]
+        timed = len(steps) == 1 and steps[0].hidden.shape[0] * steps[0].hidden.shape[1] <= TIMED_MAX_TOKENS
+        return [await self._one_step(x, steps[n + 1:], recover, push, began if timed else None)
+                for n, x in enumerate(steps)]
 
-    async def _one_step(self, x: StepInput, later: list[StepInput], recover: bool, push: bool) -> torch.Tensor:
+    async def _one_step(self, x: StepInput, later: list[StepInput], recover: bool, push: bool,
+                        began: float | None = None) -> torch.Tensor:
         """Collect chunk ``x`` from every hop; ``later`` chunks are already queued on the first hop. A link
         whose push failed is relayed by the client; a failed peer is replaced and the chunk (and, for the
-        first hop, the later ones) re-sent from there."""
+        first hop, the later ones) re-sent from there. ``began``: when the chunk was sent, to time each
+        hop's part of a decode step (routing ranks peers by it); None: not timed."""
         timeout = self.swarm.step_timeout(x.hidden.shape[0] * x.hidden.shape[1])
         probe = self.swarm.probe()
         retries, i = 0, 0
         hole: Hole | None = None  # the outputs of the hop before i that it named instead of sending
+        clock, relayed, prev_rtt = began, True, 0.0  # when hop i's input left, and whether the client sent it
         while i < len(self.hops):
             hop = self.hops[i]
             watch = WatchNext(probe, self.hops[i + 1].hop.peer_id) if push and i + 1 < len(self.hops) else probe
@@ -648,6 +716,7 @@ class SessionCore:
                     raise Equivocation(self.hops[i - 1].hop.peer_id, "pushed the next peer other hidden states "
                                        "than it returned to the client")
             except PeerError as e:
+                clock = None  # a failover's timings say nothing about a peer's speed
                 retries = self._one_more_retry(retries, e, recover)
                 if isinstance(e, Equivocation):
                     i, x = await self._rebuild(i - 1, e)
@@ -659,6 +728,13 @@ class SessionCore:
                         self.hops[i].send(await self._whole(resend), self._chain(i + 1, push))
                 continue
             self.swarm.bans.succeed(hop.hop.peer_id)
+            if clock is not None:
+                # client -> peer -> client: the whole round trip is the network's; a pushed input left
+                # when the previous peer answered (its reply's half trip before ours)
+                now, rtt = time.monotonic(), self.swarm.rtts.get(hop.hop.peer_id, 0.0)
+                spent = now - clock - (rtt if relayed else rtt / 2 - prev_rtt / 2)
+                self.swarm.timed(hop.hop.peer_id, spent, hop.hop.end - hop.hop.start)
+                clock, relayed, prev_rtt = now, False, rtt
             if hole is not None:
                 hole.sources.append((hop, "inputs"))  # the next peer keeps them as its inputs too
             hole = None
@@ -670,6 +746,7 @@ class SessionCore:
             if isinstance(watch, WatchNext) and watch.next_failed is not None:
                 # the peer this hop pushes to died or froze while we waited: replace it now rather than
                 # relay to it and wait for it to fail a probe again
+                clock = None
                 retries = self._one_more_retry(retries, watch.next_failed, recover)
                 await self._replace(i, watch.next_failed)
                 self.hops[i].send(await self._whole(x), self._chain(i + 1, push))
@@ -678,6 +755,8 @@ class SessionCore:
                     logger.info("peer %s could not push to the next peer (%s): relaying that link",
                                 hop.hop.peer_id, meta["push_error"])
                 self.hops[i].send(await self._whole(x), self._chain(i + 1, push))
+                if clock is not None:
+                    clock, relayed = time.monotonic(), True
         return x.hidden
 
     async def _received_as_returned(self, meta: dict, x: StepInput, hole: Hole | None) -> bool:
@@ -731,6 +810,8 @@ class SessionCore:
         but its peer did nothing wrong."""
         failed = self.hops[i]
         await self.fill_holes()  # while the failed hop's neighbours still keep what it was named
+        if self.rpc == wire.RPC_INFERENCE and failed.history:
+            self.retired.append(failed.served())  # the tokens so far came from its outputs: audit them too
         if ban:
             self.swarm.mark_failed(failed.hop.peer_id, error)
         await failed.stream.close(timeout=0)
@@ -763,7 +844,7 @@ class SessionCore:
             await self._close_hops(self.hops)
             return []
         hops, holes, self.holes = list(self.hops), self.holes, []
-        sampled = [span for span in (h.served() for h in hops) if self.swarm.auditor.sampled(span)]
+        sampled = [span for span in self.retired + [h.served() for h in hops] if self.swarm.draw_audit(span)]
         if not (sampled and holes):
             await self._close_hops(hops)
             return self.swarm.submit_audits(sampled, sampled=True)

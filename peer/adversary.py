@@ -9,6 +9,8 @@ the steps it serves:
 - low_precision  computes with weights rounded to a 4-bit grid (a cheaper format than declared)
 - equivocate     computes honestly and returns the honest output to the client, but pushes the next
                  peer of the route a noisy copy (the client catches it by the next peer's input digest)
+- slow           computes honestly but takes SLOW_SECONDS longer (a peer slower than the throughput it
+                 announces: routing must rank it by what it delivers)
 The peer still keeps its cache consistent with what it pretends, and announces itself as honest.
 """
 
@@ -16,12 +18,14 @@ from __future__ import annotations
 
 import dataclasses
 import random
+import time
 
 import torch
 
 from peer.blocks import BlockRunner, SpanCache
 
-MODES = ("noise", "identity", "skip", "wrong_weights", "low_precision", "equivocate")
+MODES = ("noise", "identity", "skip", "wrong_weights", "low_precision", "equivocate", "slow")
+SLOW_SECONDS = 0.05
 
 
 @dataclasses.dataclass(frozen=True)
@@ -81,7 +85,9 @@ class AdversarialRunner:
 
     def forward(self, hidden: torch.Tensor, position_ids: torch.Tensor, attention_mask: torch.Tensor | None,
                 cache: SpanCache) -> torch.Tensor:
-        if self.adversary.mode == "equivocate" or self._rng.random() >= self.adversary.rate:
+        if self.adversary.mode in ("equivocate", "slow") or self._rng.random() >= self.adversary.rate:
+            if self.adversary.mode == "slow" and self._rng.random() < self.adversary.rate:
+                time.sleep(SLOW_SECONDS)  # on the compute thread, as slow hardware would be
             return self.honest.forward(hidden, position_ids, attention_mask, cache)
         mode = self.adversary.mode
         if mode in ("wrong_weights", "low_precision"):

@@ -122,7 +122,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="serve this peer's Prometheus metrics at http://HOST:PORT/metrics (0 = any free port)")
     parser.add_argument("--adversary", default=None, metavar="MODE[:RATE]",
                         help="TESTING AID: lie on a fraction RATE of steps; MODE is one of noise, identity, "
-                             "skip, wrong_weights, low_precision (see peer/adversary.py)")
+                             "skip, wrong_weights, low_precision, equivocate, slow (see peer/adversary.py)")
     parser.add_argument("--num-threads", type=int, default=0, help="torch CPU threads (0 = torch's default)")
 
 

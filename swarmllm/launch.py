@@ -6,6 +6,7 @@ stopping it by its PID's group leaves nothing behind. Every wait has a deadline.
 
 from __future__ import annotations
 
+import itertools
 import os
 import queue
 import signal
@@ -153,6 +154,9 @@ def start_dht(timeout: float = 60.0, extra: list[str] = (), **kwargs) -> SwarmPr
     return proc
 
 
+_PEER_NUMBERS = itertools.count(1)
+
+
 def start_peer(model_dir: str, initial_peers: list[str], start: int | None = None, end: int | None = None, *,
                num_blocks: int | None = None, name: str = "peer", extra: list[str] = (), timeout: float = 120.0,
                wait: bool = True, **kwargs) -> SwarmProcess:
@@ -162,8 +166,9 @@ def start_peer(model_dir: str, initial_peers: list[str], start: int | None = Non
         where = ["--num-blocks", str(num_blocks)]
     else:
         where = ["--blocks", f"{start}:{end}"] if start is not None else []
+    # each local peer gets its own public name: clients treat a shared name as a sign of one operator
     args = swarmllm_command("peer", model_dir, "--initial-peers", *initial_peers, *where,
-                            "--host", "127.0.0.1", "--name", name, *extra)
+                            "--host", "127.0.0.1", "--name", f"{name}-{next(_PEER_NUMBERS)}", *extra)
     proc = SwarmProcess(name, args, **kwargs)
     if wait:
         proc.wait_ready(timeout)

@@ -5,8 +5,10 @@ from __future__ import annotations
 import pytest
 
 from client.errors import MissingBlocksError
-from client.routing import check_format, choose_format, plan_route, uncovered
+from client.routing import EXPLORE, believed_speeds, check_format, choose_format, claimed_speed, plan_route, uncovered
 from dht.records import PeerRecord, PeerState
+from verify.policy import AuditRates, standing_cost
+from verify.reputation import Status
 
 MODEL = "m-8L-x"
 
@@ -125,3 +127,36 @@ def test_format_patterns(good):
 def test_bad_format_patterns(bad):
     with pytest.raises(ValueError, match="DTYPE, QUANT or DTYPE/QUANT"):
         check_format(bad)
+
+
+def test_a_claim_attracts_nothing_once_the_client_has_measured_what_peers_deliver():
+    records = [rec("liar", 0, 4, throughput=1000.0), rec("a", 0, 4, throughput=10.0), rec("b", 0, 4, throughput=10.0),
+               rec("nf4", 0, 4, throughput=10.0, quant="nf4")]
+    # nothing measured: claims count, but none for more than 2x the median claim of its format
+    speeds = believed_speeds(records, {})
+    assert speeds["liar"] == pytest.approx(claimed_speed(records[1]) / 2) and speeds["a"] == claimed_speed(records[1])
+    assert spans(plan_route(records, MODEL, 4, speeds=speeds)) == [("liar", 0, 4)]
+    # the liar was tried and is slow; unmeasured peers are believed a little faster than the median
+    # measured peer of their format, whatever they claim, so they are tried next
+    speeds = believed_speeds(records, {"liar": 0.05})
+    assert speeds["liar"] == 0.05 and speeds["a"] == speeds["b"] == speeds["nf4"] == pytest.approx(EXPLORE * 0.05)
+    assert plan_route(records, MODEL, 4, speeds=speeds)[0].peer_id != "liar"
+    # measured: ranked by what they deliver
+    speeds = believed_speeds(records, {"liar": 0.05, "a": 0.001, "b": 0.002})
+    assert speeds["nf4"] == pytest.approx(EXPLORE * 0.002)  # the median measured peer of any format
+    assert spans(plan_route(records, MODEL, 4, speeds=speeds, formats=["float32"])) == [("a", 0, 4)]
+
+
+def test_standing_makes_suspects_and_new_peers_cost_more_than_trusted_ones():
+    rates = AuditRates()
+    costs = {s: standing_cost(s, rates) for s in (Status.TRUSTED, Status.ACTIVE, Status.PROBATION, Status.SUSPECT)}
+    assert costs[Status.TRUSTED] < costs[Status.ACTIVE] < costs[Status.PROBATION] < costs[Status.SUSPECT]
+    assert costs[Status.PROBATION] == pytest.approx(1.25) and costs[Status.SUSPECT] == pytest.approx(3.0)
+    assert standing_cost(Status.ACTIVE, rates, strict=True) == 2.0  # strict re-runs every unchecked session
+    records = [rec("new", 0, 4), rec("old", 0, 4)]
+    same = {"new": 0.01, "old": 0.01}
+    standing = {"new": costs[Status.PROBATION], "old": costs[Status.TRUSTED]}
+    assert spans(plan_route(records, MODEL, 4, speeds=same, standing=standing)) == [("old", 0, 4)]
+    # ... unless the new one is enough faster to pay for it
+    faster = {"new": 0.001, "old": 0.01}
+    assert spans(plan_route(records, MODEL, 4, speeds=faster, standing=standing)) == [("new", 0, 4)]

@@ -10,7 +10,7 @@ import torch
 
 from verify.compare import THRESHOLDS, compare, token_errors
 from verify.policy import AuditRates, SamplingPolicy, detection_probability
-from verify.reputation import ReputationBook, ReputationRules, Status, Verdict
+from verify.reputation import ReputationBook, ReputationRules, Status, Verdict, identity_signals
 
 
 def _block(x: torch.Tensor, seed: int = 0) -> torch.Tensor:
@@ -180,3 +180,35 @@ def test_simulated_one_percent_cheater_detection_follows_the_formula():
         observed = sum(d <= n for d in detect_at) / trials
         sigma = math.sqrt(expected * (1 - expected) / trials)
         assert abs(observed - expected) < 4 * sigma + 1e-9, (n, observed, expected)
+
+
+def test_identity_signals_name_what_an_operator_keeps():
+    signals = identity_signals(["/ip4/81.2.69.142/tcp/31337/p2p/QmA", "/ip4/127.0.0.1/tcp/4001",
+                                "/ip6/2a00:1450:4001:81a::200e/tcp/1", "/dns4/Peer.Example.org/tcp/1",
+                                "/ip4/81.2.69.1/tcp/1/p2p/QmRelay/p2p-circuit"], " Alice ")
+    assert signals == {"net4:81.2.69", "addr:127.0.0.1:4001", "net6:2a00:1450:4001", "dns:peer.example.org",
+                       "name:alice"}
+    assert identity_signals(["/ip4/10.0.0.5/tcp/7"]) == {"addr:10.0.0.5:7"}  # private: exactly, port and all
+
+
+def test_a_banned_operators_new_identity_starts_as_a_suspect():
+    book = ReputationBook(ReputationRules())
+    liar = identity_signals(["/ip4/81.2.69.142/tcp/31337"], "mallory")
+    book.observe("old", liar)
+    assert book.record("old", Verdict.GROSS_FAIL) == Status.BANNED
+    # same /24, another port and name; the same name elsewhere; an unrelated newcomer
+    assert book.observe("new", identity_signals(["/ip4/81.2.69.7/tcp/1"], "bob")) == Status.SUSPECT
+    assert book.entry("new").linked_to == "old"
+    assert book.observe("renamed", identity_signals(["/ip4/5.6.7.8/tcp/1"], "Mallory")) == Status.SUSPECT
+    assert book.observe("stranger", identity_signals(["/ip4/5.6.9.8/tcp/1"], "carol")) == Status.PROBATION
+    assert book.related("new", "old") and not book.related("stranger", "old")
+    # a peer the book already knows is not re-labelled by its neighbours
+    book.record("known", Verdict.PASS)
+    assert book.observe("known", liar) == Status.PROBATION
+
+
+def test_new_identities_are_audited_every_session_until_they_passed_enough():
+    policy = SamplingPolicy(AuditRates(first_sessions=3), random.Random(0))
+    assert all(policy.should_audit(Status.PROBATION, passes) for passes in (0, 1, 2) for _ in range(50))
+    assert sum(policy.should_audit(Status.PROBATION, 3) for _ in range(4000)) < 1200  # then 25 %
+    assert not any(SamplingPolicy(AuditRates.never()).should_audit(Status.PROBATION, 0) for _ in range(50))

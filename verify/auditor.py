@@ -1,11 +1,14 @@
 """The auditor: re-runs a span a peer served on another peer serving the same blocks, and judges.
 
 Network access is injected (it never imports ``client``): ``candidates(start, end, dtype, quant, exclude)``
-lists peers that could re-run [start, end) in that format (peers of other formats compute other
-numbers and are never judged against each other), and ``replay(peer_id, start, end, hidden,
-position_ids, mask)`` runs the whole prefix on a peer as one stateless forward (the ordinary
-forward RPC, so the re-running peer cannot tell an audit from any other request; the audited peer
-never hears of it). A disagreement goes to a third peer (2 of 3); no majority penalises nobody.
+lists checkers that could re-run [start, end) in that format (peers of other formats compute other
+numbers and are never judged against each other): a checker is one peer serving the whole span or,
+when no other peer does, a chain of peers that split it differently (``((peer, a, b), (peer, b, c))``),
+so a peer alone on its range is still checkable. ``replay(checker, hidden, position_ids, mask)`` runs
+the whole prefix through the checker as stateless forwards (the ordinary forward RPC, so the re-running
+peers cannot tell an audit from any other request; the audited peer never hears of it). A
+disagreement goes to a referee (2 of 3); no majority penalises nobody. Checkers and referees are
+never related to the audited peer (``related``: a shared address or name).
 """
 
 from __future__ import annotations
@@ -45,24 +48,44 @@ class AuditResult:
     checker: str | None = None
     referee: str | None = None
     comparison: Comparison | None = None
+    start: int = -1  # the audited span's blocks
+    end: int = -1
+    reason: str = ""  # why an audit could not judge (IMPOSSIBLE): NO_CHECKER or LOST_OUTPUTS
 
 
-Candidates = Callable[[int, int, str, str, frozenset[str]], list[str]]
-Replay = Callable[[str, int, int, torch.Tensor, torch.Tensor, "torch.Tensor | None"], Awaitable[torch.Tensor]]
+NO_CHECKER = "no other peer of this format serves these blocks"
+LOST_OUTPUTS = "outputs the peer named could not be fetched"
+
+
+Checker = tuple[tuple[str, int, int], ...]  # (peer, start, end) hops that together re-run a span
+Candidates = Callable[[int, int, str, str, frozenset[str]], list[Checker]]
+Replay = Callable[[Checker, torch.Tensor, torch.Tensor, "torch.Tensor | None"], Awaitable[torch.Tensor]]
+
+
+def _peers(checker: Checker) -> tuple[str, ...]:
+    return tuple(peer for peer, _, _ in checker)
+
+
+def _name(checker: Checker) -> str:
+    return "+".join(_peers(checker))
 Publish = Callable[[AuditResult, ServedSpan], Awaitable[None]]
 
 
 class Auditor:
     def __init__(self, book: ReputationBook, policy: SamplingPolicy, candidates: Candidates, replay: Replay,
-                 replay_errors: tuple[type[BaseException], ...] = (), publish: Publish | None = None):
+                 replay_errors: tuple[type[BaseException], ...] = (), publish: Publish | None = None,
+                 related: Callable[[str, str], bool] = lambda a, b: False):
         self.book, self.policy, self.candidates, self.replay = book, policy, candidates, replay
+        self.related = related  # peers that may be one operator (same address, /24 or name): never judge each other
         self.publish = publish  # where conclusive verdicts are published (signed), if anywhere
         self.replay_errors = replay_errors  # a re-running peer that fails this way is skipped, not judged
         self.results: list[AuditResult] = []
 
     def sampled(self, span: ServedSpan) -> bool:
         """Decide, after the peer has answered, whether to audit this span."""
-        return bool(span.hidden) and self.policy.should_audit(self.book.status(span.peer_id))
+        entry = self.book.entries.get(span.peer_id)
+        return bool(span.hidden) and self.policy.should_audit(self.book.status(span.peer_id),
+                                                              entry.passes if entry else 0)
 
     async def audit(self, span: ServedSpan) -> AuditResult:
         result = await self._judge(span)
@@ -77,28 +100,38 @@ class Auditor:
         mask_tail = None if span.mask is None else span.mask[:, -x.shape[1]:]
         checker, y_b = await self._run_elsewhere(span, x, positions, {span.peer_id})
         if checker is None:
-            return self._finish(AuditResult(span.peer_id, Verdict.IMPOSSIBLE), span)
+            return self._finish(AuditResult(span.peer_id, Verdict.IMPOSSIBLE, reason=NO_CHECKER), span)
         first = compare(x, y_a, y_b, span.dtype, span.dtype, mask_tail)
         if first.agree:
-            return self._finish(AuditResult(span.peer_id, Verdict.PASS, checker, comparison=first), span)
-        referee, y_c = await self._run_elsewhere(span, x, positions, {span.peer_id, checker})
+            return self._finish(AuditResult(span.peer_id, Verdict.PASS, _name(checker), comparison=first), span)
+        referee, y_c = await self._run_elsewhere(span, x, positions, {span.peer_id, *_peers(checker)})
         if referee is None:
-            self.book.record(checker, Verdict.INCONCLUSIVE)
-            return self._finish(AuditResult(span.peer_id, Verdict.INCONCLUSIVE, checker, comparison=first), span)
+            self._record(checker, Verdict.INCONCLUSIVE)
+            return self._finish(AuditResult(span.peer_id, Verdict.INCONCLUSIVE, _name(checker), comparison=first),
+                                span)
         a_vs_c = compare(x, y_a, y_c, span.dtype, span.dtype, mask_tail)
         b_vs_c = compare(x, y_b, y_c, span.dtype, span.dtype, mask_tail)
         if not a_vs_c.agree and b_vs_c.agree:
             verdict = Verdict.GROSS_FAIL if a_vs_c.gross else Verdict.FAIL
-            self.book.record(checker, Verdict.PASS)
-            return self._finish(AuditResult(span.peer_id, verdict, checker, referee, a_vs_c), span)
+            self._record(checker, Verdict.PASS)
+            return self._finish(AuditResult(span.peer_id, verdict, _name(checker), _name(referee), a_vs_c), span)
         if a_vs_c.agree and not b_vs_c.agree:  # the checker lied (or is broken): it pays, not the primary
-            self.book.record(checker, Verdict.GROSS_FAIL if b_vs_c.gross else Verdict.FAIL)
-            self.results.append(AuditResult(checker, Verdict.FAIL, span.peer_id, referee, b_vs_c))
-            return self._finish(AuditResult(span.peer_id, Verdict.PASS, checker, referee, a_vs_c), span)
-        self.book.record(checker, Verdict.INCONCLUSIVE)
-        return self._finish(AuditResult(span.peer_id, Verdict.INCONCLUSIVE, checker, referee, a_vs_c), span)
+            if len(checker) == 1:
+                self.book.record(checker[0][0], Verdict.GROSS_FAIL if b_vs_c.gross else Verdict.FAIL)
+                self.results.append(AuditResult(checker[0][0], Verdict.FAIL, span.peer_id, _name(referee), b_vs_c))
+            else:  # one of a chain lied and we cannot tell which: all of them become suspects
+                self._record(checker, Verdict.INCONCLUSIVE)
+            return self._finish(AuditResult(span.peer_id, Verdict.PASS, _name(checker), _name(referee), a_vs_c), span)
+        self._record(checker, Verdict.INCONCLUSIVE)
+        return self._finish(AuditResult(span.peer_id, Verdict.INCONCLUSIVE, _name(checker), _name(referee), a_vs_c),
+                            span)
+
+    def _record(self, checker: Checker, verdict: Verdict) -> None:
+        for peer in _peers(checker):
+            self.book.record(peer, verdict)
 
     def _finish(self, result: AuditResult, span: ServedSpan) -> AuditResult:
+        result = dataclasses.replace(result, start=span.start, end=span.end)
         self.book.record(result.peer_id, result.verdict)
         self.results.append(result)
         log = logger.warning if result.verdict in (Verdict.FAIL, Verdict.GROSS_FAIL) else logger.info
@@ -107,18 +140,21 @@ class Auditor:
         return result
 
     async def _run_elsewhere(self, span: ServedSpan, x: torch.Tensor, positions: torch.Tensor,
-                             exclude: Iterable[str]) -> tuple[str | None, torch.Tensor | None]:
-        """Re-run the prefix on a randomly chosen, non-banned peer of the same format (trying others if
-        one fails to answer)."""
+                             exclude: Iterable[str]) -> tuple[Checker | None, torch.Tensor | None]:
+        """Re-run the prefix on a randomly chosen checker of the same format, none of whose peers is
+        banned or related to an excluded one (trying others if one fails to answer)."""
+        exclude = set(exclude)
         excluded = set(exclude)
         while True:
-            options = [p for p in self.candidates(span.start, span.end, span.dtype, span.quant, frozenset(excluded))
-                       if self.book.status(p) != Status.BANNED]
+            options = [c for c in self.candidates(span.start, span.end, span.dtype, span.quant, frozenset(excluded))
+                       if all(self.book.status(p) != Status.BANNED and p not in excluded
+                              and not any(self.related(p, q) for q in exclude) for p in _peers(c))]
             if not options:
                 return None, None
-            peer = self.policy.pick(options)
+            checker = self.policy.pick(options)
             try:
-                return peer, await self.replay(peer, span.start, span.end, x, positions, span.mask)
+                return checker, await self.replay(checker, x, positions, span.mask)
             except self.replay_errors as e:
-                logger.info("audit replay on %s failed (%s); trying another peer", peer, e)
-                excluded.add(peer)
+                failed = getattr(e, "peer_id", None)
+                logger.info("audit replay on %s failed (%s); trying another checker", _name(checker), e)
+                excluded.update([failed] if failed in _peers(checker) else _peers(checker))

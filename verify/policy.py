@@ -18,6 +18,7 @@ class AuditRates:
     active: float = 0.05
     trusted: float = 0.02  # the floor: never zero
     suspect: float = 1.0
+    first_sessions: int = 10  # a new identity's first sessions (until this many audits passed) are all audited
 
     def for_status(self, status: Status) -> float:
         return {Status.PROBATION: self.probation, Status.ACTIVE: self.active, Status.TRUSTED: self.trusted,
@@ -28,16 +29,36 @@ class AuditRates:
         """Audit everything (tests, demos, high-stakes clients)."""
         return cls(1.0, 1.0, 1.0, 1.0)
 
+    @classmethod
+    def never(cls) -> "AuditRates":
+        """Audit nothing (benchmarks' baselines only: a real client never stops auditing)."""
+        return cls(0.0, 0.0, 0.0, 0.0, first_sessions=0)
+
+
+def standing_cost(status: Status, rates: AuditRates, strict: bool = False) -> float:
+    """How much more a route pays for a hop through a peer of this standing than through a trusted one
+    of the same speed (a factor on the hop's expected seconds): each session it serves is re-run on
+    another peer at its audit rate (load on the swarm; in strict mode every session of a peer that is
+    not trusted, and the client waits for it), and a suspect's answers are the likeliest to be thrown
+    away and generated again (+1)."""
+    rate = 1.0 if strict and status != Status.TRUSTED else rates.for_status(status)
+    return 1.0 + rate + (1.0 if status == Status.SUSPECT else 0.0)
+
 
 class SamplingPolicy:
     def __init__(self, rates: AuditRates = AuditRates(), rng: random.Random | None = None):
         self.rates = rates
         self._rng = rng or random.SystemRandom()
 
-    def should_audit(self, status: Status) -> bool:
+    def should_audit(self, status: Status, passes: int | None = None) -> bool:
+        """Draw for one session of a peer of this standing; ``passes``: audits it has passed so far (a
+        new identity on probation is audited every time until it passed ``first_sessions``)."""
+        if status == Status.PROBATION and passes is not None and passes < self.rates.first_sessions:
+            return True
         return self._rng.random() < self.rates.for_status(status)
 
-    def pick(self, candidates: list[str]) -> str:
+    def pick(self, candidates: list):
+        """One of ``candidates`` (peer ids or checkers), at random (sorted first: a seeded rng repeats)."""
         return self._rng.choice(sorted(candidates))
 
 

@@ -6,16 +6,21 @@ prior Beta(1, 2) (r=0, s=1: new identities start distrusted). Score T = (r+1)/(r
 Pass: r += 1. Confirmed fail: s += 10 and the peer becomes a suspect. Ban on a gross confirmed
 fail, on a fail during probation, on 2 confirmed fails within a week, or when T < 0.2; the k-th ban
 lasts ban_base * 2^(k-1).
+
+Identities are free, so a banned operator comes back as a new one. What it keeps is harder to change:
+its addresses and its public name (``identity_signals``). A new identity that shares one with a banned
+peer starts as a suspect (audited every session, costlier to route through), not fresh on probation.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import enum
+import ipaddress
 import json
 import os
 import time
-from typing import Callable
+from typing import Callable, Iterable
 
 
 class Status(str, enum.Enum):
@@ -43,6 +48,8 @@ class Entry:
     suspect_left: int = 0  # sessions still audited at the suspect rate
     bans: int = 0
     banned_until: float = 0.0
+    signals: list[str] = dataclasses.field(default_factory=list)  # kept once banned: who may come back as whom
+    linked_to: str = ""  # the banned peer this identity shares an address or name with, if it started so
 
     @property
     def score(self) -> float:
@@ -63,12 +70,59 @@ class ReputationRules:
     permanent_after: int = 3
 
 
+def identity_signals(maddrs: Iterable[str], public_name: str = "") -> frozenset[str]:
+    """What an operator keeps when it makes a new identity: the networks it announces (a public IPv4 /24,
+    a public IPv6 /48; a loopback or private address exactly, with its port, since many honest peers
+    share those networks) and its public name. Relay addresses say nothing about the peer behind them."""
+    signals = set()
+    for maddr in maddrs:
+        parts = maddr.split("/")
+        if "p2p-circuit" in parts or len(parts) < 3:
+            continue
+        proto, host = parts[1], parts[2]
+        port = parts[4] if len(parts) > 4 else ""
+        if proto in ("dns", "dns4", "dns6"):
+            signals.add(f"dns:{host.lower()}")
+            continue
+        try:
+            ip = ipaddress.ip_address(host)
+        except ValueError:
+            continue
+        if not ip.is_global:
+            signals.add(f"addr:{host}:{port}")
+        elif ip.version == 4:
+            signals.add("net4:" + ".".join(host.split(".")[:3]))
+        else:
+            signals.add("net6:" + ":".join(ip.exploded.split(":")[:3]))
+    name = public_name.strip().lower()
+    if name:
+        signals.add(f"name:{name}")
+    return frozenset(signals)
+
+
 class ReputationBook:
     def __init__(self, rules: ReputationRules = ReputationRules(), clock: Callable[[], float] = time.time):
         self.rules = rules
         self._clock = clock
         self.entries: dict[str, Entry] = {}
         self.log: list[tuple[float, str, str]] = []  # (time, peer, verdict)
+        self.signals: dict[str, frozenset[str]] = {}  # peer -> identity_signals as last announced
+
+    def observe(self, peer_id: str, signals: frozenset[str]) -> Status:
+        """A peer announced itself with these signals. A new identity sharing one with a banned peer
+        starts as a suspect."""
+        self.signals[peer_id] = signals
+        if peer_id not in self.entries and signals:
+            now = self._clock()
+            for other, e in self.entries.items():
+                if e.banned_until > now and signals & set(e.signals):
+                    self.entries[peer_id] = Entry(suspect_left=self.rules.suspect_sessions, linked_to=other)
+                    break
+        return self.status(peer_id)
+
+    def related(self, a: str, b: str) -> bool:
+        """Whether two peers share an address or a name (possibly one operator)."""
+        return bool(self.signals.get(a, frozenset()) & self.signals.get(b, frozenset()))
 
     def entry(self, peer_id: str) -> Entry:
         return self.entries.setdefault(peer_id, Entry())
@@ -118,6 +172,7 @@ class ReputationBook:
             e.bans += 1
             duration = float("inf") if e.bans >= rules.permanent_after else rules.ban_base * 2 ** (e.bans - 1)
             e.banned_until = now + duration
+            e.signals = sorted(set(e.signals) | self.signals.get(peer_id, frozenset()))
         return self.status(peer_id)
 
     # ---- persistence (the client keeps its book across runs) ----------------------------------------
