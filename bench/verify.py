@@ -74,7 +74,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--trials", type=int, default=5)
     parser.add_argument("--max-sessions", type=int, default=100)
-    parser.add_argument("--overhead-sessions", type=int, default=20)
+    parser.add_argument("--overhead-sessions", type=int, default=30)
     args = parser.parse_args()
     path = checkpoints.tiny("llama", tempfile.mkdtemp(prefix="bench-verify-"))
     local = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).eval()
@@ -102,12 +102,19 @@ def main() -> None:
                  "strict": _client(path, dht.maddrs, verify_mode="strict")}
         latency: dict[str, list[float]] = {name: [] for name in modes}
         try:
+            for s in range(3):  # warm-up: each client measures the peers and settles on its routes
+                for model in modes.values():
+                    _session(model, 10**5 + s)
+                    model.swarm.wait_audits()
+            audits_before = {name: len(model.swarm.core.auditor.results) for name, model in modes.items()}
+            order = list(modes)
             for s in range(args.overhead_sessions):
-                for name, model in modes.items():
-                    latency[name].append(_session(model, s)[0])
+                for name in order[s % 3:] + order[:s % 3]:  # rotated: no client always follows the same one
+                    latency[name].append(_session(modes[name], s)[0])
             for model in modes.values():
                 model.swarm.wait_audits()
-            replays = {name: len(model.swarm.core.auditor.results) for name, model in modes.items()}
+            replays = {name: len(model.swarm.core.auditor.results) - audits_before[name]
+                       for name, model in modes.items()}
         finally:
             for model in modes.values():
                 model.swarm.shutdown()

@@ -333,3 +333,43 @@ def test_the_api_command_with_a_key(api, chat_checkpoint):
         assert reply.choices[0].message.content == expected
     finally:
         proc.stop()
+
+
+def test_a_generation_that_starts_over_answers_with_its_last_attempt_only(chat_checkpoint):
+    """verify_mode redo/strict: generate() may throw its text away after the audits and start again; the
+    API holds text back until generate() returns, and starts its decoders over with it."""
+    import asyncio
+    import types
+
+    import torch
+
+    from api.core import SamplingParams
+
+    tokenizer = AutoTokenizer.from_pretrained(chat_checkpoint)
+    lie, checked = (tokenizer(t, add_special_tokens=False)["input_ids"] for t in (" a lie told", " the checked text"))
+
+    class StartsOver:
+        swarm = types.SimpleNamespace(cfg=types.SimpleNamespace(verify_mode="strict"))
+        generation_config = types.SimpleNamespace(eos_token_id=tokenizer.eos_token_id)
+
+        def generate(self, ids, stopping_criteria, **kwargs):
+            for attempt in (lie, checked):  # the first attempt was served by a liar
+                seq = ids
+                for token in attempt:
+                    seq = torch.cat([seq, torch.full((ids.shape[0], 1), token)], dim=1)
+                    stopping_criteria[0](seq, None)
+            return seq
+
+    engine = Engine(StartsOver(), tokenizer, max_concurrency=1)
+
+    async def collect():
+        params = SamplingParams(max_tokens=32, temperature=0.0, top_p=1.0, stop=(), seed=None, n=1)
+        return [item async for item in engine.generate([1, 2, 3], params)]
+
+    try:
+        items = asyncio.run(collect())
+    finally:
+        engine.close()
+    text = "".join(getattr(item, "text", "") or "" for item in items)
+    assert text == tokenizer.decode(checked, skip_special_tokens=True, clean_up_tokenization_spaces=False)
+    assert items[-1].completion_tokens == len(checked)
