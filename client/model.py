@@ -131,6 +131,25 @@ def _final_norm(base: nn.Module, blocks_name: str) -> str:
     return stages[-1]
 
 
+class _ThroughSwarm(torch.autograd.Function):
+    """The swarm's blocks as one differentiable function of the hidden states: forward through peers that
+    serve backward passes, backward sends the output gradient back along the same route (each peer
+    recomputes its blocks and returns the input gradient; the weights on the peers stay frozen)."""
+
+    @staticmethod
+    def forward(ctx, hidden: torch.Tensor, position_ids: torch.Tensor, mask: torch.Tensor | None,
+                swarm: RemoteSwarm) -> torch.Tensor:
+        out, spans = swarm.forward_for_training(hidden.detach(), position_ids, mask)
+        ctx.swarm, ctx.spans, ctx.position_ids, ctx.mask = swarm, spans, position_ids, mask
+        ctx.dtype = hidden.dtype
+        return out.to(hidden.dtype)
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor):
+        grad_in = ctx.swarm.backward(ctx.spans, grad.contiguous(), ctx.position_ids, ctx.mask)
+        return grad_in.to(ctx.dtype), None, None, None
+
+
 def attach_swarm(model: nn.Module, swarm: RemoteSwarm) -> None:
     """Make ``model``'s base model (loaded with no blocks) run its blocks through ``swarm``."""
     base = model.base_model
@@ -143,8 +162,14 @@ def attach_swarm(model: nn.Module, swarm: RemoteSwarm) -> None:
         if not call.active:
             raise RuntimeError("the final norm ran outside the model's forward: the swarm was not asked")
         hidden = args[0]  # (batch, seq, hidden) after the family's embedding stage
+        training = torch.is_grad_enabled() and hidden.requires_grad
         if call.session is not None:
+            if training:
+                raise RuntimeError("gradients cannot flow through an inference session (its KV caches live on "
+                                   "the peers): call the model without past_key_values, or under torch.no_grad()")
             out = call.session.step(hidden.float(), call.position_ids, call.attention_mask, need_last=call.keep_last)
+        elif training:  # loss.backward() will send the gradient back along the same route
+            out = _ThroughSwarm.apply(hidden.float(), call.position_ids, call.attention_mask, swarm)
         else:
             out = swarm.forward(hidden.float(), call.position_ids, call.attention_mask)
         return (out.to(hidden.device, hidden.dtype), *args[1:])

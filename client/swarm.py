@@ -280,18 +280,21 @@ class SwarmCore:
         self.rtts[record.peer_id] = rtt if old is None else 0.8 * old + 0.2 * rtt
 
     async def plan(self, start: int = 0, end: int | None = None, *, exclude: frozenset[str] = frozenset(),
-                   cache_tokens_needed: int = 0, wait: bool = True, formats: tuple[str, ...] | None = None
-                   ) -> list[Hop]:
+                   cache_tokens_needed: int = 0, wait: bool = True, formats: tuple[str, ...] | None = None,
+                   needs_backward: bool = False) -> list[Hop]:
         """A route over [start, end) avoiding banned, unreachable and excluded peers; waits up to
         route_timeout (if ``wait``) for peers to cover missing blocks. Uses the background-refreshed
         snapshot when it is recent, so failover does not wait on the DHT. ``formats`` (default: the
-        client's) limits the peers' formats; with neither, one format is chosen (``routing.choose_format``)."""
+        client's) limits the peers' formats; with neither, one format is chosen (``routing.choose_format``).
+        ``needs_backward``: only peers whose record says they serve backward passes."""
         began = time.monotonic()
         fresh_enough = 2 * self.cfg.refresh_period  # the background loop keeps the snapshot this fresh
         if time.monotonic() - self.records_at > fresh_enough:
             await self._refresh_or_keep()
         while True:
             avoid = exclude | self.bans.banned() | self.unreachable | self.book.banned()
+            if needs_backward:
+                avoid = avoid | {r.peer_id for r in self.records if not r.backward}
             allowed = formats or self.cfg.formats or (routing.choose_format(
                 self.records, self.cfg.model_id, self.cfg.num_blocks, banned=avoid, start=start, end=end),)
             try:
@@ -305,6 +308,10 @@ class SwarmCore:
             except MissingBlocksError as e:
                 waited = time.monotonic() - began
                 if not wait or waited > self.cfg.route_timeout:
+                    if needs_backward:
+                        raise SwarmError(f"no peer that serves backward passes covers blocks {e.missing} (peers "
+                                         f"started with --no-backward, or older ones, do not): gradients through "
+                                         f"the swarm need them") from None
                     raise MissingBlocksError(e.model_id, e.missing, e.num_blocks, waited, e.formats, e.others) from None
             await asyncio.sleep(0.5)
             await self.refresh()  # peers may have joined meanwhile
@@ -402,6 +409,70 @@ class SwarmCore:
         finally:
             await core._close_hops(core.hops)
 
+    async def backward(self, spans: list[tuple[Hop, torch.Tensor]], grad: torch.Tensor, position_ids: torch.Tensor,
+                       mask: torch.Tensor | None) -> torch.Tensor:
+        """The gradient of a loss with respect to the inputs of a training forward, given the gradient with
+        respect to its output: back along the route (``spans``: each hop and the inputs it was sent)."""
+        for hop, inputs in reversed(spans):
+            grad = await self._backward_span(hop, inputs, grad.to(inputs.dtype), position_ids, mask)
+        return grad
+
+    async def _backward_span(self, hop: Hop, inputs: torch.Tensor, grad: torch.Tensor, position_ids: torch.Tensor,
+                             mask: torch.Tensor | None) -> torch.Tensor:
+        """One hop's backward; if its peer fails, another route over its blocks (any split, same format,
+        peers that serve backward passes) recomputes it: forward through all but its last hop for their
+        inputs, then backward through each."""
+        skip: set[str] = set()
+        last: PeerError | None = None
+        route = [hop]
+        for _ in range(self.cfg.max_retries + 1):
+            try:
+                if route is None:
+                    route = await self.plan(hop.start, hop.end, exclude=frozenset(skip), formats=(hop.format,),
+                                            needs_backward=True)
+                xs = [inputs]
+                for h in route[:-1]:
+                    xs.append((await self.forward_on(h, xs[-1], position_ids, mask)).to(inputs.dtype))
+                g = grad
+                for h, x in reversed(list(zip(route, xs))):
+                    g = await self._backward_call(h, x, g, position_ids, mask)
+                return g
+            except PeerError as e:
+                if not e.recoverable:
+                    raise
+                skip.add(e.peer_id)
+                if e.code not in _NOT_A_FAULT and e.code != wire.ErrorCode.NO_BACKWARD.value:
+                    self.mark_failed(e.peer_id, e)
+                last, route = e, None
+        raise SwarmError(f"gave up on the backward of blocks [{hop.start}, {hop.end}) after "
+                         f"{self.cfg.max_retries + 1} attempts; last error: {last}")
+
+    async def _backward_call(self, hop: Hop, inputs: torch.Tensor, grad: torch.Tensor, position_ids: torch.Tensor,
+                             mask: torch.Tensor | None) -> torch.Tensor:
+        batch, tokens, hidden = inputs.shape
+        chunk = self.cfg.max_chunk_tokens or max(1, wire.chunk_tokens(batch, hidden, inputs.element_size()) // 2)
+        await self.transport.connect(hop.peer_id, hop.maddrs)
+        stream = await self.transport.open_stream(hop.peer_id, wire.RPC_BACKWARD)
+        try:
+            begins = list(range(0, tokens, chunk))
+            for begin in begins:
+                meta = {"op": "backward", "start": hop.start, "end": hop.end, "offset": begin, "total": tokens}
+                part = [inputs[:, begin:begin + chunk], grad[:, begin:begin + chunk], position_ids[:, begin:begin + chunk]]
+                stream.send(meta, part + ([mask] if begin == 0 and mask is not None else []))
+            parts = []
+            for begin in begins:
+                _, tensors = await stream.receive(self.step_timeout(batch * tokens))
+                want = (batch, min(chunk, tokens - begin), hidden)
+                if len(tensors) != 1 or tuple(tensors[0].shape) != want:
+                    raise PeerError(hop.peer_id, f"answered a backward chunk with {[tuple(t.shape) for t in tensors]}, "
+                                                 f"expected {want}")
+                if not torch.isfinite(tensors[0]).all():
+                    raise PeerError(hop.peer_id, "returned a NaN or infinite gradient")
+                parts.append(tensors[0])
+            return torch.cat(parts, dim=1)
+        finally:
+            await stream.close()
+
     def submit_audits(self, spans: list[ServedSpan], *, sampled: bool = False,
                       after: asyncio.Future | None = None) -> list[asyncio.Task]:
         """Audit the spans the sampling policy draws (all of them if ``sampled``: already drawn), once
@@ -489,8 +560,10 @@ class SessionCore:
     each hop's inputs, so when a peer dies or hangs, a replacement (one peer or several, split any
     way) rebuilds the cache by replaying them step by step — the same computation, so the same bits."""
 
-    def __init__(self, swarm: SwarmCore, batch_size: int, max_length: int, *, rpc: str = wire.RPC_INFERENCE):
+    def __init__(self, swarm: SwarmCore, batch_size: int, max_length: int, *, rpc: str = wire.RPC_INFERENCE,
+                 needs_backward: bool = False):
         self.swarm, self.batch_size, self.max_length, self.rpc = swarm, batch_size, max_length, rpc
+        self.needs_backward = needs_backward  # a training forward: only peers that can also run its backward
         self.hops: list[HopSession] = []
         self.position = 0  # tokens every hop holds
         self.rewind = False  # the next step rewrites from ``position`` (tokens after it were rolled back)
@@ -518,7 +591,8 @@ class SessionCore:
             try:
                 route = await self.swarm.plan(start, end, exclude=frozenset(skip),
                                               cache_tokens_needed=self.batch_size * self.max_length,
-                                              wait=not (last and isinstance(last, PeerBusy)), formats=self.formats)
+                                              wait=not (last and isinstance(last, PeerBusy)), formats=self.formats,
+                                              needs_backward=self.needs_backward)
             except MissingBlocksError:
                 if isinstance(last, PeerBusy):
                     raise last from None  # nobody else can take it: the busy error is the useful one
@@ -959,6 +1033,26 @@ class RemoteSwarm:
             return await core.step(hidden, position_ids, attention_mask)
         finally:
             await core.close()
+
+    def forward_for_training(self, hidden: torch.Tensor, position_ids: torch.Tensor,
+                             attention_mask: torch.Tensor | None) -> tuple[torch.Tensor, list[tuple[Hop, torch.Tensor]]]:
+        """A stateless forward through peers that also serve backward passes: (output, each hop and the
+        inputs it was sent, for ``backward``)."""
+        return self.loop.run(self._forward_for_training(hidden, position_ids, attention_mask))
+
+    async def _forward_for_training(self, hidden, position_ids, attention_mask):
+        core = SessionCore(self.core, hidden.shape[0], hidden.shape[1], rpc=wire.RPC_FORWARD, needs_backward=True)
+        await core.open()
+        try:
+            out = await core.step(hidden, position_ids, attention_mask)
+        finally:
+            await core.close()
+        return out, [(h.hop, torch.cat([x.hidden for x in h.history], dim=1)) for h in core.hops]
+
+    def backward(self, spans: list[tuple[Hop, torch.Tensor]], grad: torch.Tensor, position_ids: torch.Tensor,
+                 attention_mask: torch.Tensor | None) -> torch.Tensor:
+        """The gradient with respect to a training forward's inputs (see SwarmCore.backward)."""
+        return self.loop.run(self.core.backward(spans, grad, position_ids, attention_mask))
 
     def route(self) -> list[Hop]:
         return self.loop.run(self.core.plan())

@@ -62,6 +62,7 @@ class PeerRecord:
     model_type: str = ""  # the transformers family ('llama', 'mixtral', 'bloom', …; "" = not said)
     num_parameters: int = 0  # parameters the peer holds for its blocks (0 = not said)
     quant: str = "none"  # weight format of its blocks ("none" also for older peers, which had no other)
+    backward: bool = False  # serves the backward RPC (fine-tuning through the swarm); older peers do not
 
     def __post_init__(self) -> None:
         _check_model_id(self.model_id)
@@ -124,6 +125,7 @@ def encode(record: PeerRecord) -> dict[str, Any]:
         "model_type": record.model_type,
         "num_parameters": int(record.num_parameters),
         "quant": record.quant,
+        "backward": record.backward,
     }
 
 
@@ -177,6 +179,7 @@ def decode(obj: Any) -> PeerRecord:
         model_type=_field(obj, "model_type", str, ""),
         num_parameters=_field(obj, "num_parameters", int, 0),
         quant=_field(obj, "quant", str, "none"),
+        backward=_field(obj, "backward", bool, False),
     )
 
 

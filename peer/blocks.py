@@ -134,6 +134,23 @@ class BlockRunner:
         """Run blocks [cache.start, cache.end) on new tokens, appending their keys/values to ``cache``."""
         return self.run_view(self._view(cache.start, cache.end), hidden, position_ids, attention_mask, cache)
 
+    def backward(self, hidden: torch.Tensor, position_ids: torch.Tensor, attention_mask: torch.Tensor | None,
+                 grad_output: torch.Tensor, start: int | None = None, end: int | None = None) -> torch.Tensor:
+        """The gradient of blocks [start, end)'s output with respect to their input ``hidden``, given the
+        gradient of a loss with respect to that output (weights frozen; the forward is recomputed here
+        and nothing is kept): (batch, seq, hidden) in ``grad_output``'s dtype."""
+        view = self._view(self.start if start is None else start, self.end if end is None else end)
+        with torch.enable_grad():
+            x = hidden.to(self.device, self.dtype).detach().requires_grad_(True)
+            self._entry = x
+            try:
+                out = view(inputs_embeds=x, attention_mask=None if attention_mask is None else attention_mask.to(self.device),
+                           position_ids=position_ids.to(self.device), use_cache=False).last_hidden_state
+            finally:
+                self._entry = None
+            (grad,) = torch.autograd.grad(out, x, grad_output.to(self.device, out.dtype))
+        return grad.to(grad_output.dtype)
+
     @torch.inference_mode()
     def run_view(self, view: nn.Module, hidden, position_ids, attention_mask, cache) -> torch.Tensor:
         """Run ``view`` (a ``_view`` of this runner) on new tokens with ``cache``: (batch, seq, hidden)."""

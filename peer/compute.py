@@ -85,6 +85,10 @@ class ComputeOwner:
                 self._start(loop)
         return await job.future
 
+    async def call(self, fn, *args):
+        """Run ``fn(*args)`` on the compute thread (after what it is running; e.g. a backward pass)."""
+        return await asyncio.get_running_loop().run_in_executor(self._executor, fn, *args)
+
     def forget(self, cache) -> None:
         """The session of ``cache`` has ended: no step of it is to be waited for."""
         self._last_decode.pop(id(cache), None)

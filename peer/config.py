@@ -25,6 +25,8 @@ class PeerConfig:
     maddr_file: str | None = None
     cache_tokens: int = 16384  # KV-cache budget, tokens per block, all sessions together
     prefix_cache: bool = True  # keep finished sessions' histories (within the budget) for reuse
+    backward: bool = True  # serve the backward RPC (clients fine-tuning through the swarm)
+    max_backward_tokens: int = 8192  # tokens x rows one backward request may carry
     max_session_length: int = 8192  # tokens
     max_message_bytes: int = 64 * 2**20  # bytes
     idle_timeout: float = 300.0  # seconds a session may sit without a step
@@ -95,6 +97,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="write this peer's multiaddrs here (one per line) once it is ready")
     parser.add_argument("--cache-tokens", type=int, default=16384,
                         help="KV-cache budget in tokens (batch x max_length summed over sessions)")
+    parser.add_argument("--no-backward", action="store_true",
+                        help="serve no backward passes (clients fine-tuning prompts or adapters through the swarm)")
+    parser.add_argument("--max-backward-tokens", type=int, default=8192,
+                        help="tokens x rows one backward request may carry")
     parser.add_argument("--no-prefix-cache", action="store_true",
                         help="keep no finished session's cache for reuse by sessions that start the same way")
     parser.add_argument("--max-session-length", type=int, default=8192, help="longest session, tokens")
@@ -141,7 +147,8 @@ def from_args(args: argparse.Namespace) -> PeerConfig:
         dtype=args.dtype, device=args.device, quant=args.quant, max_memory=args.max_memory, host=args.host, port=args.port,
         announce_maddrs=tuple(args.announce_maddrs), public_name=args.name, model_id=args.model_id,
         identity_path=args.identity, maddr_file=args.maddr_file, cache_tokens=args.cache_tokens,
-        prefix_cache=not args.no_prefix_cache, max_session_length=args.max_session_length, max_message_bytes=args.max_message_bytes, idle_timeout=args.idle_timeout,
+        prefix_cache=not args.no_prefix_cache, backward=not args.no_backward,
+        max_backward_tokens=args.max_backward_tokens, max_session_length=args.max_session_length, max_message_bytes=args.max_message_bytes, idle_timeout=args.idle_timeout,
         announce_period=args.announce_period, drain_timeout=args.drain_timeout, num_threads=args.num_threads,
         throughput=args.throughput, num_blocks=args.num_blocks, balance_period=args.balance_period, balance_threshold=args.balance_threshold,
         placement_jitter=args.placement_jitter, use_auto_relay=args.use_auto_relay or args.no_listen,

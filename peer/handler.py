@@ -18,7 +18,7 @@ import torch
 from hivemind.p2p import P2P, P2PContext
 from hivemind.proto import runtime_pb2
 
-from peer import prefixes, wire
+from peer import backward, prefixes, wire
 from peer.blocks import BlockRunner
 from peer.compute import ComputeOwner
 from peer.push import PushSender, parse_next
@@ -62,6 +62,8 @@ class PeerHandler:
         max_session_length: int = 8192,  # tokens
         statistics: Callable[[], dict[str, Any]] = dict,
         prefix_cache: bool = True,  # keep recent sessions' histories for sessions that start the same way
+        backward: bool = True,  # serve backward passes (clients fine-tuning through the swarm)
+        max_backward_tokens: int = 8192,  # tokens x rows per backward request
     ):
         self.runner = runner
         self.sessions = sessions
@@ -70,6 +72,8 @@ class PeerHandler:
         self.max_session_length = max_session_length
         self.accepting = True  # False while draining: no new sessions
         self.prefix_cache = prefix_cache
+        self.serves_backward, self.max_backward_tokens = backward, max_backward_tokens
+        self.backward_tokens = 0  # tokens x rows whose input gradient this peer computed
         self._statistics = statistics
         self.compute = ComputeOwner()
         self.pusher: PushSender | None = None  # set by register()
@@ -95,6 +99,9 @@ class PeerHandler:
         await p2p.add_protobuf_handler(
             wire.RPC_INFERENCE, self.rpc_inference, runtime_pb2.ExpertRequest, stream_input=True, stream_output=True
         )
+        await p2p.add_protobuf_handler(
+            wire.RPC_BACKWARD, self.rpc_backward, runtime_pb2.ExpertRequest, stream_input=True, stream_output=True
+        )
 
     def shutdown(self) -> None:
         self.compute.shutdown()
@@ -104,7 +111,7 @@ class PeerHandler:
         return {"pushes_sent": self.pusher.sent if self.pusher else 0,
                 "pushes_failed": self.pusher.failed if self.pusher else 0,
                 "pushes_received": self.pushes_received, "prefix_pushes": self.prefix_pushes,
-                "outputs_omitted": self.outputs_omitted, "fetches": self.fetches, "probe_hits": self.probe_hits,
+                "backward_tokens": self.backward_tokens, "outputs_omitted": self.outputs_omitted, "fetches": self.fetches, "probe_hits": self.probe_hits,
                 "batched_passes": self.compute.batches, "batched_steps": self.compute.batched_steps}
 
     # ---- RPCs ---------------------------------------------------------------------------------------
@@ -125,6 +132,45 @@ class PeerHandler:
     ) -> AsyncIterator[runtime_pb2.ExpertResponse]:
         async for reply in self._serve_stream(requests, ephemeral=False):
             yield reply
+
+    async def rpc_backward(
+        self, requests: AsyncIterator[runtime_pb2.ExpertRequest], context: P2PContext
+    ) -> AsyncIterator[runtime_pb2.ExpertResponse]:
+        """Input gradients of a span for a client that fine-tunes (see peer/backward.py)."""
+        runner, request = self.runner, None
+        try:
+            async for message in requests:
+                meta, tensors = wire.unpack(message, max_bytes=self.max_message_bytes)
+                if not self.serves_backward:
+                    raise WireError(ErrorCode.NO_BACKWARD, "this peer serves no backward passes (--no-backward): "
+                                                           "route them to a peer whose record says it does")
+                if meta.get("op") != "backward":
+                    raise WireError(ErrorCode.BAD_REQUEST, f"expected op 'backward', got {meta.get('op')!r}")
+                if request is None:
+                    request = backward.begin(meta, tensors, runner_start=runner.start, runner_end=runner.end,
+                                             hidden_size=runner.hidden_size, max_tokens=self.max_backward_tokens,
+                                             max_batch=MAX_BATCH_SIZE)
+                else:
+                    backward.add(request, meta, tensors, runner.hidden_size)
+                if request.received == request.total:
+                    break
+            if request is None or request.received < request.total:
+                return  # the client went away
+            try:
+                grad = await self.compute.call(runner.backward, torch.cat(request.hidden, 1),
+                                               torch.cat(request.positions, 1), request.mask,
+                                               torch.cat(request.grads, 1), request.start, request.end)
+            except Exception as e:  # a compute failure must not take the peer down
+                logger.exception("backward failed")
+                raise WireError(ErrorCode.INTERNAL, f"the peer failed computing a backward ({type(e).__name__})") from e
+        except WireError as e:
+            logger.info("rejected a backward: %s", e)
+            self.errors[e.code.value] += 1
+            yield wire.error_response(e)
+            return
+        self.backward_tokens += request.batch * request.total
+        for chunk in backward.split(grad, request):
+            yield wire.response({"op": "grad"}, [chunk])
 
     async def rpc_push(self, request: runtime_pb2.ExpertRequest, context: P2PContext | None
                        ) -> runtime_pb2.ExpertResponse:

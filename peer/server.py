@@ -172,7 +172,7 @@ class Peer:
             public_name=self.cfg.public_name, maddrs=tuple(self.maddrs[: records.MAX_MADDRS]),
             relayed=self.relayed, num_sessions=len(self.sessions), model_blocks=self.num_model_blocks,
             model_type=self.model_type, num_parameters=self.runner.num_parameters if self.runner else 0,
-            quant=self.cfg.quant,
+            quant=self.cfg.quant, backward=self.cfg.backward,
         )
 
     async def announce(self, state: PeerState, timeout: float = 10.0) -> bool:
@@ -227,6 +227,7 @@ class Peer:
         self.handler = PeerHandler(
             self.runner, self.sessions, max_message_bytes=cfg.max_message_bytes, idle_timeout=cfg.idle_timeout,
             max_session_length=cfg.max_session_length, statistics=self.statistics, prefix_cache=cfg.prefix_cache,
+            backward=cfg.backward, max_backward_tokens=cfg.max_backward_tokens,
         )
         p2p = await self.dht.replicate_p2p()
         await self.handler.register(p2p)

@@ -48,7 +48,8 @@ RPC_INFO = "swarmllm.v1.info"
 RPC_FORWARD = "swarmllm.v1.forward"
 RPC_INFERENCE = "swarmllm.v1.inference"
 RPC_PUSH = "swarmllm.v1.push"
-RPC_FETCH = "swarmllm.v1.fetch"  # a session's kept inputs or outputs that a reply named instead of carrying
+RPC_FETCH = "swarmllm.v1.fetch"
+RPC_BACKWARD = "swarmllm.v1.backward"  # a stream of chunks of (inputs, output gradient): input gradient back  # a session's kept inputs or outputs that a reply named instead of carrying
 MAX_NEXT_HOPS = 64  # length of a step's push chain
 
 DEFAULT_MAX_MESSAGE_BYTES = 64 * 2**20  # a peer rejects a message whose tensors exceed this (bytes)
@@ -65,6 +66,7 @@ class ErrorCode(str, enum.Enum):
     TOO_LARGE = "too_large"  # message or session larger than the peer accepts at all
     BUSY = "busy"  # cache budget full right now: retry later or elsewhere
     UNKNOWN_SESSION = "unknown_session"
+    NO_BACKWARD = "no_backward"  # this peer serves no backward passes (--no-backward): route elsewhere
     UNKNOWN_PREFIX = "unknown_prefix"  # a pushed step named inputs by a prefix this peer does not keep
     OUT_OF_ORDER = "out_of_order"  # step offset does not match the tokens the session holds
     EXPIRED = "expired"  # session idle for too long

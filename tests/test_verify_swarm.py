@@ -27,7 +27,9 @@ def honest_swarm(tiny_checkpoint, make_swarm):
     return path, swarm, local
 
 
-@pytest.mark.parametrize("mode", ["noise", "identity", "skip", "wrong_weights", "low_precision", "noise:0.3"])
+# a partial liar lies on half its steps: over a 10-token generation it is honest throughout 0.1 % of the
+# time (and once a peer is measured as no faster than the others, routing may never pick it again)
+@pytest.mark.parametrize("mode", ["noise", "identity", "skip", "wrong_weights", "low_precision", "noise:0.5"])
 def test_each_adversary_is_caught_avoided_and_its_generation_redone(honest_swarm, mode):
     path, swarm, local = honest_swarm
     liar, = swarm.add_peers(path, [(3, 6)], extra=["--adversary", mode, *FAST])
@@ -115,8 +117,10 @@ def test_strict_mode_never_hands_over_a_wrong_generation(honest_swarm):
             wrong = sum(model.generate(ids, **kwargs).tolist() != want for ids, want in zip(prompts, wants))
             assert wrong == 0, f"{mode}: {wrong} wrong generations handed over"
             results = model.swarm.core.auditor.results
-            assert any(r.peer_id == liar_id and r.verdict in (Verdict.FAIL, Verdict.GROSS_FAIL) for r in results) \
-                or mode == "equivocate", mode  # an equivocation is caught inline, not by audits
+            if ":" not in mode and mode != "equivocate":  # a partial liar may have been honest whenever routed
+                # to (and an equivocation is caught inline, not by audits)
+                assert any(r.peer_id == liar_id and r.verdict in (Verdict.FAIL, Verdict.GROSS_FAIL)
+                           for r in results), mode
             honest = [r for r in results if r.peer_id != liar_id]
             assert all(r.verdict == Verdict.PASS for r in honest), (mode, honest)
         finally:
