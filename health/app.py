@@ -4,7 +4,9 @@ from __future__ import annotations
 
 import jinja2
 from fastapi import FastAPI, HTTPException
-from fastapi.responses import HTMLResponse, PlainTextResponse
+from fastapi.responses import HTMLResponse, Response
+from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, generate_latest
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 
 from health.monitor import Monitor
 from health.schema import PeerView, Snapshot
@@ -72,19 +74,30 @@ def make_app(monitor: Monitor) -> FastAPI:
                     return p
         raise HTTPException(status_code=404, detail=f"no announced peer {peer_id!r} in the latest snapshot")
 
-    @app.get("/metrics", response_class=PlainTextResponse)
-    async def metrics() -> str:
-        snap = monitor.latest
-        lines = ["# TYPE swarmllm_peers_online gauge", "# TYPE swarmllm_blocks_covered gauge",
-                 "# TYPE swarmllm_min_coverage gauge", "# TYPE swarmllm_audits_total counter"]
-        for m in snap.models:
-            label = f'model="{m.model_id}"'
-            online = sum(p.state == "online" and p.reachable for p in m.peers)
-            lines += [f"swarmllm_peers_online{{{label}}} {online}",
-                      f"swarmllm_blocks_covered{{{label}}} {sum(c.online > 0 for c in m.coverage)}",
-                      f"swarmllm_min_coverage{{{label}}} {m.min_coverage}"]
-        lines += [f'swarmllm_audits_total{{result="passed"}} {snap.audits_passed}',
-                  f'swarmllm_audits_total{{result="failed"}} {snap.audits_failed}']
-        return "\n".join(lines) + "\n"
+    class SwarmCollector:
+        """The latest snapshot as Prometheus metrics (prometheus_client's exposition)."""
+
+        def collect(self):
+            snap = monitor.latest
+            online = GaugeMetricFamily("swarmllm_peers_online", "Reachable online peers, by model.", labels=["model"])
+            covered = GaugeMetricFamily("swarmllm_blocks_covered", "Blocks served by an online peer, by model.",
+                                        labels=["model"])
+            least = GaugeMetricFamily("swarmllm_min_coverage", "Online peers of the least served block, by model.",
+                                      labels=["model"])
+            for m in snap.models:
+                online.add_metric([m.model_id], sum(p.state == "online" and p.reachable for p in m.peers))
+                covered.add_metric([m.model_id], sum(c.online > 0 for c in m.coverage))
+                least.add_metric([m.model_id], m.min_coverage)
+            audits = CounterMetricFamily("swarmllm_audits", "Published audit verdicts, by result.", labels=["result"])
+            audits.add_metric(["passed"], snap.audits_passed)
+            audits.add_metric(["failed"], snap.audits_failed)
+            yield from (online, covered, least, audits)
+
+    registry = CollectorRegistry(auto_describe=False)
+    registry.register(SwarmCollector())
+
+    @app.get("/metrics")
+    async def metrics() -> Response:
+        return Response(generate_latest(registry), media_type=CONTENT_TYPE_LATEST)
 
     return app

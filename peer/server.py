@@ -15,7 +15,7 @@ import torch
 from dht import directory, identity, records
 from dht.ready import ready_line, write_maddr_file
 from dht.records import PeerRecord, PeerState
-from peer import hub, layout, placement, quant
+from peer import hub, layout, metrics, placement, quant
 from peer.adversary import Adversary, AdversarialRunner
 from peer.blocks import DTYPES as DTYPE_OF, BlockRunner, load_config
 from peer.config import PeerConfig
@@ -52,6 +52,7 @@ def _say(message: str) -> None:
 class Peer:
     def __init__(self, cfg: PeerConfig):
         self.cfg = cfg
+        self._metrics = metrics.registry(self.statistics)  # read at each scrape
         try:  # every check that can fail does so here, before the peer joins the swarm
             config = load_config(cfg.model_dir)
             self.device = quant.resolve_device(cfg.device)
@@ -123,41 +124,20 @@ class Peer:
             **self.handler.counters(), **self.sessions.prefixes.statistics(),
         }
 
-    def metrics_text(self) -> str:
-        """This peer's Prometheus metrics (for --metrics-port)."""
-        stats = self.statistics()
-        lines = [
-            "# TYPE swarmllm_peer_sessions gauge", f"swarmllm_peer_sessions {stats['sessions']}",
-            "# TYPE swarmllm_peer_cache_tokens_used gauge",
-            f"swarmllm_peer_cache_tokens_used {stats['cache_tokens_total'] - stats['cache_tokens_left']}",
-            "# TYPE swarmllm_peer_cache_tokens_total gauge", f"swarmllm_peer_cache_tokens_total {stats['cache_tokens_total']}",
-            "# TYPE swarmllm_peer_throughput_steps_per_second gauge",
-            f"swarmllm_peer_throughput_steps_per_second {stats['throughput']}",
-            "# TYPE swarmllm_peer_requests_total counter", f"swarmllm_peer_requests_total {stats['requests_served']}",
-            "# TYPE swarmllm_peer_tokens_total counter", f"swarmllm_peer_tokens_total {stats['tokens_computed']}",
-            "# TYPE swarmllm_peer_pushes_sent_total counter", f"swarmllm_peer_pushes_sent_total {stats['pushes_sent']}",
-            "# TYPE swarmllm_peer_pushes_failed_total counter",
-            f"swarmllm_peer_pushes_failed_total {stats['pushes_failed']}",
-            "# TYPE swarmllm_peer_pushes_received_total counter",
-            f"swarmllm_peer_pushes_received_total {stats['pushes_received']}",
-            "# TYPE swarmllm_peer_batched_steps_total counter",
-            f"swarmllm_peer_batched_steps_total {stats['batched_steps']}",
-            "# TYPE swarmllm_peer_prefix_cache_tokens gauge",
-            f"swarmllm_peer_prefix_cache_tokens {stats['prefix_cache_tokens']}",
-            "# TYPE swarmllm_peer_prefix_tokens_reused_total counter",
-            f"swarmllm_peer_prefix_tokens_reused_total {stats['prefix_tokens_reused']}",
-            "# TYPE swarmllm_peer_errors_total counter",
-        ]
-        lines += [f'swarmllm_peer_errors_total{{code="{code}"}} {n}' for code, n in sorted(stats["errors"].items())]
-        return "\n".join(lines) + "\n"
-
     async def _serve_metrics(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        """A minimal HTTP/1.0 responder: any request gets the metrics."""
+        """A minimal HTTP/1.0 responder: GET /metrics gets the metrics, any other path a 404."""
         try:
-            await asyncio.wait_for(reader.readuntil(b"\r\n\r\n"), timeout=5)
-            body = self.metrics_text().encode()
-            writer.write(b"HTTP/1.0 200 OK\r\nContent-Type: text/plain; version=0.0.4\r\n"
-                         + f"Content-Length: {len(body)}\r\n\r\n".encode() + body)
+            head = await asyncio.wait_for(reader.readuntil(b"\r\n\r\n"), timeout=5)
+            parts = head.split(b"\r\n", 1)[0].split()
+            path = parts[1].decode(errors="replace").split("?", 1)[0] if len(parts) >= 2 else ""
+            if path == metrics.PATH:
+                body, content_type = metrics.exposition(self._metrics)
+                status = b"200 OK"
+            else:
+                body, content_type, status = f"not found: metrics are at {metrics.PATH}\n".encode(), "text/plain", \
+                    b"404 Not Found"
+            writer.write(b"HTTP/1.0 " + status + b"\r\nContent-Type: " + content_type.encode()
+                         + f"\r\nContent-Length: {len(body)}\r\n\r\n".encode() + body)
             await writer.drain()
         except (asyncio.TimeoutError, asyncio.IncompleteReadError, asyncio.LimitOverrunError, ConnectionError):
             pass  # a client that sends no proper request gets nothing

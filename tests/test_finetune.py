@@ -172,3 +172,18 @@ def test_the_prompt_tuning_example_runs_and_learns(swarm, path):
     assert done.returncode == 0, done.stderr[-2000:]
     losses = [float(x) for x in re.findall(r"step +\d+  loss ([0-9.]+)", done.stdout)]
     assert len(losses) == 4 and losses[-1] < losses[0], done.stdout
+
+
+def test_sixteen_bit_wire_carries_gradients_too(models, swarm, path):
+    local, _ = models
+    ids, mask, labels = _batch()
+    half = AutoDistributedModelForCausalLM.from_pretrained(path, swarm.initial_peers, reputation_path=None,
+                                                           wire_dtype="bfloat16")
+    try:
+        x = local.get_input_embeddings()(ids).detach().requires_grad_(True)
+        half(inputs_embeds=x, attention_mask=mask, labels=labels).loss.backward()
+        x_l = local.get_input_embeddings()(ids).detach().requires_grad_(True)
+        local(inputs_embeds=x_l, attention_mask=mask, labels=labels).loss.backward()
+        assert x.grad.dtype == torch.float32 and _relative(x.grad, x_l.grad) < 3e-2  # bfloat16 rounding, twice
+    finally:
+        half.swarm.shutdown()

@@ -133,7 +133,18 @@ def test_page_in_headless_chromium_and_a_killed_peer_disappears(health_swarm):
 
 
 def test_peer_metrics_port(health_swarm):
+    import urllib.error
+    import urllib.request
+
     _, peers, _ = health_swarm
-    text = _get(f"http://127.0.0.1:{peers[0].ready['metrics_port']}/metrics")
-    assert "swarmllm_peer_sessions 0" in text and "swarmllm_peer_cache_tokens_total 16384" in text
+    url = f"http://127.0.0.1:{peers[0].ready['metrics_port']}"
+    with urllib.request.urlopen(url + "/metrics", timeout=10) as r:
+        assert r.headers["Content-Type"].startswith("text/plain; version=")  # prometheus_client's exposition
+        text = r.read().decode()
+    assert "swarmllm_peer_sessions 0.0" in text and "swarmllm_peer_cache_tokens_total 16384.0" in text
+    assert "# HELP swarmllm_peer_requests_total Steps answered." in text
+    assert "# TYPE swarmllm_peer_requests_total counter" in text
     assert "swarmllm_peer_throughput_steps_per_second" in text
+    with pytest.raises(urllib.error.HTTPError) as e:  # one path
+        urllib.request.urlopen(url + "/", timeout=10)
+    assert e.value.code == 404

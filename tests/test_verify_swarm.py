@@ -121,8 +121,9 @@ def test_strict_mode_never_hands_over_a_wrong_generation(honest_swarm):
                 # to (and an equivocation is caught inline, not by audits)
                 assert any(r.peer_id == liar_id and r.verdict in (Verdict.FAIL, Verdict.GROSS_FAIL)
                            for r in results), mode
-            honest = [r for r in results if r.peer_id != liar_id]
-            assert all(r.verdict == Verdict.PASS for r in honest), (mode, honest)
+            honest = [r for r in results if r.peer_id != liar_id]  # never blamed (the liar as a checker may
+            # leave one inconclusive, which strict mode then generates again)
+            assert not any(r.verdict in (Verdict.FAIL, Verdict.GROSS_FAIL) for r in honest), (mode, honest)
         finally:
             model.swarm.shutdown()
             liar.stop()
