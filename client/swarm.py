@@ -735,11 +735,10 @@ class SessionCore:
 
     async def _fill(self, hole: Hole) -> bool:
         batch, _, hidden = hole.tensor.shape
-        meta = {"kind": None, "offset": hole.offset, "tokens": hole.tokens}
         for hop, kind in hole.sources:
+            meta = {"kind": kind, "session_id": hop.session_id, "offset": hole.offset, "tokens": hole.tokens}
             try:
-                got = await self.swarm.transport.fetch(
-                    hop.hop.peer_id, {**meta, "kind": kind, "session_id": hop.session_id}, self.swarm.cfg.step_timeout)
+                got = await self.swarm.transport.fetch(hop.hop.peer_id, meta, self.swarm.cfg.step_timeout)
             except PeerError as e:
                 logger.info("could not fetch named %s from %s: %s", kind, hop.hop.peer_id, e)
                 continue

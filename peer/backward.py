@@ -40,22 +40,14 @@ class Request:
         return sum(h.shape[1] for h in self.hidden)
 
 
-def _int(meta: dict, name: str, low: int, high: int | None = None) -> int:
-    value = meta.get(name)
-    if not isinstance(value, int) or isinstance(value, bool) or value < low or (high is not None and value > high):
-        bound = f"[{low}, {high}]" if high is not None else f">= {low}"
-        raise WireError(ErrorCode.BAD_REQUEST, f"field {name!r} must be an integer in {bound}, got {value!r}")
-    return value
-
-
 def begin(meta: dict, tensors: list[torch.Tensor], *, runner_start: int, runner_end: int, hidden_size: int,
           max_tokens: int, max_batch: int) -> Request:
     """The first chunk of a request: its span, size and mask."""
-    start, end = _int(meta, "start", 0), _int(meta, "end", 1)
+    start, end = wire.int_field(meta, "start", 0), wire.int_field(meta, "end", 1)
     if not runner_start <= start < end <= runner_end:
         raise WireError(ErrorCode.WRONG_BLOCKS, f"peer serves blocks [{runner_start}, {runner_end}) but the backward "
                                                 f"asked for [{start}, {end}): re-plan the route")
-    total = _int(meta, "total", 1)
+    total = wire.int_field(meta, "total", 1)
     if len(tensors) not in (3, 4) or tensors[0].ndim != 3:
         raise WireError(ErrorCode.BAD_REQUEST, "a backward chunk carries hidden (batch, t, hidden), the output "
                                                "gradient, position ids and (first chunk) the attention mask")
@@ -78,7 +70,7 @@ def begin(meta: dict, tensors: list[torch.Tensor], *, runner_start: int, runner_
 
 def add(request: Request, meta: dict, tensors: list[torch.Tensor], hidden_size: int) -> None:
     """One more chunk (validated: a bad gradient is the client's error, never computed on)."""
-    if _int(meta, "offset", 0) != request.received:
+    if wire.int_field(meta, "offset", 0) != request.received:
         raise WireError(ErrorCode.OUT_OF_ORDER, f"backward chunk at token {meta.get('offset')} but "
                                                 f"{request.received} tokens arrived so far")
     if len(tensors) != 3:

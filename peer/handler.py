@@ -41,16 +41,6 @@ class _Pushed(NamedTuple):
     tensors: list
 
 
-def _int_field(meta: dict, name: str, low: int, high: int | None = None) -> int:
-    value = meta.get(name)
-    if not isinstance(value, int) or isinstance(value, bool):
-        raise WireError(ErrorCode.BAD_REQUEST, f"field {name!r} must be an integer, got {value!r}")
-    if value < low or (high is not None and value > high):
-        bound = f"[{low}, {high}]" if high is not None else f">= {low}"
-        raise WireError(ErrorCode.BAD_REQUEST, f"field {name!r} must be in {bound}, got {value}")
-    return value
-
-
 class PeerHandler:
     def __init__(
         self,
@@ -210,7 +200,7 @@ class PeerHandler:
             kind = meta.get("kind")
             if kind not in ("inputs", "outputs"):
                 raise WireError(ErrorCode.BAD_REQUEST, f"kind must be 'inputs' or 'outputs', got {kind!r}")
-            offset, tokens = _int_field(meta, "offset", 0), _int_field(meta, "tokens", 1)
+            offset, tokens = wire.int_field(meta, "offset", 0), wire.int_field(meta, "tokens", 1)
             entry = session.prefix
             if entry is None or offset + tokens > entry.tokens:
                 raise WireError(ErrorCode.UNKNOWN_PREFIX, f"this session no longer keeps tokens [{offset}, "
@@ -234,7 +224,8 @@ class PeerHandler:
         ref = meta.get("prefix")
         if not isinstance(ref, dict) or not isinstance(ref.get("chain"), str) or len(ref["chain"]) != 64:
             raise WireError(ErrorCode.BAD_REQUEST, "prefix must be {tokens: int >= 1, chain: 64 hex digits}")
-        tokens, chain, offset = _int_field(ref, "tokens", 1), ref["chain"], _int_field(meta, "offset", 0)
+        tokens, offset = wire.int_field(ref, "tokens", 1), wire.int_field(meta, "offset", 0)
+        chain = ref["chain"]
         if not tensors or tensors[0].ndim != 3:
             raise WireError(ErrorCode.BAD_REQUEST, "a step naming a prefix still carries (batch, tokens, hidden) states")
         try:
@@ -261,7 +252,7 @@ class PeerHandler:
         """How much of a step the client is about to send this peer keeps already: the longest of the
         given histories (digest chains after ``positions[j]`` tokens) some kept entry holds. The entry is
         pinned for the session's next steps, which name that part instead of carrying it."""
-        offset = _int_field(meta, "offset", 0)
+        offset = wire.int_field(meta, "offset", 0)
         positions, digests = meta.get("positions"), meta.get("digests")
         if (not isinstance(positions, list) or not isinstance(digests, list) or len(positions) != len(digests)
                 or len(digests) > MAX_PROBE_DIGESTS
@@ -374,16 +365,16 @@ class PeerHandler:
         if not ephemeral and not self.accepting:
             raise WireError(ErrorCode.DRAINING, "this peer is shutting down and accepts no new sessions: re-plan the route")
         runner = self.runner  # sessions stay on the runner they opened on, even if the peer moves
-        start = _int_field(meta, "start", 0)
-        end = _int_field(meta, "end", 0)
+        start = wire.int_field(meta, "start", 0)
+        end = wire.int_field(meta, "end", 0)
         if not runner.start <= start < end <= runner.end:
             raise WireError(
                 ErrorCode.WRONG_BLOCKS,
                 f"peer serves blocks [{runner.start}, {runner.end}) but the request asked for "
                 f"[{start}, {end}): re-plan the route",
             )
-        batch_size = _int_field(meta, "batch_size", 1, MAX_BATCH_SIZE)
-        max_length = _int_field(meta, "max_length", 1, self.max_session_length)
+        batch_size = wire.int_field(meta, "batch_size", 1, MAX_BATCH_SIZE)
+        max_length = wire.int_field(meta, "max_length", 1, self.max_session_length)
         session_id = meta.get("session_id") or uuid.uuid4().hex
         if not isinstance(session_id, str) or len(session_id) > MAX_SESSION_ID_CHARS:
             raise WireError(ErrorCode.BAD_REQUEST, f"session_id must be a string of at most {MAX_SESSION_ID_CHARS} chars")
@@ -401,7 +392,7 @@ class PeerHandler:
             session = self.sessions.open(session_id, batch_size, max_length, runner, make_cache)
         session.wire_dtype = None if wire_dtype is None else wire.HIDDEN_DTYPE_NAMES[wire_dtype]
         # a replacement starts from already reordered inputs (older clients do not send it)
-        session.reorders = _int_field(meta, "reorders", 0) if "reorders" in meta else 0
+        session.reorders = wire.int_field(meta, "reorders", 0) if "reorders" in meta else 0
         reuse, lazy = meta.get("prefix_cache", True), meta.get("lazy_outputs", False)
         for name, flag in (("prefix_cache", reuse), ("lazy_outputs", lazy)):
             if not isinstance(flag, bool):
@@ -415,7 +406,7 @@ class PeerHandler:
         return session
 
     def _validate_step(self, session: Session, meta: dict, tensors: list[torch.Tensor], rewrite: bool = False):
-        offset = _int_field(meta, "offset", 0)
+        offset = wire.int_field(meta, "offset", 0)
         if rewrite and offset > session.length:
             raise WireError(ErrorCode.OUT_OF_ORDER, f"a rewrite from token {offset} but the session holds only "
                                                     f"{session.length} tokens")
@@ -474,7 +465,7 @@ class PeerHandler:
         them): the cache is cropped to the offset first. Idempotent, so a rewrite step that arrives twice
         (pushed, then re-sent) computes the same thing twice rather than going out of order. Called once
         the step is known to be valid, so a bad rewrite loses nothing."""
-        offset = _int_field(meta, "offset", 0)
+        offset = wire.int_field(meta, "offset", 0)
         drop = session.length - offset  # >= 0: checked by _validate_step
         if not drop:
             return

@@ -116,6 +116,17 @@ def to_wire_dtype(hidden: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
     return hidden.to(dtype)
 
 
+def int_field(meta: dict, name: str, low: int, high: int | None = None) -> int:
+    """meta[name] as an int in [low, high]; a typed bad_request otherwise."""
+    value = meta.get(name)
+    if not isinstance(value, int) or isinstance(value, bool):
+        raise WireError(ErrorCode.BAD_REQUEST, f"field {name!r} must be an integer, got {value!r}")
+    if value < low or (high is not None and value > high):
+        bound = f"[{low}, {high}]" if high is not None else f">= {low}"
+        raise WireError(ErrorCode.BAD_REQUEST, f"field {name!r} must be in {bound}, got {value}")
+    return value
+
+
 def digest(tensor: torch.Tensor) -> str:
     """A short fingerprint of a tensor's bytes: a peer reports the one of the input it computed on, so a
     client can tell that a pushed input is what the previous peer told the client it sent."""
