@@ -7,6 +7,7 @@ never block an event loop.
 from __future__ import annotations
 
 import asyncio
+import functools
 import logging
 from typing import Any, Callable, Sequence, TypeVar
 
@@ -35,6 +36,8 @@ def start_node(
     use_auto_relay: bool = False,
     no_listen: bool = False,
     startup_timeout: float = DEFAULT_STARTUP_TIMEOUT,
+    signers: Sequence[Identity] = (),
+    **dht_kwargs: Any,
 ) -> hivemind.DHT:
     """Start a hivemind DHT node (its own process and p2pd) that validates swarmllm records.
 
@@ -42,6 +45,8 @@ def start_node(
     ``relay_service``: a public node that relays for peers behind NAT (libp2p circuit relay v2 runs
     only on nodes that consider themselves publicly reachable). ``use_auto_relay``: reserve a slot on a
     relay so others can reach this node through it. ``no_listen``: accept no direct connections.
+    ``signers``: more identities whose records this node may write (bench.directory plays thousands of
+    peers from a few nodes); ``dht_kwargs`` go to hivemind.DHT as they are.
     """
     kwargs = {}
     if client_mode:
@@ -66,12 +71,13 @@ def start_node(
         start=True,
         host_maddrs=[] if no_listen else [f"/ip4/{host}/tcp/{port}"],
         client_mode=client_mode,
-        record_validators=[PeerRecordValidator(identity)],
+        record_validators=[PeerRecordValidator(identity, signers)],
         startup_timeout=startup_timeout,
         # No IPFS bootstrap, no UPnP: a node talks to the peers it is told about.
         use_ipfs=False,
         nat_port_map=False,
         **kwargs,
+        **dht_kwargs,
     )
 
 
@@ -84,47 +90,100 @@ def visible_maddrs(dht: hivemind.DHT) -> list[str]:
 
 
 async def announce(dht: hivemind.DHT, record: records.PeerRecord, *, ttl: float) -> bool:
-    """Store (or refresh) a peer's record for ``ttl`` seconds, under its model's key and in the index
-    every monitor reads. Returns whether any DHT node accepted it under the model's key."""
+    """Store (or refresh) a peer's record for ``ttl`` seconds under its shard of its model's keys, and
+    its model's entry in the models index (two writes, whatever the swarm's size). Returns whether any
+    DHT node accepted the record."""
     expiration = get_dht_time() + ttl
-    value, subkey = records.encode(record), records.subkey_for(record.peer_id)
     stored, _ = await asyncio.gather(
-        dht.store(records.model_key(record.model_id), subkey=subkey, value=value, expiration_time=expiration,
-                  return_future=True),
-        dht.store(records.INDEX_KEY, subkey=subkey, value=value, expiration_time=expiration, return_future=True))
+        dht.store(records.shard_key(record.model_id, records.shard_of(record.peer_id)),
+                  subkey=records.subkey_for(record.peer_id), value=records.encode(record),
+                  expiration_time=expiration, return_future=True),
+        dht.store(records.MODELS_KEY, subkey=records.model_subkey(record.model_id),
+                  value=records.encode_model_entry(records.model_entry(record)), expiration_time=expiration,
+                  return_future=True))
     return bool(stored)
 
 
-async def _fetch(dht: hivemind.DHT, key: str, decode: Callable[[Any], T], belongs: Callable[[str, T], bool]
-                 ) -> list[T]:
-    """Decode every subkey's value under ``key``; malformed or misfiled entries are skipped with a log line."""
-    found = await dht.get(key, latest=True, return_future=True)
-    if found is None or not isinstance(found.value, dict):
+async def _get_many(dht: hivemind.DHT, keys: Sequence[str]) -> dict[str, Any]:
+    """``{key: value}`` for every key found (latest values), in one lookup of all the keys together."""
+    found = await dht.run_coroutine(functools.partial(_node_get_many, keys=tuple(keys)), return_future=True)
+    return {key: value for key, value in found.items() if value is not None}
+
+
+async def _node_get_many(_dht: hivemind.DHT, node: Any, keys: tuple[str, ...]) -> dict[str, Any]:
+    """Runs inside the DHT's process (hivemind.DHT.run_coroutine)."""
+    found = await node.get_many(keys, sufficient_expiration_time=float("inf"))  # the latest values
+    return {key: (item.value if item is not None else None) for key, item in found.items()}
+
+
+def _decode_entries(found: Any, key: str, decode: Callable[[Any], T], belongs: Callable[[str, T], bool]) -> list[T]:
+    """Decode every subkey's value of one dictionary value; malformed or misfiled entries are skipped
+    with a log line."""
+    if not isinstance(found, dict):
         return []
     result = []
-    for subkey, item in found.value.items():
+    for subkey, item in found.items():
         try:
             value = decode(item.value)
         except records.RecordError as e:
-            logger.warning("skipping a malformed entry under %r: %s", subkey, e)
+            logger.warning("skipping a malformed entry under %r of %r: %s", subkey, key, e)
             continue
         if belongs(subkey, value):
             result.append(value)
         else:
-            logger.warning("skipping an entry filed under the wrong subkey %r", subkey)
+            logger.warning("skipping an entry filed under the wrong subkey %r of %r", subkey, key)
     return result
 
 
+async def _fetch(dht: hivemind.DHT, key: str, decode: Callable[[Any], T], belongs: Callable[[str, T], bool]
+                 ) -> list[T]:
+    found = await dht.get(key, latest=True, return_future=True)
+    return _decode_entries(found.value if found is not None else None, key, decode, belongs)
+
+
+def _newest(found: list[records.PeerRecord]) -> list[records.PeerRecord]:
+    """One record per peer (a peer that updated from layout 1 to 2 can have one under each for a while:
+    hivemind keeps no time with the values it returns, so the layout-2 one, read first, wins)."""
+    seen: dict[str, records.PeerRecord] = {}
+    for r in found:
+        seen.setdefault(r.peer_id, r)
+    return list(seen.values())
+
+
+def _model_peers(found: dict[str, Any], model_id: str) -> list[records.PeerRecord]:
+    result = []
+    for key in records.peer_keys(model_id):
+        result += _decode_entries(
+            found.get(key), key, records.decode,
+            lambda subkey, r: records.peer_id_from_subkey(subkey) == r.peer_id and r.model_id == model_id
+            and (key == records.model_key(model_id) or key == records.shard_key(model_id, records.shard_of(r.peer_id))))
+    return _newest(result)
+
+
 async def fetch_peers(dht: hivemind.DHT, model_id: str) -> list[records.PeerRecord]:
-    """Every valid, unexpired record for ``model_id``."""
-    return await _fetch(dht, records.model_key(model_id), records.decode,
-                        lambda subkey, r: records.peer_id_from_subkey(subkey) == r.peer_id and r.model_id == model_id)
+    """Every valid, unexpired record for ``model_id`` (its shards and layout 1's key, in one lookup)."""
+    return _model_peers(await _get_many(dht, records.peer_keys(model_id)), model_id)
+
+
+async def fetch_models(dht: hivemind.DHT) -> list[records.ModelEntry]:
+    """Every model some peer announces: the models index, plus the models of layout 1's index (older
+    peers). Sorted by model id."""
+    found = await _get_many(dht, [records.MODELS_KEY, records.INDEX_KEY])
+    entries = {e.model_id: e for e in _decode_entries(
+        found.get(records.MODELS_KEY), records.MODELS_KEY, records.decode_model_entry,
+        lambda subkey, e: subkey == records.model_subkey(e.model_id))}
+    for r in _decode_entries(found.get(records.INDEX_KEY), records.INDEX_KEY, records.decode,
+                             lambda subkey, r: records.peer_id_from_subkey(subkey) == r.peer_id):
+        entries.setdefault(r.model_id, records.model_entry(r))
+    return [entries[m] for m in sorted(entries)]
 
 
 async def fetch_index(dht: hivemind.DHT) -> list[records.PeerRecord]:
-    """Every valid, unexpired peer record of every model (what the health monitor shows)."""
-    return await _fetch(dht, records.INDEX_KEY, records.decode,
-                        lambda subkey, r: records.peer_id_from_subkey(subkey) == r.peer_id)
+    """Every valid, unexpired peer record of every model (what the health monitor shows): the models
+    index, then every model's keys in one lookup."""
+    models = [m.model_id for m in await fetch_models(dht)]
+    found = await _get_many(dht, [key for m in models for key in records.peer_keys(m)])
+    return [r for m in models for r in _model_peers(found, m)]
 
 
 async def publish_verdict(dht: hivemind.DHT, verdict: records.VerdictRecord, *, ttl: float = 7 * 86400.0) -> bool:
@@ -142,4 +201,4 @@ async def fetch_verdicts(dht: hivemind.DHT, model_id: str) -> list[records.Verdi
                         and v.model_id == model_id)
 
 
-__all__ = ["start_node", "visible_maddrs", "announce", "fetch_peers", "fetch_index", "publish_verdict", "fetch_verdicts"]
+__all__ = ["start_node", "visible_maddrs", "announce", "fetch_peers", "fetch_models", "fetch_index", "publish_verdict", "fetch_verdicts"]

@@ -27,6 +27,11 @@ DTYPES = ("float32", "bfloat16", "float16")
 QUANTS = ("none", "int8", "nf4")  # how a peer stores its block weights (bitsandbytes LLM.int8 / NF4)
 MAX_NAME_CHARS = 64
 MAX_MADDRS = 16
+MAX_MADDR_CHARS = 256
+MAX_VERSION_CHARS = 64
+# Every field above is bounded, so an encoded record is too (about 4.5 KiB at most); a DHT node refuses
+# a value larger than this (dht/validator.py), whoever signed it.
+MAX_RECORD_BYTES = 8192
 
 
 class RecordError(ValueError):
@@ -82,6 +87,10 @@ class PeerRecord:
             raise RecordError(f"num_sessions must be >= 0, got {self.num_sessions}")
         if len(self.maddrs) > MAX_MADDRS:
             raise RecordError(f"at most {MAX_MADDRS} multiaddrs, got {len(self.maddrs)}")
+        if any(len(m) > MAX_MADDR_CHARS for m in self.maddrs):
+            raise RecordError(f"a multiaddr is longer than {MAX_MADDR_CHARS} characters")
+        if len(self.version) > MAX_VERSION_CHARS:
+            raise RecordError(f"version is longer than {MAX_VERSION_CHARS} characters")
         if self.model_type and not _MODEL_TYPE_RE.match(self.model_type):
             raise RecordError(f"model_type must be up to 64 letters, digits, '_' or '-', got {self.model_type!r}")
         if self.num_parameters < 0:
@@ -190,13 +199,89 @@ def _check_model_id(model_id: Any) -> None:
         )
 
 
-INDEX_KEY = f"{KEY_PREFIX}:index"  # every peer's record again, all models together (for monitors)
+# ---- the directory layout ----
+# Directory layout 2 (this one): a peer's record goes under ONE of its model's ``MODEL_SHARDS`` keys
+# (picked by its peer id), and its model's entry (not the peer) goes in the models index: two writes
+# per announce whatever the swarm's size, and no DHT value holds more than about a sixteenth of one
+# model's peers (hivemind answers a lookup in one message of at most 4 MiB: one key holding 10,000
+# records of ~600 bytes would not fit). Layout 1 (older peers) wrote every record under
+# ``model_key`` and again under ``INDEX_KEY``: readers still read both, so older peers stay usable.
+MODEL_SHARDS = 16
+MODELS_KEY = f"{KEY_PREFIX}:models"  # one entry per model that some peer announces (for monitors)
+MODEL_SUBKEY_PREFIX = "model:"
+INDEX_KEY = f"{KEY_PREFIX}:index"  # layout 1: every peer's record again, all models together (read only)
 
 
 def model_key(model_id: str) -> str:
-    """The DHT key under which every peer of one model announces itself (one subkey per peer)."""
+    """Layout 1's key for every peer of one model (still read: older peers write there)."""
     _check_model_id(model_id)
     return f"{KEY_PREFIX}:{model_id}:peers"
+
+
+def shard_of(peer_id: str) -> int:
+    """Which of its model's shard keys a peer announces under (stable for its id)."""
+    return hashlib.sha256(peer_id.encode()).digest()[0] % MODEL_SHARDS
+
+
+def shard_key(model_id: str, shard: int) -> str:
+    """The DHT key of one shard of a model's peers (one subkey per peer, as under ``model_key``)."""
+    if not (isinstance(shard, int) and 0 <= shard < MODEL_SHARDS):
+        raise ValueError(f"a shard is 0..{MODEL_SHARDS - 1}, got {shard!r}")
+    return f"{model_key(model_id)}:{shard}"
+
+
+def peer_keys(model_id: str) -> list[str]:
+    """Every key a reader of one model's peers looks up: the shards, then layout 1's single key."""
+    return [shard_key(model_id, s) for s in range(MODEL_SHARDS)] + [model_key(model_id)]
+
+
+@dataclasses.dataclass(frozen=True)
+class ModelEntry:
+    """The models index's entry for one model: that it is served, and what a monitor needs to draw it.
+    Whichever peer of the model announced last wrote it (and signed it); it is a pointer, not a
+    claim anyone relies on: the model's own keys are read for the peers and their records."""
+
+    model_id: str
+    writer: str  # peer id of the peer that wrote (and signed) this entry
+    model_type: str = ""
+    model_blocks: int = 0
+
+    def __post_init__(self) -> None:
+        _check_model_id(self.model_id)
+        if not isinstance(self.writer, str) or not 0 < len(self.writer) <= 128:
+            raise RecordError(f"writer must be a peer id, got {self.writer!r}")
+        if self.model_type and not _MODEL_TYPE_RE.match(self.model_type):
+            raise RecordError(f"model_type must be up to 64 letters, digits, '_' or '-', got {self.model_type!r}")
+        if not (isinstance(self.model_blocks, int) and self.model_blocks >= 0):
+            raise RecordError(f"model_blocks must be an integer >= 0, got {self.model_blocks!r}")
+
+
+def model_entry(record: PeerRecord) -> ModelEntry:
+    return ModelEntry(record.model_id, record.peer_id, record.model_type, record.model_blocks)
+
+
+def encode_model_entry(entry: ModelEntry) -> dict[str, Any]:
+    return {"v": RECORD_VERSION, **dataclasses.asdict(entry)}
+
+
+def decode_model_entry(obj: Any) -> ModelEntry:
+    if not isinstance(obj, Mapping):
+        raise RecordError(f"a model entry must be a mapping, got {type(obj).__name__}")
+    if _field(obj, "v", int) != RECORD_VERSION:
+        raise RecordError(f"model entry version {obj.get('v')} is not supported")
+    return ModelEntry(model_id=_field(obj, "model_id", str), writer=_field(obj, "writer", str),
+                      model_type=_field(obj, "model_type", str, ""), model_blocks=_field(obj, "model_blocks", int, 0))
+
+
+def model_subkey(model_id: str) -> str:
+    _check_model_id(model_id)
+    return MODEL_SUBKEY_PREFIX + model_id
+
+
+def model_from_subkey(subkey: str) -> str | None:
+    if isinstance(subkey, str) and subkey.startswith(MODEL_SUBKEY_PREFIX):
+        return subkey[len(MODEL_SUBKEY_PREFIX):]
+    return None
 
 
 def subkey_for(peer_id: str) -> str:

@@ -6,11 +6,15 @@ the key inlined in that peer id, over key, subkey, value and expiration, and (2)
 PeerRecord whose peer_id equals the subkey's. Every DHT node runs this validator, so a forged record
 (another peer's id, another key, a malformed schema) is rejected wherever it is sent.
 A verdict lives under subkey 'verdict:<author id>:<target id>' and must be signed by the author's key
-and decode as a valid VerdictRecord with that author and target. Records whose subkey is not ours
-pass through untouched.
+and decode as a valid VerdictRecord with that author and target. A models-index entry lives under
+subkey 'model:<model id>' and must decode as a valid ModelEntry for that model, signed by the peer it
+names as its writer. Any of ours larger than ``records.MAX_RECORD_BYTES`` is refused. Records whose
+subkey is not ours pass through untouched.
 """
 
 from __future__ import annotations
+
+from typing import Sequence
 
 import msgpack
 from hivemind.dht.validation import DHTRecord, RecordValidatorBase
@@ -22,22 +26,37 @@ _MARKER = b"\x00swsig1\x00"
 _SIG_BYTES = 64
 
 
-def _subkey_owner(record: DHTRecord) -> tuple[str | None, str | None]:
-    """(the peer id that must have signed this record, its kind 'peer'/'verdict'), or (None, None)
-    for records that are not ours."""
+def _subkey(record: DHTRecord) -> object:
     try:
-        subkey = msgpack.unpackb(record.subkey, raw=False)
+        return msgpack.unpackb(record.subkey, raw=False)
     except Exception:  # not our subkey format: not ours to judge
-        return None, None
-    if (peer := records.peer_id_from_subkey(subkey)) is not None:
-        return peer, "peer"
-    if (author := records.author_from_subkey(subkey)) is not None:
-        return author, "verdict"
-    return None, None
+        return None
 
 
-def _subkey_peer(record: DHTRecord) -> str | None:
-    return _subkey_owner(record)[0]
+def _kind(record: DHTRecord) -> str | None:
+    """'peer', 'verdict' or 'model' for our subkeys, None for records that are not ours."""
+    subkey = _subkey(record)
+    if records.peer_id_from_subkey(subkey) is not None:
+        return "peer"
+    if records.author_from_subkey(subkey) is not None:
+        return "verdict"
+    if records.model_from_subkey(subkey) is not None:
+        return "model"
+    return None
+
+
+def _owner(record: DHTRecord, kind: str, value: bytes) -> str | None:
+    """The peer id that must have signed this record's (unsigned) ``value``."""
+    subkey = _subkey(record)
+    if kind == "peer":
+        return records.peer_id_from_subkey(subkey)
+    if kind == "verdict":
+        return records.author_from_subkey(subkey)
+    try:  # a model entry names its writer inside
+        writer = msgpack.unpackb(value, raw=False).get("writer")
+    except Exception:
+        return None
+    return writer if isinstance(writer, str) else None
 
 
 def _signed_message(record: DHTRecord, value: bytes) -> bytes:
@@ -45,35 +64,45 @@ def _signed_message(record: DHTRecord, value: bytes) -> bytes:
 
 
 class PeerRecordValidator(RecordValidatorBase):
-    def __init__(self, local_identity: identity_mod.Identity | None = None):
-        self._identity = local_identity
+    def __init__(self, local_identity: identity_mod.Identity | None = None,
+                 signers: Sequence[identity_mod.Identity] = ()):
+        """``local_identity`` signs this node's records; ``signers``: more identities this node writes
+        records for (a benchmark that plays thousands of peers from a few nodes)."""
+        self._signers = {i.peer_id: i for i in [*signers, *([local_identity] if local_identity else [])]}
 
     def sign_value(self, record: DHTRecord) -> bytes:
-        peer_id = _subkey_peer(record)
-        if peer_id is None or self._identity is None or peer_id != self._identity.peer_id:
-            return record.value  # unsigned: other nodes will reject it if it claims a peer subkey
-        return record.value + _MARKER + self._identity.sign(_signed_message(record, record.value))
+        kind = _kind(record)
+        signer = self._signers.get(_owner(record, kind, record.value)) if kind is not None else None
+        if signer is None:
+            return record.value  # unsigned: other nodes will reject it if it claims one of our subkeys
+        return record.value + _MARKER + signer.sign(_signed_message(record, record.value))
 
     def validate(self, record: DHTRecord) -> bool:
-        peer_id = _subkey_peer(record)
-        if peer_id is None:
+        kind = _kind(record)
+        if kind is None:
             return True
-        value, signature = self._split(record.value)
-        if signature is None or not identity_mod.verify(peer_id, _signed_message(record, value), signature):
+        if len(record.value) > records.MAX_RECORD_BYTES + len(_MARKER) + _SIG_BYTES:
             return False
-        kind = _subkey_owner(record)[1]
+        value, signature = self._split(record.value)
+        owner = _owner(record, kind, value)
+        if signature is None or owner is None or not identity_mod.verify(owner, _signed_message(record, value),
+                                                                         signature):
+            return False
         try:
             obj = msgpack.unpackb(value, raw=False)
+            subkey = _subkey(record)
             if kind == "peer":
-                return records.decode(obj).peer_id == peer_id
+                return records.decode(obj).peer_id == owner
+            if kind == "model":
+                entry = records.decode_model_entry(obj)
+                return entry.writer == owner and subkey == records.model_subkey(entry.model_id)
             verdict = records.decode_verdict(obj)
-            subkey = msgpack.unpackb(record.subkey, raw=False)
-            return verdict.author == peer_id and subkey == records.verdict_subkey(verdict.author, verdict.target)
+            return verdict.author == owner and subkey == records.verdict_subkey(verdict.author, verdict.target)
         except (records.RecordError, ValueError, TypeError, msgpack.ExtraData):
             return False
 
     def strip_value(self, record: DHTRecord) -> bytes:
-        if _subkey_peer(record) is None:
+        if _kind(record) is None:
             return record.value
         value, _ = self._split(record.value)
         return value

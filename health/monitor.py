@@ -1,5 +1,6 @@
-"""The health monitor: reads every announcement and verdict from the DHT and pings every peer with
-its info RPC, then builds a snapshot (health/snapshot.py). Runs in the web server's event loop."""
+"""The health monitor: reads the models index, then every model's announcements and verdicts from the
+DHT, and pings every peer with its info RPC (a few hundred at a time), then builds a snapshot
+(health/snapshot.py). Runs in the web server's event loop."""
 
 from __future__ import annotations
 
@@ -24,7 +25,7 @@ logger = logging.getLogger(__name__)
 
 class Monitor:
     def __init__(self, dht: hivemind.DHT, *, period: float = 10.0, ping_timeout: float = 3.0,
-                 min_interval: float = 2.0):
+                 min_interval: float = 2.0, max_concurrent_pings: int = 256):
         self.dht = dht
         self.period = period  # seconds between background refreshes
         self.ping_timeout = ping_timeout  # seconds
@@ -33,6 +34,8 @@ class Monitor:
         self.latest = Snapshot(generated_at=0.0, models=[], audits_passed=0, audits_failed=0)
         self._refreshed_at = float("-inf")
         self._lock = asyncio.Lock()
+        # thousands of peers are pinged a few hundred at a time (each ping is a dial and an RPC)
+        self._ping_slots = asyncio.Semaphore(max_concurrent_pings)
 
     async def start(self) -> None:
         self.p2p = await self.dht.replicate_p2p()
@@ -51,15 +54,20 @@ class Monitor:
             if on_demand and time.monotonic() - self._refreshed_at < self.min_interval:
                 return self.latest
             records = await directory.fetch_index(self.dht)
-            pings = dict(zip([r.peer_id for r in records], await asyncio.gather(*(self._ping(r) for r in records))))
-            verdicts = []
-            for model_id in sorted({r.model_id for r in records}):
-                verdicts += await directory.fetch_verdicts(self.dht, model_id)
-            self.latest = snapshot.build(records, pings, verdicts, time.time())
+            models = sorted({r.model_id for r in records})
+            pings, verdicts = await asyncio.gather(  # every ping and every model's verdicts at once
+                asyncio.gather(*(self._ping(r) for r in records)),
+                asyncio.gather(*(directory.fetch_verdicts(self.dht, m) for m in models)))
+            pings = dict(zip([r.peer_id for r in records], pings))
+            self.latest = snapshot.build(records, pings, [v for found in verdicts for v in found], time.time())
             self._refreshed_at = time.monotonic()
             return self.latest
 
     async def _ping(self, record: PeerRecord) -> snapshot.Ping:
+        async with self._ping_slots:
+            return await self._ping_now(record)
+
+    async def _ping_now(self, record: PeerRecord) -> snapshot.Ping:
         peer = PeerID.from_base58(record.peer_id)
         began = time.perf_counter()
         try:

@@ -128,3 +128,58 @@ def test_verdicts_must_be_signed_by_their_author(tmp_path):
     assert not PeerRecordValidator().validate(dataclasses.replace(moved, value=PeerRecordValidator(author).sign_value(moved)))
     with pytest.raises(RecordError, match="verdict must be one of"):
         records.decode_verdict({**value, "verdict": "guilty"})
+
+
+def test_model_entries_are_signed_by_the_writer_they_name_and_records_are_bounded(tmp_path):
+    writer = identity.load_or_create(str(tmp_path / "writer.key"))
+    other = identity.load_or_create(str(tmp_path / "other.key"))
+    entry = records.model_entry(make_record(peer_id=writer.peer_id, model_type="llama", model_blocks=32))
+    value = records.encode_model_entry(entry)
+    assert records.decode_model_entry(value) == entry
+    assert records.decode_model_entry({"v": 1, "model_id": entry.model_id, "writer": "w"}).model_blocks == 0
+
+    def dht_record(value, model_id=entry.model_id):
+        return DHTRecord(key=b"k" * 20, subkey=msgpack.packb(records.model_subkey(model_id)),
+                         value=msgpack.packb(value), expiration_time=1e9)
+
+    record = dht_record(value)
+    signed = dataclasses.replace(record, value=PeerRecordValidator(writer).sign_value(record))
+    assert PeerRecordValidator().validate(signed)
+    assert not PeerRecordValidator().validate(record)  # unsigned
+    assert PeerRecordValidator(other).sign_value(record) == record.value  # only the named writer signs it
+    # filed under another model's subkey: refused even when properly signed
+    misfiled = dht_record(value, model_id="other-1L-x")
+    assert not PeerRecordValidator().validate(
+        dataclasses.replace(misfiled, value=PeerRecordValidator(writer).sign_value(misfiled)))
+    # a node that plays many peers (bench.directory) signs for each of them
+    many = PeerRecordValidator(None, [other, writer])
+    assert PeerRecordValidator().validate(dataclasses.replace(record, value=many.sign_value(record)))
+    with pytest.raises(records.RecordError, match="model_blocks"):
+        records.decode_model_entry({**value, "model_blocks": -1})
+
+    # every field of a peer record is bounded, and so is what a DHT node accepts under our subkeys
+    with pytest.raises(records.RecordError, match="multiaddr is longer"):
+        make_record(maddrs=("/ip4/1.2.3.4/tcp/1/" + "x" * 300,))
+    with pytest.raises(records.RecordError, match="version is longer"):
+        make_record(version="v" * 65)
+    biggest = make_record(peer_id=writer.peer_id, maddrs=("/" + "m" * 255,) * records.MAX_MADDRS,
+                          public_name="n" * 64, version="v" * 64, model_type="t" * 64)
+    assert len(msgpack.packb(records.encode(biggest))) <= records.MAX_RECORD_BYTES
+    huge = _dht_record(writer.peer_id, {**records.encode(biggest), "extra": "x" * 9000})
+    assert not PeerRecordValidator().validate(
+        dataclasses.replace(huge, value=PeerRecordValidator(writer).sign_value(huge)))
+
+
+def test_shards_spread_peers_and_readers_know_every_key():
+    ids = [f"12D3KooW{i:04d}" for i in range(1600)]
+    counts = [0] * records.MODEL_SHARDS
+    for peer_id in ids:
+        shard = records.shard_of(peer_id)
+        assert shard == records.shard_of(peer_id)  # stable
+        counts[shard] += 1
+    assert min(counts) > 1600 / records.MODEL_SHARDS / 2  # roughly even: no shard holds most of a model
+    keys = records.peer_keys("m-1L-x")
+    assert len(set(keys)) == records.MODEL_SHARDS + 1 and keys[-1] == records.model_key("m-1L-x")
+    assert records.shard_key("m-1L-x", 3) in keys and records.MODELS_KEY != records.INDEX_KEY
+    with pytest.raises(ValueError):
+        records.shard_key("m-1L-x", records.MODEL_SHARDS)
