@@ -103,25 +103,43 @@ async def announce_layout1(dht: hivemind.DHT, record: PeerRecord, *, ttl: float)
     return all(stored)
 
 
-async def announce_all(writers: list[hivemind.DHT], share: list[list[PeerRecord]], announce, concurrency: int
-                       ) -> tuple[list[float], int]:
-    """Announce every record from its writer; (latency of each, how many no node accepted)."""
-    latencies, failed = [], 0
+async def announce_all(writers: list[hivemind.DHT], share: list[list[PeerRecord]], announce, concurrency: int,
+                       restart) -> tuple[list[float], int, int]:
+    """Announce every record from its writer; (latency of each, how many no node accepted, writers
+    restarted). hivemind's DHT process has died under this load (its command pipe read mid-message,
+    EAGAIN, then EOF): a dead writer is replaced by ``restart(w)`` (a new node signing for the same
+    identities) and its announce retried once; the latency counts from the first try."""
+    latencies, failed, restarted = [], 0, 0
+    locks = [asyncio.Lock() for _ in writers]
 
-    async def one(writer, record, slots):
+    async def live(w: int) -> hivemind.DHT:
+        nonlocal restarted
+        async with locks[w]:
+            if not writers[w].is_alive():
+                writers[w].shutdown()
+                writers[w] = await asyncio.to_thread(restart, w)
+                restarted += 1
+            return writers[w]
+
+    async def one(w, record, slots):
         nonlocal failed
         async with slots:
-            began = time.perf_counter()
-            ok = await announce(writer, record, ttl=3600)
+            began, ok = time.perf_counter(), False
+            for _ in range(2):
+                try:
+                    ok = await asyncio.wait_for(announce(await live(w), record, ttl=3600), 60)
+                    break
+                except asyncio.TimeoutError:
+                    continue
             latencies.append(time.perf_counter() - began)
             failed += not ok
 
     tasks = []
-    for writer, mine in zip(writers, share):
+    for w, mine in enumerate(share):
         slots = asyncio.Semaphore(concurrency)
-        tasks += [one(writer, r, slots) for r in mine]
+        tasks += [one(w, r, slots) for r in mine]
     await asyncio.gather(*tasks)
-    return latencies, failed
+    return latencies, failed, restarted
 
 
 async def _stored_bytes(_dht, node) -> dict:
@@ -156,8 +174,8 @@ def main() -> None:
     parser.add_argument("--identities", type=int, default=2000, help="simulated peers announcing")
     parser.add_argument("--models", type=int, default=20)
     parser.add_argument("--blocks", type=int, default=80, help="blocks per model")
-    parser.add_argument("--writers", type=int, default=4, help="client-mode nodes announcing for the identities")
-    parser.add_argument("--concurrency", type=int, default=16, help="announces in flight per writer")
+    parser.add_argument("--writers", type=int, default=8, help="client-mode nodes announcing for the identities")
+    parser.add_argument("--concurrency", type=int, default=2, help="announces in flight per writer")
     parser.add_argument("--lookups", type=int, default=3, help="lookups of each model's peers")
     parser.add_argument("--ping-timeout", type=float, default=1.0)
     parser.add_argument("--layout1-identities", type=int, default=500,
@@ -178,9 +196,12 @@ def main() -> None:
     up_s = time.perf_counter() - began
     boot = [m for node in nodes[:8] for m in directory.visible_maddrs(node)]
     share = [peers[w::args.writers] for w in range(args.writers)]
-    writers = [directory.start_node(None, boot, client_mode=True, signers=identities[w::args.writers],
-                                    startup_timeout=120) for w in range(args.writers)]
-    reader = directory.start_node(None, boot, client_mode=True, startup_timeout=120)
+    def start_writer(w: int) -> hivemind.DHT:
+        return directory.start_node(None, boot, client_mode=True, signers=identities[w::args.writers],
+                                    startup_timeout=120)
+
+    writers = [start_writer(w) for w in range(args.writers)]
+    reader = None
     results: dict = {"dht_nodes": args.nodes, "identities": args.identities, "models": args.models,
                      "record_bytes_median": statistics.median(sizes), "record_bytes_max": max(sizes),
                      "nodes_start_s": up_s}
@@ -192,17 +213,25 @@ def main() -> None:
             out = {}
             log(f"announcing {len(peers)} identities (layout 2) from {args.writers} writers ...")
             began = time.perf_counter()
-            first, failed = await announce_all(writers, share, directory.announce, args.concurrency)
+            first, failed, restarted = await announce_all(writers, share, directory.announce, args.concurrency,
+                                                          start_writer)
             out["announce_wall_s"] = time.perf_counter() - began
-            out["announce"] = {**_ms(first), "failed": failed}
-            refresh, failed = await announce_all(writers, share, directory.announce, args.concurrency)
-            out["announce_refresh"] = {**_ms(refresh), "failed": failed}
+            out["announce"] = {**_ms(first), "failed": failed, "writers_restarted": restarted}
+            refresh, failed, restarted = await announce_all(writers, share, directory.announce, args.concurrency,
+                                                            start_writer)
+            out["announce_refresh"] = {**_ms(refresh), "failed": failed, "writers_restarted": restarted}
             out["writes_per_announce"] = 2  # directory.announce: its shard key and the models index entry
             alone = []  # one at a time: the latency of a single announce, not of the queue
             for writer, mine in zip(writers, share):
                 times, _ = await _timed(lambda: directory.announce(writer, mine[0], ttl=3600), 10)
                 alone += times
             out["announce_alone"] = _ms(alone)
+            nonlocal reader
+            # One writer reads too. A node started just to read (idle through the announces, or started
+            # after them) died in 3 of 4 runs here, its hivemind command pipe read mid-message (EAGAIN,
+            # then EOF); the writers did not. Its own announces are cached (1/8 of the records), but
+            # every lookup asks for the latest values, so it still walks the DHT for each key.
+            reader = writers[0]
             lookups, missing = [], 0
             for model_id in sorted(expected):
                 times, found = await _timed(lambda: directory.fetch_peers(reader, model_id), args.lookups)
@@ -239,9 +268,10 @@ def main() -> None:
                 out = {}
                 log("announcing the same identities the old way (layout 1) ...")
                 began = time.perf_counter()
-                first, failed = await announce_all(writers, old_share, announce_layout1, args.concurrency)
+                first, failed, restarted = await announce_all(writers, old_share, announce_layout1,
+                                                              args.concurrency, start_writer)
                 out["announce_wall_s"] = time.perf_counter() - began
-                out["announce"] = {**_ms(first), "failed": failed}
+                out["announce"] = {**_ms(first), "failed": failed, "writers_restarted": restarted}
                 out["writes_per_announce"] = 2
                 out["identities"] = len(old)
                 alone = []
@@ -269,10 +299,10 @@ def main() -> None:
                 "largest_value_bytes": after["largest_value_bytes"]}
             log(_summary("layout 1", results["layout1"]))
     finally:
-        for node in [reader, *writers, *nodes]:
+        for node in [*writers, *nodes]:
             node.shutdown()
     print(harness.table(
-        ["layout", "identities", "announce alone p50 ms", "announce p50/p99 ms (64 in flight)", "model lookup p50/p99 ms", "index lookup p50 ms", "largest value KiB",
+        ["layout", "identities", "announce alone p50 ms", f"announce p50/p99 ms ({args.writers * args.concurrency} in flight)", "model lookup p50/p99 ms", "index lookup p50 ms", "largest value KiB",
          "bytes/node median / max KiB"],
         [[name, r.get("identities", args.identities), f"{r['announce_alone']['p50_ms']:.0f}",
           f"{r['announce']['p50_ms']:.0f} / {r['announce']['p99_ms']:.0f}",
