@@ -6,7 +6,9 @@ to spend there: the measured round trip (doubled and padded for relayed peers), 
 times the peer's seconds per block, inflated by the sessions the peer is already serving, plus a
 large penalty when the peer's free cache cannot hold the session; the whole edge is then multiplied by
 the peer's standing (``STANDING_COST``). Dijkstra finds the cheapest chain; ties go to fewer hops,
-then to peer ids (deterministic).
+then to peer ids (deterministic). A client should also charge each hop ``HOP_SECONDS`` (it reserves a
+session's KV cache on one more peer) and pass an ``rng``, which jitters each peer's costs per plan so
+that clients planning from one snapshot do not all crowd the same peers (``plan_route``).
 
 **Speed is measured, not believed** (``believed_speeds``): a peer's announced throughput is a claim.
 The client times its own steps on each peer it used (seconds per block per decode step) and ranks
@@ -24,8 +26,10 @@ precise that covers every block (``choose_format``), and keeps it through failov
 
 from __future__ import annotations
 
+import bisect
 import dataclasses
 import heapq
+import random
 from typing import Iterable, Mapping
 
 from client.errors import MissingBlocksError
@@ -38,6 +42,8 @@ RELAY_PENALTY = 0.05  # seconds added to a relayed peer's (doubled) round trip
 CACHE_PENALTY = 10.0  # seconds: a peer whose free cache cannot hold the session is a last resort
 CLAIM_SLACK = 2.0  # an unmeasured claim counts for at most this many times the median claim of its format
 EXPLORE = 0.9  # an unmeasured peer is believed this fraction of the median measured peer's seconds per block
+HOP_SECONDS = 0.05  # what a client should pass as plan_route's hop_seconds (see there; sim/ measured it)
+JITTER = 0.3  # with an rng, each peer's costs are multiplied by a factor drawn from U(1, 1 + JITTER) per plan
 
 
 @dataclasses.dataclass(frozen=True)
@@ -118,16 +124,22 @@ def believed_speeds(records: Iterable[PeerRecord], measured: Mapping[str, float]
     for r in records:
         by_format.setdefault(r.format, []).append(r)
     all_measured = [measured[r.peer_id] for r in records if r.peer_id in measured]
+    believed: dict[str, float] = {}  # per format: the speed an unmeasured peer is believed to have
+    claim_floor: dict[str, float] = {}  # per format, with nothing measured: the fastest claim that counts
+    for fmt, alike in by_format.items():
+        times = [measured[o.peer_id] for o in alike if o.peer_id in measured] or all_measured
+        if times:
+            believed[fmt] = EXPLORE * median(times)
+        else:
+            claim_floor[fmt] = median([claimed_speed(o) for o in alike]) / CLAIM_SLACK
     speeds = {}
     for r in records:
         if r.peer_id in measured:
             speeds[r.peer_id] = measured[r.peer_id]
-            continue
-        alike = [measured[o.peer_id] for o in by_format[r.format] if o.peer_id in measured] or all_measured
-        if alike:
-            speeds[r.peer_id] = EXPLORE * median(alike)
+        elif r.format in believed:
+            speeds[r.peer_id] = believed[r.format]
         else:
-            speeds[r.peer_id] = max(claimed_speed(r), median([claimed_speed(o) for o in by_format[r.format]]) / CLAIM_SLACK)
+            speeds[r.peer_id] = max(claimed_speed(r), claim_floor[r.format])
     return speeds
 
 
@@ -135,13 +147,20 @@ def hop_cost(record: PeerRecord, rtt: float | None, blocks: int | None = None, c
              speed: float | None = None, standing: float = 1.0) -> float:
     """Estimated seconds per decode step spent on ``blocks`` blocks (default: all) of this peer, at
     ``speed`` seconds per block (default: its claim), times its ``standing`` (reputation) factor."""
+    network, speed, load, penalty = _cost_terms(record, rtt, cache_tokens_needed, speed)
+    blocks = record.num_blocks if blocks is None else blocks
+    return (network + blocks * speed * load + penalty) * standing
+
+
+def _cost_terms(record: PeerRecord, rtt: float | None, cache_tokens_needed: int,
+                speed: float | None) -> tuple[float, float, float, float]:
+    """What ``hop_cost`` adds up, but for the number of blocks: network seconds, seconds per block,
+    the load multiplier, and the cache penalty (seconds)."""
     rtt = DEFAULT_RTT if rtt is None else rtt
     network = 2 * rtt + RELAY_PENALTY if record.relayed else rtt
-    blocks = record.num_blocks if blocks is None else blocks
-    compute = blocks * (claimed_speed(record) if speed is None else speed)
-    compute *= 1 + LOAD_FACTOR * record.num_sessions
+    speed = claimed_speed(record) if speed is None else speed
     penalty = CACHE_PENALTY if record.cache_tokens_left < cache_tokens_needed else 0.0
-    return (network + compute + penalty) * standing
+    return network, speed, 1 + LOAD_FACTOR * record.num_sessions, penalty
 
 
 def uncovered(records: Iterable[PeerRecord], start: int, end: int) -> list[tuple[int, int]]:
@@ -167,6 +186,29 @@ def usable_records(records: Iterable[PeerRecord], model_id: str, num_blocks: int
             and r.peer_id not in banned and r.end <= num_blocks]
 
 
+def _leaving(usable: list[PeerRecord], boundaries: list[int], end: int, rtts: Mapping[str, float],
+             speeds: Mapping[str, float], standing: Mapping[str, float], cache_tokens_needed: int,
+             hop_seconds: float, rng: random.Random | None
+             ) -> list[list[tuple[PeerRecord, int, tuple[float, float, float, float], float]]]:
+    """Per boundary (by index), each record that can run from it: (record, the index just past the last
+    boundary it can reach, its ``_cost_terms``, its cost factor: standing, times jitter with an ``rng``),
+    in ``usable`` order, so that of equal candidates the first record wins as in a plain scan."""
+    jitter: dict[str, float] = {}
+    if rng is not None:
+        for r in usable:
+            if r.peer_id not in jitter:
+                jitter[r.peer_id] = rng.uniform(1.0, 1.0 + JITTER)  # drawn in ``usable`` order: reproducible
+    leaving: list[list[tuple[PeerRecord, int, tuple[float, float, float, float], float]]] = [[] for _ in boundaries]
+    for r in usable:
+        reach = bisect.bisect_right(boundaries, min(r.end, end))
+        terms = _cost_terms(r, rtts.get(r.peer_id), cache_tokens_needed, speeds.get(r.peer_id))
+        if hop_seconds:
+            terms = (terms[0] + hop_seconds, *terms[1:])
+        for i in range(bisect.bisect_left(boundaries, r.start), bisect.bisect_left(boundaries, r.end)):
+            leaving[i].append((r, reach, terms, standing.get(r.peer_id, 1.0) * jitter.get(r.peer_id, 1.0)))
+    return leaving
+
+
 def plan_route(
     records: Iterable[PeerRecord],
     model_id: str,
@@ -180,11 +222,20 @@ def plan_route(
     formats: Iterable[str] | None = None,
     speeds: Mapping[str, float] | None = None,
     standing: Mapping[str, float] | None = None,
+    hop_seconds: float = 0.0,
+    rng: random.Random | None = None,
 ) -> list[Hop]:
     """The cheapest chain of ONLINE, unbanned peers (or sub-ranges of them) that tiles [start, end),
     through peers of the allowed ``formats`` only (None: any). ``speeds``: seconds per block per step
     to plan with (``believed_speeds``; default: the claims); ``standing``: cost factors by peer
-    (default 1)."""
+    (default 1). ``hop_seconds``: added to every hop's round trip, because a hop costs more than its
+    round trip: it reserves the session's whole KV cache on one more peer (a peer reserves
+    ``max_length`` tokens whatever sub-range it runs), and is one more peer that can be full or leave.
+    Without it, a route splits into short sub-ranges of fast peers, and in a busy swarm their caches
+    fill (``HOP_SECONDS`` is the value to pass). ``rng``: if given, each peer's costs are also multiplied
+    by a factor drawn from U(1, 1 + ``JITTER``) for this plan, so that clients planning from the same
+    snapshot spread over near-equal routes instead of all filling the cheapest one's caches. Without
+    ``hop_seconds`` and ``rng``, the plan is exactly the cheapest (deterministic)."""
     end = num_blocks if end is None else end
     rtts, speeds, standing = rtts or {}, speeds or {}, standing or {}
     records = list(records)
@@ -192,37 +243,41 @@ def plan_route(
     usable = [r for r in usable_records(records, model_id, num_blocks, banned) if r.start < end and r.end > start
               and (formats is None or format_matches(r, formats))]
     boundaries = sorted({start, end} | {b for r in usable for b in (r.start, r.end) if start < b < end})
-    best: dict[int, tuple[float, int, tuple[str, ...]]] = {start: (0.0, 0, ())}
-    came_from: dict[int, tuple[PeerRecord, int]] = {}
-    heap = [(0.0, 0, (), start)]
+    leaving = _leaving(usable, boundaries, end, rtts, speeds, standing, cache_tokens_needed, hop_seconds, rng)
+    last = len(boundaries) - 1  # the index of ``end``
+    inf = float("inf")
+    best_cost = [0.0] + [inf] * last  # by boundary index: the cost of ``best``, inf while unreached
+    best: dict[int, tuple[float, int, tuple[str, ...]]] = {0: (0.0, 0, ())}  # by boundary index
+    came_from: dict[int, tuple[PeerRecord, int]] = {}  # by boundary index: (record, index it ran from)
+    heap = [(0.0, 0, (), 0)]  # boundary indices sort like the boundaries: same tie-breaking
     while heap:
-        cost, hops, path, node = heapq.heappop(heap)
-        if best.get(node) != (cost, hops, path):
+        cost, hops, path, i = heapq.heappop(heap)
+        if best[i] != (cost, hops, path):
             continue
-        if node == end:
+        if i == last:
             break
-        for r in usable:
-            if not r.start <= node < r.end:
-                continue
-            for b in boundaries:
-                if node < b <= min(r.end, end):
-                    edge = hop_cost(r, rtts.get(r.peer_id), b - node, cache_tokens_needed, speeds.get(r.peer_id),
-                                    standing.get(r.peer_id, 1.0))
-                    candidate = (cost + edge, hops + 1, path + (r.peer_id,))
-                    if b not in best or candidate < best[b]:
-                        best[b] = candidate
-                        came_from[b] = (r, node)
-                        heapq.heappush(heap, (*candidate, b))
-    if end not in best:
+        node = boundaries[i]
+        for r, reach, (network, speed, load, penalty), factor in leaving[i]:
+            for j in range(i + 1, reach):
+                # hop_cost(r, rtt, blocks, cache_tokens_needed, speed, standing), term by term
+                total = cost + (network + (boundaries[j] - node) * speed * load + penalty) * factor
+                if total > best_cost[j]:
+                    continue
+                candidate = (total, hops + 1, path + (r.peer_id,))
+                if j not in best or candidate < best[j]:
+                    best[j], best_cost[j] = candidate, total
+                    came_from[j] = (r, i)
+                    heapq.heappush(heap, (*candidate, j))
+    if last not in best:
         others = ()
         if formats is not None:
             others = tuple(sorted({r.format for r in usable_records(records, model_id, num_blocks, banned)
                                    if not format_matches(r, formats)}))
-        raise MissingBlocksError(model_id, uncovered(usable, start, end) or [(max(best), end)], num_blocks,
+        raise MissingBlocksError(model_id, uncovered(usable, start, end) or [(boundaries[max(best)], end)], num_blocks,
                                  formats=formats, others=others)
-    route, node = [], end
-    while node != start:
-        r, a = came_from[node]
-        route.append(Hop(r.peer_id, a, node, r.maddrs, r.dtype, r.quant))
-        node = a
+    route, i = [], last
+    while i != 0:
+        r, a = came_from[i]
+        route.append(Hop(r.peer_id, boundaries[a], boundaries[i], r.maddrs, r.dtype, r.quant))
+        i = a
     return route[::-1]

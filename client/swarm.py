@@ -10,6 +10,7 @@ import asyncio
 import dataclasses
 import logging
 import os
+import random
 import time
 import uuid
 
@@ -77,6 +78,10 @@ class ClientConfig:
     # first peer how much of it it keeps (one small round trip), and names that part instead of uploading it
     formats: tuple[str, ...] | None = None  # formats a route may use, mixed ("nf4", "bfloat16", "float16/int8");
     # None = one format per session, the most precise that covers every block (see client.routing)
+    hop_seconds: float = 0.0  # charged per hop when planning; routing.HOP_SECONDS (0.05) is what sim/ found
+    # best at 1,000 peers (fewer, longer hops: each one reserves a whole session's cache on one more peer)
+    route_jitter: bool = False  # spread near-equal routes at random (routing.JITTER), so that clients planning
+    # from one snapshot do not all fill the same peers; both off by default: plans stay the cheapest, as tests expect
 
     def __post_init__(self):
         if self.formats is not None:
@@ -234,6 +239,7 @@ class SwarmCore:
         self.speeds: dict[str, float] = {}  # peer id -> smoothed seconds per block of its decode steps, as timed here
         self.unreachable: set[str] = set()  # peers whose last ping failed
         self.records: list[PeerRecord] = []
+        self.route_rng = random.Random() if cfg.route_jitter else None  # for plan_route's jitter
         self.records_at = float("-inf")  # monotonic time of the last fetch
         self.bans = BanList(base=cfg.ban_base)
         self.retries = 0  # failed hops recovered from, over the client's life (for tests and notes)
@@ -304,7 +310,7 @@ class SwarmCore:
                 return routing.plan_route(self.records, self.cfg.model_id, self.cfg.num_blocks, rtts=self.rtts,
                                           banned=avoid, start=start, end=end, cache_tokens_needed=cache_tokens_needed,
                                           formats=allowed, speeds=routing.believed_speeds(self.records, self.speeds),
-                                          standing=standing)
+                                          standing=standing, hop_seconds=self.cfg.hop_seconds, rng=self.route_rng)
             except MissingBlocksError as e:
                 waited = time.monotonic() - began
                 if not wait or waited > self.cfg.route_timeout:

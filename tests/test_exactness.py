@@ -9,6 +9,7 @@ import torch
 from transformers import AutoModelForCausalLM
 
 from client import AutoDistributedModelForCausalLM
+from client.routing import HOP_SECONDS
 
 SPANS = [(0, 1), (1, 4), (4, 6)]  # uneven, 3 peers over 6 blocks
 
@@ -118,7 +119,10 @@ def test_stateless_forward_equals_local_logits(swarm_model):
 
 def test_two_concurrent_clients_equal_local(swarm_model):
     _, path, local, remote = swarm_model
-    other = AutoDistributedModelForCausalLM.from_pretrained(path, remote.swarm.cfg.initial_peers)
+    # the second client plans as sim/ found best at scale (a cost per hop, jittered routes)
+    other = AutoDistributedModelForCausalLM.from_pretrained(path, remote.swarm.cfg.initial_peers,
+                                                            hop_seconds=HOP_SECONDS, route_jitter=True)
+    assert other.swarm.core.route_rng is not None
     try:
         prompts = [_prompt(6, seed=7), _prompt(8, seed=8)]
         refs = [local.generate(p, max_new_tokens=10, do_sample=False, pad_token_id=0) for p in prompts]
