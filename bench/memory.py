@@ -27,7 +27,8 @@ from safetensors import safe_open
 
 from bench import harness
 from client import AutoDistributedModelForCausalLM
-from peer import layout, quant
+import layout
+from peer import quant
 from swarmllm import checkpoints
 
 BLOCK_PREFIX = "model.layers."  # Llama-style checkpoints name block i's tensors model.layers.<i>.*

@@ -16,7 +16,7 @@ import tempfile
 import torch
 from transformers import AutoModelForCausalLM, DynamicCache
 
-from peer import layout
+import layout
 from peer.blocks import BlockRunner
 from swarmllm import checkpoints
 

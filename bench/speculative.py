@@ -26,7 +26,7 @@ from transformers import AutoModelForCausalLM, AutoTokenizer
 from bench import harness
 from client import AutoDistributedModelForCausalLM
 from client.swarm import SessionCore
-from peer import wire
+import wire
 from swarmllm import checkpoints
 
 PARAGRAPH = ("The history of the printing press begins in the fifteenth century, when movable type made books "

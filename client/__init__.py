@@ -12,9 +12,10 @@ Files:
 
 from client.errors import MissingBlocksError, PeerBusy, PeerError, SwarmError, UnverifiableError
 from client.model import AutoDistributedModelForCausalLM
+from client import routing  # public: the pure route planner (the simulator runs it too)
 from client.swarm import ClientConfig, RemoteSession, RemoteSwarm
 
 __all__ = [
-    "AutoDistributedModelForCausalLM", "ClientConfig", "RemoteSession", "RemoteSwarm",
+    "AutoDistributedModelForCausalLM", "ClientConfig", "routing", "RemoteSession", "RemoteSwarm",
     "SwarmError", "MissingBlocksError", "PeerError", "PeerBusy", "UnverifiableError",
 ]

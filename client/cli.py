@@ -39,7 +39,7 @@ def main(args: argparse.Namespace) -> None:
     from transformers import AutoTokenizer, TextStreamer
 
     from client import AutoDistributedModelForCausalLM
-    from peer import layout
+    import layout
 
     tokenizer = AutoTokenizer.from_pretrained(layout.config_source(args.model_dir))
     model = AutoDistributedModelForCausalLM.from_pretrained(args.model_dir, args.initial_peers, model_id=args.model_id,

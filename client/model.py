@@ -26,7 +26,8 @@ from transformers.generation.configuration_utils import GenerationMode
 from client.errors import SwarmError, UnverifiableError
 from client.swarm import ClientConfig, RemoteSession, RemoteSwarm
 from dht import records
-from peer import layout, wire
+import layout
+import wire
 from verify.auditor import NO_CHECKER
 from verify.reputation import Verdict
 
@@ -126,7 +127,7 @@ def _final_norm(base: nn.Module, blocks_name: str) -> str:
             h.remove()
     stages = [n for n in calls if not layout.is_position_helper(base.get_submodule(n))]
     if len(stages) < 2:
-        raise wire.CheckpointError(f"{type(base).__name__}'s forward calls no final norm after its blocks "
+        raise layout.CheckpointError(f"{type(base).__name__}'s forward calls no final norm after its blocks "
                                    f"(modules called: {calls}): this family cannot be split")
     return stages[-1]
 

@@ -25,7 +25,7 @@ from client.transport import Stream, Transport
 from dht import directory
 from dht import identity
 from dht.records import PeerRecord, PeerState, VerdictRecord
-from peer import wire
+import wire
 from verify.auditor import LOST_OUTPUTS, AuditResult, Auditor, Checker, ServedSpan
 from verify.policy import AuditRates, SamplingPolicy, standing_cost
 from verify.reputation import ReputationBook, Status, Verdict, identity_signals

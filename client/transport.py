@@ -16,8 +16,8 @@ from hivemind.proto import runtime_pb2
 
 from client.errors import PeerBusy, PeerError
 from dht.addressing import dial
-from peer import wire
-from peer.wire import ErrorCode, WireError
+import wire
+from wire import ErrorCode, WireError
 
 logger = logging.getLogger(__name__)
 

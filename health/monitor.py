@@ -18,7 +18,7 @@ from dht.addressing import dial
 from dht.records import PeerRecord
 from health import snapshot
 from health.schema import Snapshot
-from peer import wire
+import wire
 
 logger = logging.getLogger(__name__)
 

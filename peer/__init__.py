@@ -12,3 +12,7 @@ Files:
 - config.py    PeerConfig and its command-line arguments
 - server.py    the peer process: load, join the DHT, serve, announce, drain on SIGTERM
 """
+
+from peer import placement  # public: the pure placement policy (the simulator runs it too)
+
+__all__ = ["placement"]

@@ -18,8 +18,8 @@ import dataclasses
 
 import torch
 
-from peer import wire
-from peer.wire import ErrorCode, WireError
+import wire
+from wire import ErrorCode, WireError
 
 
 @dataclasses.dataclass

@@ -25,9 +25,11 @@ import torch
 from torch import nn
 from transformers import AutoModel, DynamicCache, PretrainedConfig
 
-from peer import layout, prefixes, wire
+import layout
+import wire
+from peer import prefixes
 from peer.quant import check_backend as quant_check, logical_numel, quantization_config, release_checkpoint_pages, resident_bytes
-from peer.layout import load_config, span_config  # noqa: F401  (re-exported: the peer's config readers)
+from layout import load_config, span_config  # noqa: F401  (re-exported: the peer's config readers)
 
 logger = logging.getLogger(__name__)
 

@@ -18,12 +18,13 @@ import torch
 from hivemind.p2p import P2P, P2PContext
 from hivemind.proto import runtime_pb2
 
-from peer import backward, prefixes, wire
+import wire
+from peer import backward, prefixes
 from peer.blocks import BlockRunner
 from peer.compute import ComputeOwner
 from peer.push import PushSender, parse_next
 from peer.sessions import Session, SessionTable
-from peer.wire import ErrorCode, WireError
+from wire import ErrorCode, WireError
 
 logger = logging.getLogger(__name__)
 

@@ -35,9 +35,9 @@ from typing import Any
 import torch
 from transformers.cache_utils import DynamicLayer
 
-from peer.wire import PREFIX_DOMAIN as DOMAIN
-from peer.wire import history_chain as chain  # the chain is wire protocol: a client names a prefix with it too
-from peer.wire import history_root as root_digest
+from wire import PREFIX_DOMAIN as DOMAIN
+from wire import history_chain as chain  # the chain is wire protocol: a client names a prefix with it too
+from wire import history_root as root_digest
 
 __all__ = ["new_nonce", "reusable", "root_digest", "scope", "chain", "Entry", "PrefixStore"]
 

@@ -17,8 +17,8 @@ from hivemind.p2p import P2P, P2PDaemonError, P2PHandlerError, PeerID
 from hivemind.proto import runtime_pb2
 
 from dht.addressing import dial
-from peer import wire
-from peer.wire import ErrorCode, WireError
+import wire
+from wire import ErrorCode, WireError
 
 logger = logging.getLogger(__name__)
 

@@ -245,7 +245,7 @@ def blocks_that_fit(config, quant: str, dtype: torch.dtype, cache_tokens: int, b
     ``cache_tokens`` tokens), at most the model's; raises ValueError naming the fixes if not even one fits."""
     from transformers import AutoModel
 
-    from peer import layout
+    import layout
 
     itemsize = torch.empty((), dtype=dtype).element_size()
     with torch.device("meta"):

@@ -15,7 +15,9 @@ import torch
 from dht import directory, identity, records
 from dht.ready import ready_line, write_maddr_file
 from dht.records import PeerRecord, PeerState
-from peer import hub, layout, metrics, placement, quant
+import layout
+from layout import hub
+from peer import metrics, placement, quant
 from peer.adversary import Adversary, AdversarialRunner
 from peer.blocks import DTYPES as DTYPE_OF, BlockRunner, load_config
 from peer.config import PeerConfig

@@ -13,7 +13,7 @@ import dataclasses
 from typing import Any, Callable
 
 from peer.prefixes import Entry, PrefixStore
-from peer.wire import ErrorCode, WireError
+from wire import ErrorCode, WireError
 
 
 @dataclasses.dataclass

@@ -20,8 +20,7 @@ from typing import Callable
 
 import numpy as np
 
-from client import routing
-from client.errors import MissingBlocksError
+from client import MissingBlocksError, routing
 from dht.records import PeerRecord, PeerState
 from peer import placement
 from sim import geo, petals

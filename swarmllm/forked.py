@@ -13,6 +13,7 @@ server's pages, which would skew its memory figures).
 
 from __future__ import annotations
 
+import importlib
 import multiprocessing
 import os
 import subprocess
@@ -22,7 +23,8 @@ import threading
 import time
 from typing import Iterator
 
-PRELOAD = ["torch", "transformers", "hivemind", "swarmllm.cli", "peer.server", "dht.bootstrap", "client.model"]
+ENTRY = "swarmllm.cli"  # the module whose main(argv) a forked process runs, as `python -m swarmllm.cli` would
+PRELOAD = ["torch", "transformers", "hivemind", ENTRY, "peer.server", "dht.bootstrap", "client.model"]
 
 _context: multiprocessing.context.BaseContext | None = None
 
@@ -66,9 +68,9 @@ def _child(argv: list[str], stdout_path: str, stderr_path: str, env: dict[str, s
     random.seed()
     numpy.random.seed()
     torch.seed()
-    from swarmllm import cli
-
-    cli.main(argv)
+    # The process's entry point, named like a command line names it: this module starts the CLI, it does
+    # not depend on it (the CLI starts processes through launch -> here, so an import would be a circle).
+    importlib.import_module(ENTRY).main(argv)
 
 
 class _TailLines:

@@ -11,7 +11,7 @@ from hivemind.p2p import PeerID
 from client import PeerBusy, PeerError
 from client.swarm import ClientConfig, RemoteSwarm
 from dht.records import derive_model_id
-from peer import wire
+import wire
 from peer.blocks import BlockRunner, load_config
 
 HIDDEN = 64  # tiny checkpoints' hidden size

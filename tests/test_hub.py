@@ -13,7 +13,8 @@ import torch
 from transformers import AutoModelForCausalLM, LlamaForCausalLM
 
 from client import AutoDistributedModelForCausalLM
-from peer import hub, layout
+import layout
+from layout import hub
 from peer.blocks import BlockRunner
 from swarmllm import launch
 from tests.conftest import CPU

@@ -8,7 +8,8 @@ import torch
 from transformers import AutoModelForCausalLM, modeling_utils
 
 from client import AutoDistributedModelForCausalLM
-from peer import layout, wire
+import layout
+import wire
 from peer.blocks import BlockRunner
 
 
@@ -88,9 +89,9 @@ def test_out_of_range_blocks_are_a_clear_error(sharded):
 
 
 def test_not_a_checkpoint_is_a_clear_error(tmp_path):
-    with pytest.raises(wire.CheckpointError, match="safetensors"):
+    with pytest.raises(layout.CheckpointError, match="safetensors"):
         layout.checkpoint_files(str(tmp_path))
-    with pytest.raises(wire.CheckpointError, match="no config.json"):
+    with pytest.raises(layout.CheckpointError, match="no config.json"):
         BlockRunner(str(tmp_path), 0, 1)
 
 

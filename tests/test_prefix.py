@@ -15,11 +15,12 @@ import torch
 from transformers import AutoModelForCausalLM
 
 from client import AutoDistributedModelForCausalLM
-from peer import prefixes, wire
+import wire
+from peer import prefixes
 from peer.blocks import BlockRunner
 from peer.handler import PeerHandler
 from peer.sessions import SessionTable
-from peer.wire import WireError
+from wire import WireError
 from swarmllm import launch
 from tests.conftest import CPU
 from tests.test_failover import OnStep

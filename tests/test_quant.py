@@ -14,7 +14,8 @@ from transformers import AutoModelForCausalLM
 
 from client import AutoDistributedModelForCausalLM
 from client.errors import MissingBlocksError
-from peer import layout, quant
+import layout
+from peer import quant
 from peer.blocks import BlockRunner
 from peer.config import PeerConfig
 from peer.server import Peer

@@ -14,7 +14,7 @@ from transformers import AutoModelForCausalLM, LogitsProcessorList
 
 from client import AutoDistributedModelForCausalLM
 from client.swarm import SessionCore
-from peer import wire
+import wire
 from tests.test_failover import OnStep, _current_route
 
 

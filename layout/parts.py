@@ -10,7 +10,8 @@ module that holds weights swapped for an identity), so transformers' key renamin
 name are ever read from disk (safetensors are opened lazily; an unmatched tensor is never materialised).
 Non-persistent buffers (rotary frequencies, embedding scales) are computed by the model's constructors.
 
-Both the peer and the client import this module; it has no I/O beyond what ``from_pretrained`` does.
+Both the peer and the client import it (the ground floor); no I/O beyond what ``from_pretrained`` does
+(and ``hub`` fetching a hub id's files).
 """
 
 from __future__ import annotations
@@ -25,8 +26,8 @@ from torch import nn
 from transformers import AutoConfig, PretrainedConfig
 from transformers.utils import logging as hf_logging
 
-from peer import hub
-from peer.wire import CheckpointError
+from layout import hub
+from layout.errors import CheckpointError
 
 SINGLE_FILE = "model.safetensors"
 INDEX_FILE = "model.safetensors.index.json"
@@ -95,7 +96,7 @@ def part_source(model: str, blocks: range, *, keep_outside: bool) -> str:
         return model
     snapshot = hub.fetch_metadata(model)  # once: config and part share it
     config = load_config(snapshot)
-    return hub.fetch_part(model, hub.stack_attr_for(config), config.num_hidden_layers, blocks, outside=keep_outside,
+    return hub.fetch_part(model, stack_attr_for(config), config.num_hidden_layers, blocks, outside=keep_outside,
                           snapshot=snapshot)
 
 
@@ -212,3 +213,12 @@ def load_part(model_dir: str, cls: type, blocks: range, *, keep_outside: bool, d
     model._swarm_tensor_names = tuple(sorted(n for n, _ in model.named_parameters()))  # global block indices
     narrow_blocks(model)
     return model
+
+
+def stack_attr_for(config) -> str:
+    """The last name of the block stack's path (``layers``, ``h``), read from the model on the meta device."""
+    from transformers import AutoModel
+
+    with torch.device("meta"):
+        model = AutoModel.from_config(config)
+    return find_blocks(model)[0].rsplit(".", 1)[-1]

@@ -1,7 +1,6 @@
-"""The wire contract between clients and peers: RPC names, message layout and error codes
-(the checkpoint's layout, which modules are blocks, is ``peer.layout``'s).
+"""The wire's messages: RPC names, message layout, limits, and packing tensors and metadata.
 
-This is the only module of ``peer`` that other packages import. Every message is a hivemind
+Every message is a hivemind
 ``runtime_pb2.ExpertRequest``/``ExpertResponse``: msgpack metadata plus tensors serialised by hivemind.
 
 RPCs (all on hivemind P2P, handle names below):
@@ -32,9 +31,6 @@ that arrives ahead of its predecessor (relayed by the client after a failed push
 
 from __future__ import annotations
 
-import dataclasses
-import enum
-import hashlib
 from typing import Any, Sequence
 
 import msgpack
@@ -43,59 +39,21 @@ from hivemind.compression import deserialize_torch_tensor, serialize_torch_tenso
 from hivemind.proto import runtime_pb2
 from hivemind.proto.runtime_pb2 import CompressionType
 
+from wire.errors import ErrorCode, WireError
+
 PROTOCOL_VERSION = 1
 RPC_INFO = "swarmllm.v1.info"
 RPC_FORWARD = "swarmllm.v1.forward"
 RPC_INFERENCE = "swarmllm.v1.inference"
 RPC_PUSH = "swarmllm.v1.push"
-RPC_FETCH = "swarmllm.v1.fetch"
-RPC_BACKWARD = "swarmllm.v1.backward"  # a stream of chunks of (inputs, output gradient): input gradient back  # a session's kept inputs or outputs that a reply named instead of carrying
-MAX_NEXT_HOPS = 64  # length of a step's push chain
+RPC_FETCH = "swarmllm.v1.fetch"  # a session's kept inputs or outputs that a reply named instead of carrying
+RPC_BACKWARD = "swarmllm.v1.backward"  # a stream of chunks of (inputs, output gradient): input gradient back
+MAX_NEXT_HOPS = 64  # peers a step may name to push its output on to ("next")
 
 DEFAULT_MAX_MESSAGE_BYTES = 64 * 2**20  # a peer rejects a message whose tensors exceed this (bytes)
 CHUNK_TARGET_BYTES = 2 * 2**20  # clients split long sequences into messages of about this size (bytes)
 HIDDEN_DTYPE_NAMES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 HIDDEN_DTYPES = tuple(HIDDEN_DTYPE_NAMES.values())
-
-
-class ErrorCode(str, enum.Enum):
-    BAD_REQUEST = "bad_request"  # malformed message or metadata
-    WRONG_BLOCKS = "wrong_blocks"  # asked for blocks the peer does not serve
-    BAD_SHAPE = "bad_shape"
-    BAD_DTYPE = "bad_dtype"
-    TOO_LARGE = "too_large"  # message or session larger than the peer accepts at all
-    BUSY = "busy"  # cache budget full right now: retry later or elsewhere
-    UNKNOWN_SESSION = "unknown_session"
-    NO_BACKWARD = "no_backward"  # this peer serves no backward passes (--no-backward): route elsewhere
-    UNKNOWN_PREFIX = "unknown_prefix"  # a pushed step named inputs by a prefix this peer does not keep
-    OUT_OF_ORDER = "out_of_order"  # step offset does not match the tokens the session holds
-    EXPIRED = "expired"  # session idle for too long
-    DRAINING = "draining"  # peer is leaving and accepts no new sessions
-    INTERNAL = "internal"  # the peer failed computing: not the client's fault
-
-
-@dataclasses.dataclass
-class WireError(Exception):
-    code: ErrorCode
-    message: str
-    retry_after: float | None = None  # seconds, for BUSY
-
-    def __str__(self) -> str:
-        return f"[{self.code.value}] {self.message}"
-
-    def to_metadata(self) -> dict[str, Any]:
-        return {"error": {"code": self.code.value, "message": self.message, "retry_after": self.retry_after}}
-
-    @classmethod
-    def from_metadata(cls, meta: dict[str, Any]) -> "WireError | None":
-        err = meta.get("error") if isinstance(meta, dict) else None
-        if err is None:
-            return None
-        try:
-            code = ErrorCode(err.get("code"))
-        except (ValueError, AttributeError):
-            code = ErrorCode.INTERNAL
-        return cls(code, str(err.get("message", "")), err.get("retry_after"))
 
 
 def serialize(tensor: torch.Tensor) -> runtime_pb2.Tensor:
@@ -125,46 +83,6 @@ def int_field(meta: dict, name: str, low: int, high: int | None = None) -> int:
         bound = f"[{low}, {high}]" if high is not None else f">= {low}"
         raise WireError(ErrorCode.BAD_REQUEST, f"field {name!r} must be in {bound}, got {value}")
     return value
-
-
-def digest(tensor: torch.Tensor) -> str:
-    """A short fingerprint of a tensor's bytes: a peer reports the one of the input it computed on, so a
-    client can tell that a pushed input is what the previous peer told the client it sent."""
-    data = tensor.detach().cpu().contiguous()
-    if data.dtype == torch.bfloat16:
-        data = data.view(torch.int16)
-    return hashlib.blake2b(data.numpy().tobytes(), digest_size=16).hexdigest()
-
-
-PREFIX_DOMAIN = b"swarmllm-prefix-v1"  # the digest chains that name histories (peer.prefixes)
-
-
-def history_root(batch_size: int) -> bytes:
-    """The digest of an empty history of ``batch_size`` rows (peer.prefixes: how kept histories are named)."""
-    return hashlib.sha256(b"|".join([PREFIX_DOMAIN, f"batch={batch_size}".encode()])).digest()
-
-
-def history_chain(previous: bytes, hidden: torch.Tensor, position_ids: torch.Tensor, mask: torch.Tensor | None,
-                  offset: int) -> list[bytes]:
-    """The digests after each new token of a step: hidden (batch, t, hidden) as received, position_ids
-    (batch, t), mask (batch, offset + t) or None. Returns t digests. A peer names the histories it keeps
-    by them, and a client names the part of a step the first peer keeps (a probe) the same way."""
-    tokens = hidden.shape[1]
-    rows = hidden.detach().cpu().transpose(0, 1).contiguous()  # (t, batch, hidden)
-    raw = rows.view(torch.uint8).reshape(tokens, -1).numpy()  # (t, bytes): the bits as sent, any dtype
-    dtype = str(hidden.dtype).encode()
-    positions = position_ids.detach().cpu().long().t().contiguous().numpy()  # (t, batch)
-    columns = None if mask is None else mask[:, offset:offset + tokens].detach().cpu().long().t().contiguous().numpy()
-    out = []
-    for t in range(tokens):
-        h = hashlib.sha256(previous)
-        h.update(dtype)
-        h.update(raw[t].tobytes())
-        h.update(positions[t].tobytes())
-        h.update(b"-" if columns is None else columns[t].tobytes())
-        previous = h.digest()
-        out.append(previous)
-    return out
 
 
 def deserialize(proto: runtime_pb2.Tensor) -> torch.Tensor:
@@ -212,9 +130,3 @@ def unpack(
 def chunk_tokens(batch_size: int, hidden_size: int, element_bytes: int = 4) -> int:
     """How many tokens per message keep one message near CHUNK_TARGET_BYTES."""
     return max(1, CHUNK_TARGET_BYTES // max(1, batch_size * hidden_size * element_bytes))
-
-
-# ---- checkpoint errors (peer.layout reads checkpoints) --------------------------------------------
-
-class CheckpointError(ValueError):
-    """The checkpoint directory is missing, incomplete or not a checkpoint this model class can load."""

@@ -29,6 +29,8 @@ import shutil
 import tempfile
 from typing import Callable, Iterable
 
+from layout.errors import HubError
+
 logger = logging.getLogger(__name__)
 
 INDEX_FILE = "model.safetensors.index.json"
@@ -38,10 +40,6 @@ TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_ma
                    "vocab.json", "merges.txt", "added_tokens.json", "chat_template.jinja")
 DISK_MARGIN = 2**30  # bytes left free after a download
 _REPO_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._\-]*/[A-Za-z0-9._\-]+(@[A-Za-z0-9._\-/]+)?$")
-
-
-class HubError(RuntimeError):
-    """A model could not be fetched from the hub; the message names the fix."""
 
 
 def is_hub_id(model: str) -> bool:
@@ -231,15 +229,3 @@ def _view(snapshot: str, index: dict, files: list[str]) -> str:
     finally:
         shutil.rmtree(staging, ignore_errors=True)
     return target
-
-
-def stack_attr_for(config) -> str:
-    """The last name of the block stack's path (``layers``, ``h``), read from the model on the meta device."""
-    import torch
-    from transformers import AutoModel
-
-    from peer import layout
-
-    with torch.device("meta"):
-        model = AutoModel.from_config(config)
-    return layout.find_blocks(model)[0].rsplit(".", 1)[-1]
