@@ -50,6 +50,7 @@ class _GenerationStream(StreamingResponse):
 
 
 def make_app(engine: Engine, cfg: ApiConfig) -> FastAPI:
+    # Long on purpose: the routes are closures over one engine and config, read best side by side.
     app = FastAPI(title="swarmllm OpenAI-compatible API", version="1")
     names = {cfg.model_name, *cfg.aliases}
 

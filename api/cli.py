@@ -7,19 +7,20 @@ import argparse
 import asyncio
 import os
 
+from client import options
+
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("model_dir", metavar="MODEL",
                         help="local checkpoint folder or hub repo id org/name[@revision] (embeddings, norm, head, "
                              "tokenizer)")
-    parser.add_argument("--initial-peers", nargs="+", required=True, metavar="MADDR")
+    options.add_arguments(parser)
     parser.add_argument("--host", default="127.0.0.1")
     parser.add_argument("--port", type=int, default=8080, help="HTTP port (0 = any free port)")
     parser.add_argument("--api-key", default=os.environ.get("SWARMLLM_API_KEY"),
                         help="require 'Authorization: Bearer KEY' (default: $SWARMLLM_API_KEY; unset = no key)")
     parser.add_argument("--model-name", default=None,
                         help="the name clients pass as 'model' (default: the checkpoint directory's name)")
-    parser.add_argument("--model-id", default=None, help="the swarm's model id (default: derived from the config)")
     parser.add_argument("--max-concurrency", type=int, default=8,
                         help="generations run at once (each holds one swarm session); more requests wait")
     parser.add_argument("--default-max-tokens", type=int, default=256,
@@ -28,14 +29,6 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="seconds a request waits for peers to cover missing blocks before a 503")
     parser.add_argument("--token-timeout", type=float, default=120.0,
                         help="seconds a request waits for its next token before a 504")
-    parser.add_argument("--verify-mode", choices=["background", "redo", "strict"], default="background",
-                        help="background: audits never delay text; redo: wait for this generation's sampled "
-                             "audits and generate again without a peer caught lying; strict: answers only after "
-                             "every span a not-yet-trusted peer served was re-run on another peer and matched "
-                             "(slower: see the README's Verification section)")
-    parser.add_argument("--formats", nargs="+", default=None, metavar="FORMAT",
-                        help="peer formats a route may use and mix: DTYPE, QUANT or DTYPE/QUANT (e.g. nf4); "
-                             "default: one format per generation, the most precise that covers every block")
 
 
 def model_name(model_dir: str) -> str:
@@ -51,9 +44,8 @@ def main(args: argparse.Namespace) -> None:
     from dht.ready import serve_http
 
     tokenizer = AutoTokenizer.from_pretrained(args.model_dir)
-    model = AutoDistributedModelForCausalLM.from_pretrained(args.model_dir, args.initial_peers, model_id=args.model_id,
-                                                            route_timeout=args.route_timeout, formats=args.formats,
-                                                            verify_mode=args.verify_mode)
+    model = AutoDistributedModelForCausalLM.from_pretrained(args.model_dir, args.initial_peers,
+                                                            route_timeout=args.route_timeout, **options.config_kwargs(args))
     engine = Engine(model, tokenizer, max_concurrency=args.max_concurrency, token_timeout=args.token_timeout)
     text_config = model.config.get_text_config(decoder=True)
     cfg = ApiConfig(model_name=args.model_name or model_name(args.model_dir), aliases=(model.swarm.cfg.model_id,),

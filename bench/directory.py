@@ -169,6 +169,7 @@ async def _timed(coro_fn, repeats: int) -> tuple[list[float], object]:
 
 
 def main() -> None:
+    # Long on purpose: a benchmark script, one timed phase after another in the order the README reports them.
     parser = argparse.ArgumentParser(prog="python -m bench.directory", description=__doc__.split("\n\n")[0])
     parser.add_argument("--nodes", type=int, default=50, help="DHT server nodes (each a process and a p2pd)")
     parser.add_argument("--identities", type=int, default=2000, help="simulated peers announcing")

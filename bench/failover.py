@@ -37,6 +37,7 @@ class OnStep(LogitsProcessor):
 
 
 def main() -> None:
+    # Long on purpose: a benchmark script, its phases in the order the README reports them.
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--seeds", type=int, default=10)
     parser.add_argument("--step-timeout", type=float, default=3.0)

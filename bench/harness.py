@@ -23,7 +23,7 @@ import time
 import torch
 from transformers import AutoConfig, AutoTokenizer, LogitsProcessor
 
-from client.swarm import ClientConfig
+from client import ClientConfig
 from swarmllm import checkpoints, launch
 from swarmllm.demo import _spans as split_blocks
 

@@ -25,7 +25,7 @@ from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from bench import harness
 from client import AutoDistributedModelForCausalLM
-from client.swarm import SessionCore
+from client.session import SessionCore
 import wire
 from swarmllm import checkpoints
 
@@ -126,6 +126,7 @@ def run_mode(model, ids, new_tokens: int, pad: int, **mode) -> dict:
 
 
 def main() -> None:
+    # Long on purpose: a benchmark script, its phases in the order the README reports them.
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--model-dir", default=None, help="checkpoint (default: SmolLM2-135M-Instruct, fp32)")
     parser.add_argument("--peers", type=int, default=3)

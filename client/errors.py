@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import wire
+
 
 class SwarmError(RuntimeError):
     """Base class of every error the client raises about the swarm."""
@@ -40,3 +42,18 @@ class PeerError(SwarmError):
 
 class PeerBusy(PeerError):
     """The peer's cache budget is full right now."""
+
+
+class Equivocation(PeerError):
+    """A peer pushed the next peer different hidden states from the ones it returned to the client."""
+
+
+# Refusals that say nothing bad about the peer: it is full, has moved to other blocks, is leaving, or no
+# longer keeps a prefix a step named (wire error codes).
+NOT_A_FAULT = frozenset(c.value for c in (wire.ErrorCode.BUSY, wire.ErrorCode.WRONG_BLOCKS, wire.ErrorCode.DRAINING,
+                                          wire.ErrorCode.UNKNOWN_PREFIX))
+
+
+def is_fault(error: PeerError) -> bool:
+    """Whether a peer's failure counts against it (bans, reputation), as opposed to a plain refusal."""
+    return error.code not in NOT_A_FAULT

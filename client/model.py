@@ -24,10 +24,10 @@ from transformers.cache_utils import Cache
 from transformers.generation.configuration_utils import GenerationMode
 
 from client.errors import SwarmError, UnverifiableError
-from client.swarm import ClientConfig, RemoteSession, RemoteSwarm
+from client.config import ClientConfig
+from client.front import RemoteSession, RemoteSwarm
 from dht import records
 import layout
-import wire
 from verify.auditor import NO_CHECKER
 from verify.reputation import Verdict
 

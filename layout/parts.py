@@ -82,7 +82,7 @@ def checkpoint_files(model_dir: str) -> dict[str, str]:
 
 def config_source(model: str) -> str:
     """A local folder holding ``model``'s config and tokenizer: ``model`` itself, or for a hub repo id
-    (``org/name[@revision]``) its snapshot with only those files fetched (``peer.hub``)."""
+    (``org/name[@revision]``) its snapshot with only those files fetched (``layout.hub``)."""
     if hub.is_hub_id(model):
         return hub.fetch_metadata(model)
     return model

@@ -4,7 +4,7 @@ Any decoder-only family whose transformers base model takes ``inputs_embeds, att
 position_ids, past_key_values`` runs through it (Llama, Mistral, Qwen2/3, Qwen3-MoE, Mixtral,
 DeepSeek-V3, gpt-oss, Gemma 2/3, Phi-3, OLMo 2, Granite, Falcon, BLOOM, GPT-NeoX, …): masks, sliding
 windows, ALiBi, rotary embeddings, MoE routing and cache layers all come from transformers' own code.
-``peer.layout.load_part`` builds the base model with only these blocks (each keeps its global
+``layout.load_part`` builds the base model with only these blocks (each keeps its global
 ``layer_idx``, so structure that changes along the stack — dense-then-MoE, sliding/global, sinks — is
 right for any range) and every other module but the rotary helpers (embeddings, final norm) as a
 ``layout.StandIn``.

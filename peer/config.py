@@ -66,6 +66,7 @@ def _size(text: str) -> int:
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
+    # Long on purpose: one add_argument per flag of `swarmllm peer`.
     parser.add_argument("model_dir", metavar="MODEL",
                         help="a local transformers checkpoint folder (safetensors), or a hub repo id "
                              "org/name[@revision] (only the shards holding this peer's blocks are fetched)")

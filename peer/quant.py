@@ -1,7 +1,7 @@
 """Weight formats of a peer's blocks, its device, and how many blocks fit in its memory.
 
 Quantization is transformers' bitsandbytes integration unchanged: a peer passes a ``BitsAndBytesConfig``
-to ``from_pretrained`` (``peer.layout.load_part``), so the blocks hold the same ``Linear8bitLt`` /
+to ``from_pretrained`` (``layout.load_part``), so the blocks hold the same ``Linear8bitLt`` /
 ``Linear4bit`` modules, with the same weights, as a local ``AutoModelForCausalLM.from_pretrained(...,
 quantization_config=quantization_config(quant, dtype))``; ``quantization_config`` is the one place both
 sides build it. Only the blocks' linear layers are quantized (as transformers does: the embeddings and the

@@ -51,7 +51,7 @@ class SimConfig:
     load_factor: float = 0.5
     failover_detect: float = 1.0  # seconds a failed hop costs before the re-planned one runs
     prefill_speedup: float = 64.0  # a replayed token costs this many times less than a decoded one
-    max_retries: int = 16  # failovers one session may take (client.swarm ClientConfig.max_retries)
+    max_retries: int = 16  # failovers one session may take (client.config ClientConfig.max_retries)
     bin_seconds: float = 60.0  # time-series resolution
 
     @property

@@ -79,6 +79,7 @@ def _serve_api(model_dir: str, maddrs: list[str], port: int, procs: list) -> Non
 
 
 def main(args: argparse.Namespace) -> None:
+    # Long on purpose: the demo's story in order (checkpoint, swarm, generate, compare with local, stop).
     import torch
     from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, TextStreamer
 

@@ -9,7 +9,7 @@ import torch
 from hivemind.p2p import PeerID
 
 from client import PeerBusy, PeerError
-from client.swarm import ClientConfig, RemoteSwarm
+from client import ClientConfig, RemoteSwarm
 from dht.records import derive_model_id
 import wire
 from peer.blocks import BlockRunner, load_config

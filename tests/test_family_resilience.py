@@ -52,9 +52,9 @@ def test_a_lying_peer_is_caught_and_its_generation_redone(fleet):
         assert model.generate(ids, **kwargs).tolist() == local.generate(ids, **kwargs).tolist()
         book = model.swarm.core.book
         assert book.status(liar_id) == Status.BANNED
-        caught = [r for r in model.swarm.core.auditor.results if r.peer_id == liar_id]
+        caught = [r for r in model.swarm.core.audits.auditor.results if r.peer_id == liar_id]
         assert caught and caught[-1].verdict in (Verdict.FAIL, Verdict.GROSS_FAIL)
-        honest = [r for r in model.swarm.core.auditor.results if r.peer_id != liar_id]
+        honest = [r for r in model.swarm.core.audits.auditor.results if r.peer_id != liar_id]
         assert all(r.verdict in (Verdict.PASS, Verdict.IMPOSSIBLE) for r in honest), honest
     finally:
         model.swarm.shutdown()

@@ -13,7 +13,7 @@ import torch
 from transformers import AutoModelForCausalLM
 
 from client import AutoDistributedModelForCausalLM, PeerError, SwarmError
-from client.swarm import SwarmCore
+from client.training import Backward
 from tests.test_push import _fetch
 
 
@@ -114,7 +114,7 @@ def test_a_peer_killed_during_backward_is_replaced(models, swarm, monkeypatch, p
     x = local.get_input_embeddings()(ids).detach().requires_grad_(True)
     loss = remote(inputs_embeds=x, attention_mask=mask, labels=labels).loss
     killed = []
-    original = SwarmCore._backward_call
+    original = Backward.call
 
     async def kill_then_call(core, hop, *args):
         if hop.start == 2 and not killed:
@@ -123,7 +123,7 @@ def test_a_peer_killed_during_backward_is_replaced(models, swarm, monkeypatch, p
             killed.append(hop.peer_id)
         return await original(core, hop, *args)
 
-    monkeypatch.setattr(SwarmCore, "_backward_call", kill_then_call)
+    monkeypatch.setattr(Backward, "call", kill_then_call)
     loss.backward()
     monkeypatch.undo()
     x_l = local.get_input_embeddings()(ids).detach().requires_grad_(True)
@@ -149,7 +149,7 @@ def test_bad_gradients_and_a_peer_without_backward_get_clear_errors(models, swar
     assert refuser.backward is False
     hop = next(h for h, _ in spans if h.start == 0)
     with pytest.raises(PeerError, match="serves no backward"):
-        remote.swarm.loop.run(core._backward_call(
+        remote.swarm.loop.run(core.training.call(
             type(hop)(refuser_id, 0, 2, refuser.maddrs, refuser.dtype, refuser.quant), spans[0][1], good,
             positions, mask))
     others = frozenset(r.peer_id for r in core.records if r.backward)

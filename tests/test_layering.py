@@ -51,10 +51,21 @@ def _modules() -> dict[str, pathlib.Path]:
 MODULES = _modules()
 
 
-def _edges(path: pathlib.Path) -> list[tuple[str, tuple[str, ...]]]:
-    """(module imported from, names) for every import of ours in the file; names empty for ``import x``."""
+def _type_only(tree: ast.AST) -> set[ast.AST]:
+    """Import statements under ``if TYPE_CHECKING:`` (never run: annotations only)."""
+    return {n for node in ast.walk(tree) if isinstance(node, ast.If) and getattr(node.test, "id", "") == "TYPE_CHECKING"
+            for stmt in node.body for n in ast.walk(stmt)}
+
+
+def _edges(path: pathlib.Path, *, runtime_only: bool = False) -> list[tuple[str, tuple[str, ...]]]:
+    """(module imported from, names) for every import of ours in the file; names empty for ``import x``.
+    ``runtime_only``: leave out the imports under ``if TYPE_CHECKING:``."""
     out = []
-    for node in ast.walk(ast.parse(path.read_text())):
+    tree = ast.parse(path.read_text())
+    skip = _type_only(tree) if runtime_only else set()
+    for node in ast.walk(tree):
+        if node in skip:
+            continue
         if isinstance(node, ast.Import):
             out += [(a.name, ()) for a in node.names if a.name.split(".")[0] in OURS]
         elif isinstance(node, ast.ImportFrom) and node.module and node.level == 0 and node.module.split(".")[0] in OURS:
@@ -63,7 +74,7 @@ def _edges(path: pathlib.Path) -> list[tuple[str, tuple[str, ...]]]:
 
 
 def _targets(module: str, names: tuple[str, ...]) -> set[str]:
-    """The modules of ours an import statement loads: ``from peer import wire`` loads peer.wire (and peer)."""
+    """The modules of ours an import statement loads: ``from peer import placement`` loads peer.placement (and peer)."""
     hit = {module} | {f"{module}.{n}" for n in names if f"{module}.{n}" in MODULES}
     return {t for t in hit if t in MODULES}
 
@@ -102,7 +113,7 @@ def violations() -> list[str]:
 def import_graph() -> dict[str, set[str]]:
     graph = {m: set() for m in MODULES}
     for module, path in MODULES.items():
-        for target, names in _edges(path):
+        for target, names in _edges(path, runtime_only=True):  # a type-only import cannot make a circle
             graph[module] |= _targets(target, names) - {module}
     # a submodule loading its own package's __init__ is how Python imports it, not a circle
     return {m: {t for t in targets if not m.startswith(t + ".")} for m, targets in graph.items()}
@@ -154,4 +165,7 @@ def test_the_rules_catch_violations():
     assert "routing" in _public("client") and "swarm" not in _public("client")
     assert cycles({"a": {"b"}, "b": {"c"}, "c": {"a"}, "d": {"a"}}) == [["a", "b", "c", "a"]]
     assert cycles({"a": {"b"}, "b": set()}) == []
-    assert "layout" in import_graph()["peer.blocks"] and "layout.hub" in import_graph()["layout.parts"]
+    graph = import_graph()
+    assert "layout" in graph["peer.blocks"] and "layout.hub" in graph["layout.parts"]
+    assert "client.session" in graph["client.swarm"] and "client.swarm" not in graph["client.session"]  # type-only
+    assert "client.swarm" in {t for t, _ in _edges(MODULES["client.session"])}

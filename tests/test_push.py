@@ -11,7 +11,7 @@ import torch
 from transformers import AutoModelForCausalLM
 
 from client import AutoDistributedModelForCausalLM
-from client import swarm as client_swarm
+from client import hop as client_hop
 
 SPANS = [(0, 2), (2, 4), (4, 6)]
 
@@ -91,17 +91,17 @@ def test_a_link_that_cannot_push_is_relayed_by_the_client(push_swarm, remote, mo
     """The second peer is told a session id the third does not have: its pushes fail, it says so in its
     result, and the client relays that link itself; the tokens do not change."""
     _, local, _ = push_swarm
-    real = client_swarm.HopSession.push_target
+    real = client_hop.HopSession.push_target
 
     def broken(self):
         target = real(self)
         return {**target, "session_id": "no-such-session"} if self.hop.start == 4 else target
 
-    monkeypatch.setattr(client_swarm.HopSession, "push_target", broken)
+    monkeypatch.setattr(client_hop.HopSession, "push_target", broken)
     before = _stats(remote)
     ids = _prompt(8, seed=3)
     ref = local.generate(ids, max_new_tokens=5, do_sample=False, pad_token_id=0)
-    with caplog.at_level(logging.INFO, logger="client.swarm"):
+    with caplog.at_level(logging.INFO, logger="client.step"):
         assert remote.generate(ids, max_new_tokens=5, do_sample=False, pad_token_id=0).tolist() == ref.tolist()
     after = _stats(remote)
     assert after[2]["pushes_failed"] - before[2]["pushes_failed"] == 5

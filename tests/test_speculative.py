@@ -13,7 +13,7 @@ import torch
 from transformers import AutoModelForCausalLM, LogitsProcessorList
 
 from client import AutoDistributedModelForCausalLM
-from client.swarm import SessionCore
+from client.session import SessionCore
 import wire
 from tests.test_failover import OnStep, _current_route
 

@@ -45,11 +45,11 @@ def test_each_adversary_is_caught_avoided_and_its_generation_redone(honest_swarm
             if book.status(liar_id) == Status.BANNED:
                 break
         assert book.status(liar_id) == Status.BANNED
-        caught = [r for r in model.swarm.core.auditor.results if r.peer_id == liar_id]
+        caught = [r for r in model.swarm.core.audits.auditor.results if r.peer_id == liar_id]
         assert caught and caught[-1].verdict in (Verdict.FAIL, Verdict.GROSS_FAIL)
         assert caught[-1].referee is not None  # confirmed 2 of 3
         assert liar_id not in [h.peer_id for h in model.swarm.route()]
-        honest = [r for r in model.swarm.core.auditor.results if r.peer_id != liar_id]
+        honest = [r for r in model.swarm.core.audits.auditor.results if r.peer_id != liar_id]
         assert all(r.verdict in (Verdict.PASS, Verdict.IMPOSSIBLE) for r in honest), honest  # never blamed
     finally:
         model.swarm.shutdown()
@@ -65,7 +65,7 @@ def test_no_second_peer_means_the_audit_is_impossible_not_passed(tiny_checkpoint
     try:
         model.generate(torch.tensor([[5, 6, 7]]), max_new_tokens=3, do_sample=False, pad_token_id=0)
         model.swarm.wait_audits()
-        results = model.swarm.core.auditor.results
+        results = model.swarm.core.audits.auditor.results
         assert [r.verdict for r in results] == [Verdict.IMPOSSIBLE]
         assert model.swarm.core.book.entry(results[0].peer_id).passes == 0
     finally:
@@ -116,7 +116,7 @@ def test_strict_mode_never_hands_over_a_wrong_generation(honest_swarm):
         try:
             wrong = sum(model.generate(ids, **kwargs).tolist() != want for ids, want in zip(prompts, wants))
             assert wrong == 0, f"{mode}: {wrong} wrong generations handed over"
-            results = model.swarm.core.auditor.results
+            results = model.swarm.core.audits.auditor.results
             if ":" not in mode and mode != "equivocate":  # a partial liar may have been honest whenever routed
                 # to (and an equivocation is caught inline, not by audits)
                 assert any(r.peer_id == liar_id and r.verdict in (Verdict.FAIL, Verdict.GROSS_FAIL)
@@ -219,11 +219,11 @@ def test_split_audits_catch_a_liar_no_single_peer_can_check(tiny_checkpoint, mak
         ids = torch.tensor([[5, 6, 7, 8, 9]])
         kwargs = dict(max_new_tokens=4, do_sample=False, pad_token_id=0)
         assert model.generate(ids, **kwargs).tolist() == local.generate(ids, **kwargs).tolist()
-        caught = [r for r in model.swarm.core.auditor.results if r.peer_id == liar_id]
+        caught = [r for r in model.swarm.core.audits.auditor.results if r.peer_id == liar_id]
         assert caught[0].verdict in (Verdict.FAIL, Verdict.GROSS_FAIL)
         assert "+" in caught[0].checker and "+" in caught[0].referee
         assert model.swarm.core.book.status(liar_id) == Status.BANNED
-        honest = [r for r in model.swarm.core.auditor.results if r.peer_id != liar_id]
+        honest = [r for r in model.swarm.core.audits.auditor.results if r.peer_id != liar_id]
         assert all(r.verdict == Verdict.PASS for r in honest), honest  # each honest span is checkable too
     finally:
         model.swarm.shutdown()

@@ -7,6 +7,6 @@ Files:
 - auditor.py     re-runs a sampled span on another same-dtype peer, asks a referee on disagreement,
                  records and publishes the verdict (network access injected; never imports client)
 
-The client (client/swarm.py) wires these in: every closed session offers its spans to the auditor,
+The client (client/audits.py, client/session.py) wires these in: every closed session offers its spans to the auditor,
 routing skips banned peers, and verdicts are published on the DHT signed by the client.
 """

@@ -3,7 +3,7 @@
 Network access is injected (it never imports ``client``): ``candidates(start, end, dtype, quant, exclude)``
 lists checkers that could re-run [start, end) in that format (peers of other formats compute other
 numbers and are never judged against each other): a checker is one peer serving the whole span or,
-when no other peer does, a chain of peers that split it differently (``((peer, a, b), (peer, b, c))``),
+when no other peer does, a route of peers that split it differently (``((peer, a, b), (peer, b, c))``),
 so a peer alone on its range is still checkable. ``replay(checker, hidden, position_ids, mask)`` runs
 the whole prefix through the checker as stateless forwards (the ordinary forward RPC, so the re-running
 peers cannot tell an audit from any other request; the audited peer never hears of it). A
@@ -119,7 +119,7 @@ class Auditor:
             if len(checker) == 1:
                 self.book.record(checker[0][0], Verdict.GROSS_FAIL if b_vs_c.gross else Verdict.FAIL)
                 self.results.append(AuditResult(checker[0][0], Verdict.FAIL, span.peer_id, _name(referee), b_vs_c))
-            else:  # one of a chain lied and we cannot tell which: all of them become suspects
+            else:  # one of a route's peers lied and we cannot tell which: all of them become suspects
                 self._record(checker, Verdict.INCONCLUSIVE)
             return self._finish(AuditResult(span.peer_id, Verdict.PASS, _name(checker), _name(referee), a_vs_c), span)
         self._record(checker, Verdict.INCONCLUSIVE)

@@ -1,0 +1,129 @@
+"""Audits: re-running a sample of what peers served on other peers, off the critical path.
+
+Who can check a span (``checkers``: peers serving all of it, else disjoint routes of peers that split it
+differently), the stateless replay that a checker runs, publishing verdicts on the DHT, and owning the
+audit tasks in flight. The verdicts feed the view's reputation book (``verify.auditor``)."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+
+import torch
+
+from client import routing
+from client.errors import MissingBlocksError, PeerError
+from client.hop import ForwardOn
+from client.routing import Hop
+from client.view import SwarmView
+from dht import directory
+from dht.records import PeerState, VerdictRecord
+from verify.auditor import LOST_OUTPUTS, AuditResult, Auditor, Checker, ServedSpan
+from verify.policy import SamplingPolicy
+from verify.reputation import Status, Verdict
+
+logger = logging.getLogger(__name__)
+
+class Audits:
+    def __init__(self, view: SwarmView, forward_on: ForwardOn):
+        self.view, self._forward_on = view, forward_on
+        self.auditor = Auditor(view.book, SamplingPolicy(view.cfg.audit_rates), self.checkers, self.replay,
+                               replay_errors=(PeerError,), publish=self.publish, related=view.book.related)
+        self._tasks: set[asyncio.Task] = set()  # owned here: awaited by wait() and at shutdown
+
+    def _candidates(self, start: int, end: int, dtype: str, quant: str, exclude: frozenset[str]) -> list[str]:
+        return [r.peer_id for r in self.view.records
+                if r.state == PeerState.ONLINE and r.start <= start and end <= r.end and r.dtype == dtype
+                and r.quant == quant and r.peer_id not in exclude and r.peer_id not in self.view.unreachable]
+
+    def checkers(self, start: int, end: int, dtype: str, quant: str, exclude: frozenset[str]) -> list[Checker]:
+        """Who can re-run [start, end) in this format: each peer serving all of it; if none does, routes of
+        other peers that split it differently (so a lone peer is still checkable), as many disjoint ones as
+        can be found, so that one can check and another referee."""
+        exclude = exclude | self.view.book.banned()
+        singles = self._candidates(start, end, dtype, quant, exclude)
+        if singles:
+            return [((peer, start, end),) for peer in singles]
+        records = [r for r in self.view.records if r.dtype == dtype and r.quant == quant]
+
+        def route_around(avoid: frozenset[str]) -> Checker | None:
+            try:
+                route = routing.plan_route(records, self.view.cfg.model_id, self.view.cfg.num_blocks, rtts=self.view.rtts,
+                                           start=start, end=end, banned=avoid | self.view.unreachable)
+            except MissingBlocksError:
+                return None
+            return tuple((h.peer_id, h.start, h.end) for h in route)
+
+        first = route_around(exclude)
+        if first is None:
+            return []
+        found = {first} | {c for p, _, _ in first if (c := route_around(exclude | {p})) is not None}
+        found = sorted(found)
+        peers = [set(c_peer for c_peer, _, _ in c) for c in found]
+        best: list[int] = [0]
+        for mask in range(1, 2 ** len(found)):  # the largest set of routes that share no peer (a handful)
+            pick = [i for i in range(len(found)) if mask >> i & 1]
+            if len(pick) > len(best) and all(not peers[i] & peers[j] for i in pick for j in pick if i < j):
+                best = pick
+        return [found[i] for i in best] if len(best) > 1 else found
+
+    async def replay(self, checker: Checker, hidden: torch.Tensor, position_ids: torch.Tensor,
+                      mask: torch.Tensor | None) -> torch.Tensor:
+        """Run a prefix through a checker's peers, one stateless forward each (what audits send)."""
+        for peer_id, start, end in checker:
+            record = next((r for r in self.view.records if r.peer_id == peer_id), None)
+            hop = Hop(peer_id, start, end, record.maddrs if record else (), record.dtype if record else "float32",
+                      record.quant if record else "none")
+            hidden = await self._forward_on(hop, hidden, position_ids, mask)
+        return hidden
+
+    async def publish(self, result: AuditResult, span: ServedSpan) -> None:
+        """Publish a verdict on the DHT, signed with this client's identity (the health page shows it)."""
+        c = result.comparison
+        verdict = VerdictRecord(
+            author=self.view.peer_id, target=result.peer_id, model_id=self.view.cfg.model_id, start=span.start, end=span.end,
+            verdict=result.verdict.value, median_error=c.median if c else float("nan"),
+            max_error=c.maximum if c else float("nan"), time=time.time())
+        try:
+            if not await asyncio.wait_for(directory.publish_verdict(self.view.dht, verdict), 10):
+                logger.info("no DHT node stored the verdict about %s", result.peer_id)
+        except asyncio.TimeoutError:
+            logger.info("publishing the verdict about %s timed out", result.peer_id)
+
+    def submit(self, spans: list[ServedSpan], *, sampled: bool = False,
+                      after: asyncio.Future | None = None) -> list[asyncio.Task]:
+        """Audit the spans the sampling policy draws (all of them if ``sampled``: already drawn), once
+        ``after`` (fetching the outputs peers named instead of sending) is done."""
+        tasks = []
+        for span in spans:
+            if sampled or self.auditor.sampled(span):
+                task = asyncio.get_running_loop().create_task(self._after(after, span), name="audit")
+                self._tasks.add(task)
+                task.add_done_callback(self._tasks.discard)
+                tasks.append(task)
+        return tasks
+
+    async def _after(self, after: asyncio.Future | None, span: ServedSpan) -> AuditResult:
+        if after is not None:
+            await asyncio.shield(after)
+            if any(torch.isnan(t).any() for t in span.hidden + span.outputs):
+                logger.info("not auditing %s on [%d, %d): outputs it named could not be fetched",
+                            span.peer_id, span.start, span.end)
+                return AuditResult(span.peer_id, Verdict.IMPOSSIBLE, start=span.start, end=span.end,
+                                   reason=LOST_OUTPUTS)
+        return await self.auditor.audit(span)
+
+    def draw(self, span: ServedSpan) -> bool:
+        """Whether to audit a span a session was served: the sampling policy's draw, or in strict mode
+        every span of a peer that is not trusted yet."""
+        if self.view.cfg.verify_mode == "strict":
+            return bool(span.hidden) and self.view.book.status(span.peer_id) != Status.TRUSTED
+        return self.auditor.sampled(span)
+
+    async def wait(self, timeout: float | None = None) -> None:
+        """Wait for every audit in flight; errors inside an audit propagate here."""
+        if self._tasks:
+            done, _ = await asyncio.wait(set(self._tasks), timeout=timeout)
+            for task in done:
+                task.result()

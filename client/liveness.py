@@ -1,0 +1,38 @@
+"""Probes of a peer whose reply is late: is it dead (refuses the connection) or frozen (does not answer info)?"""
+
+from __future__ import annotations
+
+from client.errors import PeerError
+from client.transport import Transport
+
+
+class Probe:
+    """Checks on a peer whose reply is late: a dead peer refuses the connection and a frozen one does
+    not answer info (served on its event loop, so a peer busy computing still answers)."""
+
+    def __init__(self, transport: Transport, interval: float, timeout: float):
+        self.transport, self.interval, self.timeout = transport, interval, timeout
+
+    async def __call__(self, peer_id: str) -> None:
+        try:
+            await self.transport.info(peer_id, timeout=self.timeout)
+        except PeerError as e:
+            raise PeerError(peer_id, f"stopped answering mid-step ({e})") from None
+
+
+class WatchNext:
+    """The probe for a hop whose output is pushed to the next peer: it also checks that next peer, and
+    notes (does not raise) its failure, so the hop's own answer is still read; the caller then replaces
+    the next peer at once (its predecessor's push to it fails only after the push timeout)."""
+
+    def __init__(self, probe: Probe, next_peer: str):
+        self.probe, self.next_peer, self.interval = probe, next_peer, probe.interval
+        self.next_failed: PeerError | None = None
+
+    async def __call__(self, peer_id: str) -> None:
+        await self.probe(peer_id)
+        if self.next_failed is None:
+            try:
+                await self.probe(self.next_peer)
+            except PeerError as e:
+                self.next_failed = e
