@@ -7,4 +7,6 @@ Files:
 - directory.py  every DHT read and write for our keys, and starting a DHT node
 - bootstrap.py  `swarmllm dht` / `python -m dht`: a bootstrap node
 - ready.py      the readiness line and maddr file every long-running command writes
+- addressing.py multiaddrs as the go-libp2p daemon wants them (dialing a peer by its announced addresses)
+- __main__.py   `python -m dht`: the bootstrap node
 """
