@@ -14,6 +14,7 @@ from client.session import SessionCore
 from client.training import Backward
 from client.transport import Transport
 from client.view import SwarmView
+from verify.auditor import Auditor
 
 
 class SwarmCore(SwarmView):
@@ -21,6 +22,11 @@ class SwarmCore(SwarmView):
         super().__init__(cfg, transport, dht, peer_id)
         self.audits = Audits(self, self.forward_on)
         self.training = Backward(self, self.forward_on)
+
+    @property
+    def auditor(self) -> Auditor:
+        """The audits' verdict log and reputation updates (``model.swarm.core.auditor.results``, as the README shows)."""
+        return self.audits.auditor
 
     async def forward_on(self, hop: Hop, hidden: torch.Tensor, position_ids: torch.Tensor,
                          mask: torch.Tensor | None) -> torch.Tensor:
