@@ -17,6 +17,7 @@ from verify.auditor import ServedSpan
 # a stateless forward of a whole prefix on one given peer: (hop, hidden, position_ids, mask) -> its output
 ForwardOn = Callable[[Hop, torch.Tensor, torch.Tensor, "torch.Tensor | None"], Awaitable[torch.Tensor]]
 
+
 @dataclasses.dataclass(frozen=True)
 class StepInput:
     """What one hop received in one step: enough to replay it exactly on a replacement."""
