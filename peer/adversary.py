@@ -12,6 +12,8 @@ the steps it serves:
 - slow           computes honestly but takes SLOW_SECONDS longer (a peer slower than the throughput it
                  announces: routing must rank it by what it delivers)
 The peer still keeps its cache consistent with what it pretends, and announces itself as honest.
+The server wraps the runner in ``AdversarialRunner`` and hands the handler's push seam a ``PushTamper``
+(``PeerHandler(tamper_push=...)``), only with ``--adversary``.
 """
 
 from __future__ import annotations
@@ -62,6 +64,21 @@ def _corrupt_weights(runner: BlockRunner, mode: str) -> None:
                 param.copy_((torch.round(w / scale).clamp(-8, 7) * scale).to(param.dtype))
 
 
+class PushTamper:
+    """What an adversarial peer pushes to the next peer of a route instead of its output ``out`` (batch, t,
+    hidden): in mode ``equivocate``, a noisy copy on a fraction ``rate`` of the pushes; else ``out``. A peer
+    with one pushes every step in full (a named prefix would let the next hop use the honest inputs)."""
+
+    def __init__(self, adversary: Adversary, seed: int | None = None):
+        self.adversary = adversary
+        self._rng = random.Random(seed)
+
+    def __call__(self, out: torch.Tensor) -> torch.Tensor:
+        if self.adversary.mode != "equivocate" or self._rng.random() >= self.adversary.rate:
+            return out
+        return (out.float() + 0.1 * out.float().std() * torch.randn_like(out.float())).to(out.dtype)
+
+
 class AdversarialRunner:
     """Wraps an honest BlockRunner and lies on a fraction of the steps."""
 
@@ -76,12 +93,6 @@ class AdversarialRunner:
 
     def __getattr__(self, name):  # everything else (start, end, hidden_size, new_cache, ...) is the honest runner's
         return getattr(self.honest, name)
-
-    def tamper_push(self, out: torch.Tensor) -> torch.Tensor:
-        """What this peer pushes to the next peer instead of ``out`` (the handler asks)."""
-        if self.adversary.mode != "equivocate" or self._rng.random() >= self.adversary.rate:
-            return out
-        return (out.float() + 0.1 * out.float().std() * torch.randn_like(out.float())).to(out.dtype)
 
     def forward(self, hidden: torch.Tensor, position_ids: torch.Tensor, attention_mask: torch.Tensor | None,
                 cache: SpanCache) -> torch.Tensor:

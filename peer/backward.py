@@ -15,8 +15,10 @@ gets a typed error and ends the stream; the peer keeps serving.
 from __future__ import annotations
 
 import dataclasses
+from typing import AsyncIterator
 
 import torch
+from hivemind.proto import runtime_pb2
 
 import wire
 from wire import ErrorCode, WireError
@@ -38,6 +40,38 @@ class Request:
     @property
     def received(self) -> int:
         return sum(h.shape[1] for h in self.hidden)
+
+
+async def receive(requests: AsyncIterator[runtime_pb2.ExpertRequest], runner, *, enabled: bool, max_bytes: int,
+                  max_tokens: int, max_batch: int) -> Request | None:
+    """Read one request's chunks off its stream for ``runner``'s blocks (``enabled``: this peer serves
+    backward passes; ``max_tokens``: tokens x rows per request); None if the client went away before
+    all ``total`` tokens arrived."""
+    request = None
+    async for message in requests:
+        meta, tensors = wire.unpack(message, max_bytes=max_bytes)
+        if not enabled:
+            raise WireError(ErrorCode.NO_BACKWARD, "this peer serves no backward passes (--no-backward): "
+                                                   "route them to a peer whose record says it does")
+        if meta.get("op") != "backward":
+            raise WireError(ErrorCode.BAD_REQUEST, f"expected op 'backward', got {meta.get('op')!r}")
+        if request is None:
+            request = begin(meta, tensors, runner_start=runner.start, runner_end=runner.end,
+                            hidden_size=runner.hidden_size, max_tokens=max_tokens, max_batch=max_batch)
+        else:
+            add(request, meta, tensors, runner.hidden_size)
+        if request.received == request.total:
+            break
+    if request is None or request.received < request.total:
+        return None
+    return request
+
+
+def arguments(request: Request) -> tuple:
+    """What ``BlockRunner.backward`` takes for a complete request: hidden (batch, total, hidden), position
+    ids (batch, total), the mask (batch, total) or None, the output gradient (batch, total, hidden), start, end."""
+    return (torch.cat(request.hidden, 1), torch.cat(request.positions, 1), request.mask,
+            torch.cat(request.grads, 1), request.start, request.end)
 
 
 def begin(meta: dict, tensors: list[torch.Tensor], *, runner_start: int, runner_end: int, hidden_size: int,

@@ -45,7 +45,7 @@ def _text(entry: dict, name: str) -> str:
 
 
 def parse_next(value: Any) -> list[NextHop]:
-    """The push chain of a step's metadata (empty if absent); WireError if malformed."""
+    """The downstream hops of a step's metadata (its "next" field; empty if absent); WireError if malformed."""
     if value is None:
         return []
     if not isinstance(value, list) or len(value) > wire.MAX_NEXT_HOPS:
@@ -83,11 +83,12 @@ class PushSender:
         self.sent = 0
         self.failed = 0
 
-    async def push(self, chain: list[NextHop], meta: dict[str, Any], tensors) -> str | None:
-        """Push one step to chain[0]; None on success, else why it failed (the client relays instead)."""
-        target = chain[0]
+    async def push(self, targets: list[NextHop], meta: dict[str, Any], tensors) -> str | None:
+        """Push one step to targets[0], handing on targets[1:] as its "next"; None on success, else why it
+        failed (the client relays instead)."""
+        target = targets[0]
         message = wire.request({**meta, "session_id": target.session_id,
-                                "next": [h.to_metadata() for h in chain[1:]]}, tensors)
+                                "next": [h.to_metadata() for h in targets[1:]]}, tensors)
         try:
             peer = PeerID.from_base58(target.peer_id)
             if peer == self.p2p.peer_id:  # consecutive hops on one peer: the daemon cannot dial itself

@@ -18,7 +18,7 @@ from dht.records import PeerRecord, PeerState
 import layout
 from layout import hub
 from peer import metrics, placement, quant
-from peer.adversary import Adversary, AdversarialRunner
+from peer.adversary import Adversary, AdversarialRunner, PushTamper
 from peer.blocks import DTYPES as DTYPE_OF, BlockRunner, load_config
 from peer.config import PeerConfig
 from peer.handler import PeerHandler
@@ -119,11 +119,10 @@ class Peer:
             "model_type": self.model_type,
             "throughput": self.throughput, "sessions": len(self.sessions),
             "cache_tokens_total": self.sessions.budget_tokens, "cache_tokens_left": self.sessions.tokens_left,
-            "requests_served": self.handler.requests_served, "num_parameters": runner.num_parameters,
+            "num_parameters": runner.num_parameters,
             "loaded_tensors": list(runner.loaded_tensor_names), "relayed": self.relayed, "moves": self.moves,
             "uptime": time.time() - self.started_at, "version": SOFTWARE_VERSION,
-            "tokens_computed": self.handler.steps_computed, "errors": dict(self.handler.errors),
-            **self.handler.counters(), **self.sessions.prefixes.statistics(),
+            **self.handler.counters(), **self.sessions.prefixes.statistics(),  # requests_served, errors, ...
         }
 
     async def _serve_metrics(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
@@ -206,11 +205,7 @@ class Peer:
         _say(f"loading blocks [{self.start}, {self.end}) of {cfg.model_dir} ({self._format()} on {self.device})")
         self.runner, self.throughput = await loop.run_in_executor(None, self._load, self.start, self.end)
         _say(f"blocks [{self.start}, {self.end}) hold {quant.human(self.runner.weight_bytes)} of weights")
-        self.handler = PeerHandler(
-            self.runner, self.sessions, max_message_bytes=cfg.max_message_bytes, idle_timeout=cfg.idle_timeout,
-            max_session_length=cfg.max_session_length, statistics=self.statistics, prefix_cache=cfg.prefix_cache,
-            backward=cfg.backward, max_backward_tokens=cfg.max_backward_tokens,
-        )
+        self.handler = self._handler()
         p2p = await self.dht.replicate_p2p()
         await self.handler.register(p2p)
         deadline = time.monotonic() + 60
@@ -247,6 +242,16 @@ class Peer:
             await metrics_server.wait_closed()
         await p2p.shutdown()
         _say(f"peer {self.identity.peer_id} left the swarm")
+
+    def _handler(self) -> PeerHandler:
+        cfg = self.cfg
+        return PeerHandler(
+            self.runner, self.sessions, max_message_bytes=cfg.max_message_bytes, idle_timeout=cfg.idle_timeout,
+            max_session_length=cfg.max_session_length, statistics=self.statistics, prefix_cache=cfg.prefix_cache,
+            backward=cfg.backward, max_backward_tokens=cfg.max_backward_tokens,
+            # TESTING AID: an equivocating adversary pushes the next peer other outputs than it answers
+            tamper_push=PushTamper(Adversary.parse(cfg.adversary)) if cfg.adversary else None,
+        )
 
     def _format(self) -> str:
         return records.format_name(self.cfg.dtype, self.cfg.quant)

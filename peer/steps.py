@@ -1,0 +1,70 @@
+"""What a step does to its session besides computing it (bookkeeping on a ``Session``, no I/O): a step
+already computed is acknowledged, a ``rewrite`` rolls the session back first, a beam ``reorder`` moves
+the cache's rows, and the result names what the reply carries. Called by the handler on checked steps.
+"""
+
+from __future__ import annotations
+
+import torch
+
+import wire
+from peer.reuse import PrefixReuse
+from peer.sessions import Session, SessionTable
+from wire import ErrorCode, WireError
+
+
+def duplicate(session: Session, meta: dict, tensors: list[torch.Tensor]) -> dict | None:
+    """A step this session already computed (pushed by one peer, then re-sent by the client or by a
+    replacement after a failover) is acknowledged without computing or pushing it again: the reply."""
+    offset = meta.get("offset")
+    if not isinstance(offset, int) or offset >= session.length or not tensors or tensors[0].ndim != 3:
+        return None
+    if (offset, tensors[0].shape[1]) not in session.steps:
+        return None
+    return {"op": "result", "length": offset + tensors[0].shape[1], "duplicate": True}
+
+
+def rewind(session: Session, offset: int, reuse: PrefixReuse) -> None:
+    """A step marked ``rewrite`` replaces the tokens from its offset on (speculative decoding rejected
+    them): the cache is cropped to the offset first. Idempotent, so a rewrite step that arrives twice
+    (pushed, then re-sent) computes the same thing twice rather than going out of order. Called once
+    the step is known to be valid, so a bad rewrite loses nothing."""
+    drop = session.length - offset  # >= 0: checked by validation.step_tensors
+    if not drop:
+        return
+    if not getattr(session.cache, "is_croppable", True):
+        raise WireError(ErrorCode.BAD_REQUEST, "this model's KV cache cannot be rolled back (a sliding-window "
+                                               "or recurrent layer past its window): generate without drafts")
+    session.cache.crop(-drop)
+    session.length = offset
+    reuse.truncate(session, offset)
+    session.steps = {(o, t) for o, t in session.steps if o + t <= offset}
+
+
+def reorder(sessions: SessionTable, session: Session, meta: dict) -> None:
+    """Beam search: the rows of the cache follow the beams chosen at the last step (applied once; the
+    same step pushed and re-sent, or a replacement built from reordered inputs, skips it)."""
+    if "reorder" in meta and meta["reorders"] == session.reorders + 1:
+        sessions.stop_reuse(session)  # its rows no longer follow one history each
+        session.cache.reorder_cache(torch.tensor(meta["reorder"], dtype=torch.long))
+        session.reorders += 1
+
+
+def result(session: Session, meta: dict, hidden: torch.Tensor, out: torch.Tensor, reused: int,
+           omit: int) -> tuple[dict, torch.Tensor]:
+    """The result of a step of inputs ``hidden`` (batch, t, hidden): its metadata, and the outputs it
+    carries: all of ``out`` (batch, t, hidden), or all but the first ``omit`` tokens (``omitted``) when
+    the client lets reused outputs stay here until it fetches them."""
+    reply = {"op": "result", "length": session.length, "input_digest": wire.digest(hidden)}
+    named = meta.get("named_tokens")
+    if isinstance(named, int) and not isinstance(named, bool) and 0 < named < hidden.shape[1]:
+        # the first inputs came named by the previous peer: the client checks each part on its own
+        reply["input_split"] = named
+        reply["input_digests"] = [wire.digest(hidden[:, :named]), wire.digest(hidden[:, named:])]
+    if reused:
+        reply["reused"] = reused
+    if omit and session.lazy and session.prefix is not None and meta.get("full_outputs") is not True:
+        # the client opted in: these outputs stay here (committed to by their digest) until it fetches them
+        reply["omitted"], reply["omitted_digest"] = omit, wire.digest(out[:, :omit])
+        return reply, out[:, omit:]
+    return reply, out
