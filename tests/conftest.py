@@ -84,3 +84,16 @@ def make_swarm(request):
 
     request.addfinalizer(finalize)
     return make
+
+
+@pytest.fixture(scope="module")
+def path(tiny_checkpoint):
+    """The tiny Llama checkpoint a module's swarm serves (a module may override it)."""
+    return tiny_checkpoint("llama")
+
+
+@pytest.fixture(scope="module")
+def swarm(make_swarm):
+    """One DHT node for the module's tests and fixtures to add peers to. A module that needs another
+    swarm (peers started up front, say) overrides it with a fixture of the same name."""
+    return make_swarm()

@@ -4,6 +4,7 @@ with different cache lengths share one forward pass and give what each would get
 from __future__ import annotations
 
 import asyncio
+import threading
 
 import pytest
 import torch
@@ -66,6 +67,13 @@ async def _wait_idle(owner: ComputeOwner, timeout: float = 30.0) -> None:
         await asyncio.sleep(0.005)
 
 
+async def _until(condition, timeout: float = 30.0) -> None:
+    deadline = asyncio.get_running_loop().time() + timeout
+    while not condition():
+        assert asyncio.get_running_loop().time() < deadline, "condition not reached"
+        await asyncio.sleep(0.005)
+
+
 class FakeClock:
     def __init__(self):
         self.now = 0.0
@@ -90,8 +98,19 @@ def test_compute_owner_batches_steps_that_wait_and_runs_a_lone_step_unbatched(ti
             assert owner.batches == 0
             await _wait_idle(owner)
             clock.now += 1.0  # that session has gone quiet: nobody is waited for
-            # four sessions submit while the thread is busy with the first: the other three share a pass
-            outs = await asyncio.gather(*(owner.run(runner, h, p, None, c) for c, h, p in sessions))
+            # four sessions submit while the thread is busy with the first: the other three share a pass.
+            # The compute thread is held until all four are in: what queues does not depend on how the
+            # event loop and the compute thread happen to interleave.
+            gate = threading.Event()
+            held = asyncio.ensure_future(owner.call(gate.wait))
+            try:
+                steps = [asyncio.ensure_future(owner.run(runner, h, p, None, c)) for c, h, p in sessions]
+                await _until(lambda: owner._busy and len(owner._pending) == 3)  # the first started, alone
+                assert owner.batches == 0 and not any(step.done() for step in steps)
+            finally:
+                gate.set()
+            await held
+            outs = await asyncio.gather(*steps)
             assert (owner.batches, owner.batched_steps) == (1, 3)
             await _wait_idle(owner)
             # now all four are active: three steps wait for the fourth, then all four run as one pass

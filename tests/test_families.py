@@ -14,15 +14,10 @@ from swarmllm import checkpoints
 SPANS = [(0, 3), (3, 6)]  # block 3 is the second peer's block 0: per-layer structure must follow the split
 
 
-@pytest.fixture(scope="module")
-def swarm(make_swarm):
-    """One DHT node for every family (each model has its own key on it)."""
-    return make_swarm()
-
-
 @pytest.fixture(scope="module", params=sorted(checkpoints.FAMILIES))
 def family(request, tiny_checkpoint, swarm):
-    """(family, local model, distributed model) for two peers of that family."""
+    """(family, local model, distributed model) for two peers of that family, on the module's one DHT node
+    (conftest's ``swarm``; each model has its own key on it)."""
     path = tiny_checkpoint(request.param)
     procs = swarm.add_peers(path, SPANS)
     try:

@@ -20,13 +20,8 @@ SLOW = ["--throughput", "10"]  # honest peers look slow, so the liar is routed t
 FAST = ["--throughput", "10000"]
 
 
-@pytest.fixture(scope="module")
-def swarm(make_swarm):
-    return make_swarm()  # one DHT node for both families
-
-
 @pytest.fixture(scope="module", params=["mixtral", "bloom"])
-def fleet(request, tiny_checkpoint, swarm):
+def fleet(request, tiny_checkpoint, swarm):  # conftest's swarm: one DHT node for both families
     path = tiny_checkpoint(request.param)
     procs = swarm.add_peers(path, [(0, 3), (3, 6), (0, 3), (3, 6)], extra=SLOW)
     try:

@@ -25,11 +25,6 @@ def _backward_tokens(model) -> dict[str, int]:
 
 
 @pytest.fixture(scope="module")
-def path(tiny_checkpoint):
-    return tiny_checkpoint("llama")
-
-
-@pytest.fixture(scope="module")
 def swarm(make_swarm, path):
     swarm = make_swarm()
     swarm.trainers = swarm.add_peers(path, [(0, 2), (2, 4), (4, 6), (2, 4)])

@@ -60,7 +60,9 @@ def health_swarm(tiny_checkpoint, make_swarm):
     path = tiny_checkpoint("llama")
     swarm = make_swarm()
     peers = swarm.add_peers(path, [(0, 2), (0, 3)], extra=["--metrics-port", "0"])
-    peers += swarm.add_peers(path, [(4, 6)], extra=["--name", "<script>alert('x')</script>"])  # blocks 3 uncovered
+    # blocks 3 uncovered; this peer is killed by a test below, and its record (announced for 2.5 x 300 s)
+    # outlives that test: the page still has its row then, which must say it is unreachable
+    peers += swarm.add_peers(path, [(4, 6)], extra=["--name", "<script>alert('x')</script>", "--announce-period", "300"])
     health = launch.SwarmProcess("health", launch.swarmllm_command(
         "health", "--initial-peers", *swarm.initial_peers, "--port", "0", "--refresh-period", "1"))
     swarm.procs.append(health)
@@ -82,12 +84,18 @@ def test_json_state_and_metrics(health_swarm):
     assert "/api/v1/state" in _get(url + "openapi.json")
 
 
+def _cell(page, row, column: str) -> str:
+    """The text of ``row``'s cell in the column headed ``column``."""
+    headers = [h.strip() for h in page.locator("thead th").all_inner_texts()]
+    return row.locator("td").nth(headers.index(column)).inner_text().strip()
+
+
 def _without_auto_refresh(route):
     response = route.fetch()
     route.fulfill(response=response, body=response.text().replace('http-equiv="refresh"', 'http-equiv="x-off"'))
 
 
-def test_page_in_headless_chromium_and_a_killed_peer_disappears(health_swarm):
+def test_page_in_headless_chromium_and_a_killed_peer_leaves_coverage_and_shows_unreachable(health_swarm):
     from playwright.sync_api import sync_playwright
 
     chromium = shutil.which("chromium") or "/usr/bin/chromium"
@@ -113,6 +121,9 @@ def test_page_in_headless_chromium_and_a_killed_peer_disappears(health_swarm):
             assert "Not served: block 3." in page.content()
             assert page.locator("script").count() == 0  # the peer's name is shown, never run
             assert "<script>alert('x')</script>" in page.locator("table").inner_text()
+            killed = peers[2].ready["peer_id"]
+            row = page.locator(f"tr[data-peer='{killed}']")
+            assert row.count() == 1 and _cell(page, row, "reachable") == "yes" and _cell(page, row, "RTT").endswith(" ms")
             page.screenshot(path=str(ARTIFACTS / "health.png"), full_page=True)
 
             peers[2].signal(signal.SIGKILL)  # serves blocks 4-5 alone
@@ -124,10 +135,15 @@ def test_page_in_headless_chromium_and_a_killed_peer_disappears(health_swarm):
                     break
                 assert time.monotonic() < deadline, f"killed peer still counted: {gaps}"
                 time.sleep(0.5)
+            # its record is still there: listed, but unreachable (which is why blocks 4-5 count as unserved)
+            listed = {p["peer_id"]: p for p in state["models"][0]["peers"]}
+            assert (listed[killed]["reachable"], listed[killed]["rtt_ms"], listed[killed]["state"]) == (False, None, "online")
             page.goto(url, timeout=30_000)
             assert "Not served: blocks 3–5" in page.content()
-            row = page.locator(f"tr[data-peer='{peers[2].ready['peer_id']}']")
-            assert row.count() == 0 or "no" in row.inner_text()
+            row = page.locator(f"tr[data-peer='{killed}']")
+            assert row.count() == 1
+            assert (_cell(page, row, "blocks"), _cell(page, row, "state")) == ("4–5", "online")
+            assert (_cell(page, row, "reachable"), _cell(page, row, "RTT")) == ("no", "—")
         finally:
             browser.close()
 

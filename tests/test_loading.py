@@ -9,7 +9,6 @@ from transformers import AutoModelForCausalLM, modeling_utils
 
 from client import AutoDistributedModelForCausalLM
 import layout
-import wire
 from peer.blocks import BlockRunner
 
 

@@ -29,11 +29,6 @@ from verify.policy import AuditRates
 
 
 @pytest.fixture(scope="module")
-def path(tiny_checkpoint):
-    return tiny_checkpoint("llama")
-
-
-@pytest.fixture(scope="module")
 def runner(path):
     return BlockRunner(path, 0, 6)
 

@@ -25,11 +25,6 @@ QUANTS = ["nf4", "int8"]
 
 
 @pytest.fixture(scope="module")
-def path(tiny_checkpoint):
-    return tiny_checkpoint("llama")
-
-
-@pytest.fixture(scope="module")
 def swarm(make_swarm, path):
     swarm = make_swarm()
     swarm.by_quant = {q: swarm.add_peers(path, SPANS, extra=["--quant", q]) for q in QUANTS}

@@ -19,11 +19,6 @@ from tests.test_failover import OnStep, _current_route
 
 
 @pytest.fixture(scope="module")
-def path(tiny_checkpoint):
-    return tiny_checkpoint("llama")
-
-
-@pytest.fixture(scope="module")
 def swarm(make_swarm, path):
     swarm = make_swarm()
     swarm.path = path

@@ -8,6 +8,7 @@ import torch
 from transformers import AutoModelForCausalLM
 
 from client import AutoDistributedModelForCausalLM, UnverifiableError
+from client.errors import Equivocation
 from verify.policy import AuditRates, standing_cost
 from verify.reputation import Status, Verdict
 
@@ -101,26 +102,82 @@ STRICT_MODES = ["noise", "identity", "skip", "wrong_weights", "low_precision", "
                 "wrong_weights:0.3"]
 
 
+def _watch(model) -> list[tuple]:
+    """What the client does, in order, recorded as it goes by wrapping its own plan() and mark_failed() (on
+    this client only): ("route", its peers, the peers its reputation book banned when it was planned) for
+    every route planned, ("failed", peer, error) for every hop it failed over from."""
+    core = model.swarm.core
+    events = []
+    plan, mark_failed = core.plan, core.mark_failed
+
+    async def planned(*args, **kwargs):
+        banned = core.book.banned()
+        hops = await plan(*args, **kwargs)
+        events.append(("route", [h.peer_id for h in hops], banned))
+        return hops
+
+    def failed(peer_id, error):
+        events.append(("failed", peer_id, error))
+        return mark_failed(peer_id, error)
+
+    core.plan, core.mark_failed = planned, failed
+    return events
+
+
+def _stats(model, peer_id: str) -> dict:
+    """A peer's own counters (its info RPC)."""
+    return model.swarm.loop.run(model.swarm.core.transport.info(peer_id), timeout=60)[0]
+
+
 def test_strict_mode_never_hands_over_a_wrong_generation(honest_swarm):
     """A liar on the preferred route, each adversary mode in turn: 20 generations each, every one equal to
-    local; the liar is banned and no honest peer is blamed."""
+    local. A liar that computes wrong (each step, or 30 % of them) is routed to, caught lying by an audit
+    and banned; the equivocator (a first hop, which pushes to the next) is caught by the next hop's input
+    digest. No honest peer is blamed."""
     path, swarm, local = honest_swarm
     kwargs = dict(max_new_tokens=4, do_sample=False, pad_token_id=0)
     prompts = [torch.randint(3, 250, (1, 6), generator=torch.Generator().manual_seed(seed)) for seed in range(20)]
     wants = [local.generate(ids, **kwargs).tolist() for ids in prompts]
     for mode in STRICT_MODES:
-        liar, = swarm.add_peers(path, [(3, 6)], extra=["--adversary", mode, *FAST])
+        # the equivocator serves the first hop: it pushes to the [3, 6) hop (the last hop pushes to nobody)
+        span = (0, 3) if mode == "equivocate" else (3, 6)
+        liar, = swarm.add_peers(path, [span], extra=["--adversary", mode, *FAST])
         liar_id = liar.ready["peer_id"]
         model = AutoDistributedModelForCausalLM.from_pretrained(
             path, swarm.initial_peers, verify_mode="strict", reputation_path=None)
         try:
+            assert liar_id in [h.peer_id for h in model.swarm.route()], mode  # preferred before anything is measured
+            if ":" in mode:  # a partial liar stays on the preferred route until it is caught: its claimed
+                model.swarm.core.timed = lambda *a: None  # speed is never replaced by a measured one
+            events = _watch(model)
             wrong = sum(model.generate(ids, **kwargs).tolist() != want for ids, want in zip(prompts, wants))
             assert wrong == 0, f"{mode}: {wrong} wrong generations handed over"
+            routes = [(i, peers, banned) for i, (kind, peers, banned) in enumerate(events) if kind == "route"]
+            assert any(liar_id in peers for _, peers, _ in routes), mode  # it served generations
             results = model.swarm.core.audits.auditor.results
-            if ":" not in mode and mode != "equivocate":  # a partial liar may have been honest whenever routed
-                # to (and an equivocation is caught inline, not by audits)
-                assert any(r.peer_id == liar_id and r.verdict in (Verdict.FAIL, Verdict.GROSS_FAIL)
-                           for r in results), mode
+            equivocations = [(i, p, e) for i, (kind, p, e) in enumerate(events)
+                             if kind == "failed" and isinstance(e, Equivocation)]
+            if mode == "equivocate":
+                # it pushed (its own counter), the next hop's input digest gave it away, only it is blamed, and
+                # the route that replaced it went around it
+                assert _stats(model, liar_id)["pushes_sent"] > 0
+                assert equivocations and all(p == liar_id and e.peer_id == liar_id for _, p, e in equivocations), \
+                    equivocations
+                replacement = next(peers for i, peers, _ in routes if i > equivocations[0][0])
+                assert liar_id not in replacement, events
+                # it computes honestly: audits of what it returned pass (an equivocation is caught inline)
+                assert not any(r.peer_id == liar_id and r.verdict in (Verdict.FAIL, Verdict.GROSS_FAIL)
+                               for r in results)
+            else:
+                assert not equivocations, (mode, equivocations)
+                # routed to, lied at least once (a partial liar too: 30 % of ~4 steps a generation, and it stays
+                # preferred until caught), caught by an audit, banned, and never routed to once banned
+                caught = [r for r in results if r.peer_id == liar_id and r.verdict in (Verdict.FAIL, Verdict.GROSS_FAIL)]
+                assert caught, (mode, results)
+                assert model.swarm.core.book.status(liar_id) == Status.BANNED, mode
+                after_ban = [peers for _, peers, banned in routes if liar_id in banned]
+                assert after_ban and not any(liar_id in peers for peers in after_ban), (mode, routes)
+                assert liar_id not in [h.peer_id for h in model.swarm.route()], mode
             honest = [r for r in results if r.peer_id != liar_id]  # never blamed (the liar as a checker may
             # leave one inconclusive, which strict mode then generates again)
             assert not any(r.verdict in (Verdict.FAIL, Verdict.GROSS_FAIL) for r in honest), (mode, honest)
