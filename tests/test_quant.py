@@ -86,8 +86,8 @@ def test_default_route_takes_one_format_the_most_precise(swarm, path):
         # audits re-run a span only on a peer of the same format
         by_format = {r.format: r.peer_id for r in remote.swarm.core.records if r.start == 0}
         core = remote.swarm.core
-        assert core._audit_candidates(0, 3, "float32", "nf4", frozenset()) == [by_format["float32/nf4"]]
-        assert core._audit_candidates(0, 3, "float32", "none", frozenset()) == [by_format["float32"]]
+        assert core.audits._candidates(0, 3, "float32", "nf4", frozenset()) == [by_format["float32/nf4"]]
+        assert core.audits._candidates(0, 3, "float32", "none", frozenset()) == [by_format["float32"]]
     finally:
         remote.swarm.shutdown()
 
