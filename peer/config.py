@@ -42,7 +42,7 @@ class PeerConfig:
     relay_maddrs: tuple[str, ...] = ()  # relays to announce this peer through
     no_listen: bool = False  # accept no direct connections (outbound only; implies --use-auto-relay)
     metrics_port: int | None = None  # serve Prometheus metrics over HTTP here (0 = any free port)
-    adversary: str | None = None  # TESTING AID: "MODE[:RATE]", see peer/adversary.py
+    adversary: str | None = None  # TESTING AID: "MODE[:RATE][@after=N]", see peer/adversary.py
 
 
 def parse_blocks(text: str) -> tuple[int, int]:
@@ -127,9 +127,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="accept no direct connections, only relayed ones (implies --use-auto-relay)")
     parser.add_argument("--metrics-port", type=int, default=None,
                         help="serve this peer's Prometheus metrics at http://HOST:PORT/metrics (0 = any free port)")
-    parser.add_argument("--adversary", default=None, metavar="MODE[:RATE]",
-                        help="TESTING AID: lie on a fraction RATE of steps; MODE is one of noise, identity, "
-                             "skip, wrong_weights, low_precision, equivocate, slow (see peer/adversary.py)")
+    parser.add_argument("--adversary", default=None, metavar="MODE[:RATE][@after=N]",
+                        help="TESTING AID: lie on a fraction RATE of steps, after serving the first N honestly; "
+                             "MODE is one of noise, identity, skip, wrong_weights, low_precision, equivocate, "
+                             "slow (see peer/adversary.py)")
     parser.add_argument("--num-threads", type=int, default=0, help="torch CPU threads (0 = torch's default)")
 
 

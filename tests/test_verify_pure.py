@@ -8,6 +8,7 @@ import random
 import pytest
 import torch
 
+from peer.adversary import Adversary
 from verify.compare import THRESHOLDS, compare, token_errors
 from verify.policy import AuditRates, SamplingPolicy, detection_probability
 from verify.reputation import ReputationBook, ReputationRules, Status, Verdict, identity_signals
@@ -212,3 +213,49 @@ def test_new_identities_are_audited_every_session_until_they_passed_enough():
     assert all(policy.should_audit(Status.PROBATION, passes) for passes in (0, 1, 2) for _ in range(50))
     assert sum(policy.should_audit(Status.PROBATION, 3) for _ in range(4000)) < 1200  # then 25 %
     assert not any(SamplingPolicy(AuditRates.never()).should_audit(Status.PROBATION, 0) for _ in range(50))
+
+
+@pytest.mark.parametrize("text, want", [
+    ("wrong_weights", Adversary("wrong_weights", 1.0, 0)),
+    ("noise:0.3", Adversary("noise", 0.3, 0)),
+    ("wrong_weights@after=20", Adversary("wrong_weights", 1.0, 20)),
+    ("noise:0.5@after=0", Adversary("noise", 0.5, 0)),
+])
+def test_adversary_text_parses(text, want):
+    assert Adversary.parse(text) == want
+
+
+@pytest.mark.parametrize("text, message", [
+    ("lies", "mode must be one of"),
+    ("noise:x", "rate must be a number"),
+    ("noise:0", r"rate must be in \(0, 1\]"),
+    ("noise@before=3", r"MODE\[:RATE\]\[@after=N\]"),
+    ("noise@after", r"MODE\[:RATE\]\[@after=N\]"),
+    ("noise@after=three", "whole number of steps"),
+    ("noise@after=1.5", "whole number of steps"),
+    ("noise@after=-1", "whole number of steps >= 0, got -1"),
+    ("noise@after=2@after=3", "whole number of steps"),
+])
+def test_malformed_adversary_text_says_what_is_wrong(text, message):
+    with pytest.raises(ValueError, match=message):
+        Adversary.parse(text)
+
+
+def test_a_long_con_adversary_is_honest_for_its_first_steps_then_lies(tiny_checkpoint):
+    """identity@after=2: the first two forward calls are the honest runner's, every one after returns its
+    input; an equivocator's first pushes go out unchanged the same way."""
+    from peer.adversary import AdversarialRunner, PushTamper
+    from peer.blocks import BlockRunner
+
+    honest = BlockRunner(tiny_checkpoint("llama"), 0, 2)
+    runner = AdversarialRunner(honest, Adversary.parse("identity@after=2"), "", seed=0)
+    hidden = torch.randn(1, 3, honest.hidden_size, generator=torch.Generator().manual_seed(0))
+    positions = torch.arange(3)[None]
+    outs = [runner.forward(hidden, positions, None, runner.new_cache()) for _ in range(4)]
+    want = honest.forward(hidden, positions, None, honest.new_cache())
+    assert torch.equal(outs[0], want) and torch.equal(outs[1], want)
+    assert torch.equal(outs[2], hidden) and torch.equal(outs[3], hidden)
+    assert runner.steps == 4
+    tamper = PushTamper(Adversary.parse("equivocate@after=3"), seed=0)
+    pushed = [tamper(want) for _ in range(5)]
+    assert all(p is want for p in pushed[:3]) and not any(torch.equal(p, want) for p in pushed[3:])
