@@ -8,7 +8,7 @@ block of its format (client/routing.py), so the whole-model peer announces half 
 block: routes through the liar's [3, 6) then look cheapest, the liar's best case. Each trial is a fresh
 client with an empty reputation book and default audit rates (a new identity's first 10 sessions are
 all audited, then 25 % while on probation); "default" is verify_mode="background" (text is never
-delayed, audits run after it), "strict" waits for every span of a peer not yet trusted to be re-run
+delayed, audits run after it), "strict" waits for every span, whoever served it, to be re-run
 elsewhere and match. A generation is wrong if its tokens differ from local transformers' greedy ones.
 
     .venv/bin/python -m bench.verify [--trials 5]

@@ -21,7 +21,7 @@ from dht import directory
 from dht.records import PeerState, VerdictRecord
 from verify.auditor import LOST_OUTPUTS, AuditResult, Auditor, Checker, ServedSpan
 from verify.policy import SamplingPolicy
-from verify.reputation import Status, Verdict
+from verify.reputation import Verdict
 
 logger = logging.getLogger(__name__)
 
@@ -116,9 +116,9 @@ class Audits:
 
     def draw(self, span: ServedSpan) -> bool:
         """Whether to audit a span a session was served: the sampling policy's draw, or in strict mode
-        every span of a peer that is not trusted yet."""
+        every span, whoever served it (a trusted peer too: trust is earned by audits, never a licence)."""
         if self.view.cfg.verify_mode == "strict":
-            return bool(span.hidden) and self.view.book.status(span.peer_id) != Status.TRUSTED
+            return bool(span.hidden)
         return self.auditor.sampled(span)
 
     async def wait(self, timeout: float | None = None) -> None:

@@ -36,7 +36,7 @@ class ClientConfig:
     identity_path: str | None = None  # the client's key (signs its verdicts); None = a fresh one per run
     verify_mode: str = "background"  # "background": audits never delay generate(); "redo": generate() waits
     # for the audits of its sessions and generates again (avoiding the cheater) if one confirms a lie;
-    # "strict": every span a peer that is not trusted served is re-run on another peer and must match
+    # "strict": every span any peer served (trusted ones too) is re-run on another peer and must match
     # before generate() returns (UnverifiableError when no other peer can check it)
     push: bool = True  # peers forward each step to the next peer (k + 1 messages per token); False = the
     # client relays every hop itself (2k messages), which is also the fallback for a link that fails

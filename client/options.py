@@ -15,7 +15,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--verify-mode", choices=VERIFY_MODES, default="background",
                         help="background: audits never delay output; redo: wait for this generation's sampled "
                              "audits and generate again without a peer caught lying; strict: output only after "
-                             "every span a not-yet-trusted peer served was re-run on another peer and matched "
+                             "every span any peer served (trusted ones too) was re-run on another peer and matched "
                              "(slower: see the README's Verification section)")
     parser.add_argument("--formats", nargs="+", default=None, metavar="FORMAT",
                         help="peer formats a route may use and mix: DTYPE, QUANT or DTYPE/QUANT (e.g. nf4, "

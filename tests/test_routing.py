@@ -177,7 +177,9 @@ def test_standing_makes_suspects_and_new_peers_cost_more_than_trusted_ones():
     costs = {s: standing_cost(s, rates) for s in (Status.TRUSTED, Status.ACTIVE, Status.PROBATION, Status.SUSPECT)}
     assert costs[Status.TRUSTED] < costs[Status.ACTIVE] < costs[Status.PROBATION] < costs[Status.SUSPECT]
     assert costs[Status.PROBATION] == pytest.approx(1.25) and costs[Status.SUSPECT] == pytest.approx(3.0)
-    assert standing_cost(Status.ACTIVE, rates, strict=True) == 2.0  # strict re-runs every unchecked session
+    # strict re-runs every session, a trusted peer's too: every standing pays 2x, a suspect 3x
+    assert [standing_cost(s, rates, strict=True) for s in (Status.TRUSTED, Status.ACTIVE, Status.PROBATION,
+                                                           Status.SUSPECT)] == [2.0, 2.0, 2.0, 3.0]
     records = [rec("new", 0, 4), rec("old", 0, 4)]
     same = {"new": 0.01, "old": 0.01}
     standing = {"new": costs[Status.PROBATION], "old": costs[Status.TRUSTED]}

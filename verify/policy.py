@@ -38,10 +38,10 @@ class AuditRates:
 def standing_cost(status: Status, rates: AuditRates, strict: bool = False) -> float:
     """How much more a route pays for a hop through a peer of this standing than through a trusted one
     of the same speed (a factor on the hop's expected seconds): each session it serves is re-run on
-    another peer at its audit rate (load on the swarm; in strict mode every session of a peer that is
-    not trusted, and the client waits for it), and a suspect's answers are the likeliest to be thrown
-    away and generated again (+1)."""
-    rate = 1.0 if strict and status != Status.TRUSTED else rates.for_status(status)
+    another peer at its audit rate (load on the swarm; in strict mode every session of every peer, and
+    the client waits for it), and a suspect's answers are the likeliest to be thrown away and generated
+    again (+1)."""
+    rate = 1.0 if strict else rates.for_status(status)
     return 1.0 + rate + (1.0 if status == Status.SUSPECT else 0.0)
 
 
