@@ -117,9 +117,7 @@ class Audits:
     def draw(self, span: ServedSpan) -> bool:
         """Whether to audit a span a session was served: the sampling policy's draw, or in strict mode
         every span, whoever served it (a trusted peer too: trust is earned by audits, never a licence)."""
-        if self.view.cfg.verify_mode == "strict":
-            return bool(span.hidden)
-        return self.auditor.sampled(span)
+        return self.auditor.sampled(span, every=self.view.cfg.verify_mode == "strict")
 
     async def wait(self, timeout: float | None = None) -> None:
         """Wait for every audit in flight; errors inside an audit propagate here."""

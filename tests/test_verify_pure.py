@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import math
 import random
 
@@ -10,8 +11,9 @@ import torch
 
 from peer.adversary import Adversary
 from verify.compare import THRESHOLDS, compare, token_errors
-from verify.policy import AuditRates, SamplingPolicy, detection_probability
-from verify.reputation import ReputationBook, ReputationRules, Status, Verdict, identity_signals
+from verify.auditor import Auditor, ServedSpan
+from verify.policy import AuditRates, SamplingPolicy, detection_probability, expected_wrong_before_audit
+from verify.reputation import Entry, ReputationBook, ReputationRules, Status, Verdict, identity_signals
 
 
 def _block(x: torch.Tensor, seed: int = 0) -> torch.Tensor:
@@ -259,3 +261,100 @@ def test_a_long_con_adversary_is_honest_for_its_first_steps_then_lies(tiny_check
     tamper = PushTamper(Adversary.parse("equivocate@after=3"), seed=0)
     pushed = [tamper(want) for _ in range(5)]
     assert all(p is want for p in pushed[:3]) and not any(torch.equal(p, want) for p in pushed[3:])
+
+
+def _veteran(book: ReputationBook, peer: str = "veteran", passes: int = 500) -> None:
+    for _ in range(passes):
+        book.record(peer, Verdict.PASS)
+
+
+def test_a_long_con_costs_a_trusted_peer_its_standing_on_its_first_failed_audit():
+    """500 passed audits, then a lie: suspect at once (audited every session), banned on the second lie."""
+    book = ReputationBook(ReputationRules())
+    _veteran(book)
+    assert book.status("veteran") == Status.TRUSTED and book.entry("veteran").score > 0.98
+    assert book.record("veteran", Verdict.FAIL) == Status.SUSPECT
+    assert book.status("veteran") == Status.SUSPECT and AuditRates().rate(Status.SUSPECT, 0) == 1.0
+    assert book.record("veteran", Verdict.FAIL) == Status.BANNED
+    assert "veteran" in book.banned()
+
+
+def test_the_audit_floor_rises_with_the_sessions_served_since_the_last_audit():
+    rates = AuditRates()
+    assert [rates.rate(Status.TRUSTED, n) for n in (0, 1, 9, 48, 49, 80)] == [0.02, 0.04, 0.2, 0.98, 1.0, 1.0]
+    assert [rates.rate(Status.ACTIVE, n) for n in (0, 1, 9, 19)] == [0.05, 0.1, 0.5, 1.0]
+    assert rates.rate(Status.PROBATION, 1000) == 0.25  # probation and suspects keep their own rates
+    assert AuditRates(trusted_every=0).rate(Status.TRUSTED, 1000) == 0.02  # no floor: the base rate
+    assert AuditRates.never().rate(Status.TRUSTED, 1000) == 0.0
+
+
+def _span(peer: str) -> ServedSpan:
+    x = torch.zeros(1, 1, 4)
+    return ServedSpan(peer, 0, 1, "float32", [x], [torch.zeros(1, 1, dtype=torch.long)], None, [x])
+
+
+class _NeverBelow:
+    """An rng whose draws are all just under 1: only a rate of 1 audits."""
+
+    def random(self) -> float:
+        return 1.0 - 1e-12
+
+
+def test_a_trusted_peer_is_audited_at_least_once_in_every_50_sessions_exactly(tmp_path):
+    book = ReputationBook(ReputationRules())
+    _veteran(book)
+    auditor = Auditor(book, SamplingPolicy(AuditRates(), _NeverBelow()), lambda *a: [], replay=None)
+    audited = [n for n in range(1, 201) if auditor.sampled(_span("veteran"))]
+    assert audited == [50, 100, 150, 200]  # the luckiest liar: never drawn until the rate reaches 1
+    for _ in range(7):
+        auditor.sampled(_span("veteran"))
+    assert book.entry("veteran").unchecked == 7
+    path = str(tmp_path / "book.json")
+    book.save(path)
+    again = ReputationBook(ReputationRules())
+    again.load(path)
+    assert again.entry("veteran").unchecked == 7  # kept across runs: a restart does not reset the count
+    assert auditor.sampled(_span("veteran"), every=True) and book.entry("veteran").unchecked == 0
+    # with a real rng: no run of unaudited sessions reaches 50
+    book.entry("veteran").unchecked = 0
+    auditor = Auditor(book, SamplingPolicy(AuditRates(), random.Random(0)), lambda *a: [], replay=None)
+    drawn = [auditor.sampled(_span("veteran")) for _ in range(20_000)]
+    runs = "".join("x" if d else "." for d in drawn).split("x")
+    assert max(len(r) for r in runs) <= 49
+    assert 0.10 < sum(drawn) / len(drawn) < 0.135  # the load: 1 / (1 + 7.54) = 11.7 % of its sessions
+
+
+def test_an_old_book_without_the_unchecked_count_still_loads(tmp_path):
+    import json
+
+    path = tmp_path / "old.json"
+    old = {k: v for k, v in dataclasses.asdict(Entry(passes=300, r=90.0, s=0.1)).items() if k != "unchecked"}
+    path.write_text(json.dumps({"version": 1, "peers": {"old": old}}))
+    book = ReputationBook(ReputationRules())
+    book.load(str(path))
+    assert book.status("old") == Status.TRUSTED and book.entry("old").unchecked == 0
+
+
+def test_expected_wrong_generations_of_a_long_con_liar_before_its_first_audit():
+    """A liar that turns just after an audit and lies in every session: the unaudited sessions it serves
+    before an audit is drawn, sum over k of P(sessions 1..k all missed), against a simulation."""
+    rates = AuditRates()
+    assert expected_wrong_before_audit(AuditRates(trusted_every=0), Status.TRUSTED) == pytest.approx(49.0)
+    assert expected_wrong_before_audit(rates, Status.SUSPECT) == 0.0
+    assert expected_wrong_before_audit(AuditRates.never(), Status.TRUSTED) == float("inf")
+    trusted = expected_wrong_before_audit(rates, Status.TRUSTED)
+    active = expected_wrong_before_audit(rates, Status.ACTIVE)
+    assert trusted == pytest.approx(7.543, abs=1e-3) and active == pytest.approx(4.294, abs=1e-3)
+    rng = random.Random(2)
+    policy = SamplingPolicy(rates, rng)
+    for status, want in ((Status.TRUSTED, trusted), (Status.ACTIVE, active)):
+        missed = []
+        for _ in range(20_000):
+            n = 0
+            while not policy.should_audit(status, unchecked=n):
+                n += 1
+            missed.append(n)
+        mean = sum(missed) / len(missed)
+        sigma = (sum((m - mean) ** 2 for m in missed) / len(missed) / len(missed)) ** 0.5
+        assert abs(mean - want) < 4 * sigma, (status, mean, want)
+        assert max(missed) <= rates.every(status) - 1

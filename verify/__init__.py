@@ -2,7 +2,8 @@
 
 Files:
 - compare.py     per-token relative error of the span's update (output - input), per-dtype thresholds (pure)
-- policy.py      which sessions to audit, by the peer's standing; detection probability (pure)
+- policy.py      which sessions to audit, by the peer's standing and the sessions since its last audit;
+                 detection probability, expected wrong generations before an audit (pure)
 - reputation.py  the reputation book: Beta reputation with forgetting, probation, growing bans (pure)
 - auditor.py     re-runs a sampled span on another same-dtype peer, asks a referee on disagreement,
                  records and publishes the verdict (network access injected; never imports client)

@@ -81,11 +81,16 @@ class Auditor:
         self.replay_errors = replay_errors  # a re-running peer that fails this way is skipped, not judged
         self.results: list[AuditResult] = []
 
-    def sampled(self, span: ServedSpan) -> bool:
-        """Decide, after the peer has answered, whether to audit this span."""
+    def sampled(self, span: ServedSpan, every: bool = False) -> bool:
+        """Decide, after the peer has answered, whether to audit this span (``every``: whatever the draw,
+        as strict mode does); the book counts the sessions a peer served since its last audit."""
+        if not span.hidden:
+            return False
         entry = self.book.entries.get(span.peer_id)
-        return bool(span.hidden) and self.policy.should_audit(self.book.status(span.peer_id),
-                                                              entry.passes if entry else 0)
+        audit = every or self.policy.should_audit(self.book.status(span.peer_id), entry.passes if entry else 0,
+                                                  entry.unchecked if entry else 0)
+        self.book.drawn(span.peer_id, audit)
+        return audit
 
     async def audit(self, span: ServedSpan) -> AuditResult:
         result = await self._judge(span)

@@ -3,9 +3,11 @@ grow (pure; the clock is injected; saved as a small JSON file by the client).
 
 Per peer: decayed pass evidence r and fail evidence s (each verdict first multiplies both by λ),
 prior Beta(1, 2) (r=0, s=1: new identities start distrusted). Score T = (r+1)/(r+s+2).
-Pass: r += 1. Confirmed fail: s += 10 and the peer becomes a suspect. Ban on a gross confirmed
-fail, on a fail during probation, on 2 confirmed fails within a week, or when T < 0.2; the k-th ban
-lasts ban_base * 2^(k-1).
+Pass: r += 1. Confirmed fail: s += 10 and the peer becomes a suspect, whatever its history (a trusted
+peer with 500 passes too: trust is never a licence). Ban on a gross confirmed fail, on a fail during
+probation, on 2 confirmed fails within a week, or when T < 0.2; the k-th ban lasts ban_base * 2^(k-1).
+The book also counts the sessions each peer served since its last audit (``drawn``), which raises its
+audit rate (verify/policy.py: ``AuditRates.rate``).
 
 Identities are free, so a banned operator comes back as a new one. What it keeps is harder to change:
 its addresses and its public name (``identity_signals``). A new identity that shares one with a banned
@@ -50,6 +52,7 @@ class Entry:
     banned_until: float = 0.0
     signals: list[str] = dataclasses.field(default_factory=list)  # kept once banned: who may come back as whom
     linked_to: str = ""  # the banned peer this identity shares an address or name with, if it started so
+    unchecked: int = 0  # sessions it served this client since the last one drawn for an audit (the audit floor)
 
     @property
     def score(self) -> float:
@@ -147,6 +150,13 @@ class ReputationBook:
 
     def suspects(self) -> frozenset[str]:
         return frozenset(p for p in self.entries if self.status(p) == Status.SUSPECT)
+
+    def drawn(self, peer_id: str, audited: bool) -> None:
+        """A session this peer served was drawn for an audit (the count of unchecked sessions starts
+        again) or not (one more). A peer the book does not know yet is audited on its first sessions."""
+        e = self.entries.get(peer_id)
+        if e is not None:
+            e.unchecked = 0 if audited else e.unchecked + 1
 
     def record(self, peer_id: str, verdict: Verdict) -> Status:
         """Fold one verdict about ``peer_id`` into the book; returns the peer's new status."""
