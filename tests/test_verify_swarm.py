@@ -10,7 +10,7 @@ from transformers import AutoModelForCausalLM
 from client import AutoDistributedModelForCausalLM, UnverifiableError
 from client.errors import Equivocation
 from verify.policy import AuditRates, standing_cost
-from verify.reputation import Status, Verdict
+from verify.reputation import ReputationBook, Status, Verdict
 
 FAST = ["--throughput", "10000"]  # the liar looks fastest, so routes go through it first
 SLOW = ["--throughput", "10"]  # 0.1 s per step: far costlier than any loopback round trip
@@ -184,6 +184,47 @@ def test_strict_mode_never_hands_over_a_wrong_generation(honest_swarm):
         finally:
             model.swarm.shutdown()
             liar.stop()
+
+
+LONG_CON_STEPS = 4  # one 4-token generation's steps through [3, 6): its prefill and 3 decode steps
+
+
+def test_strict_mode_checks_a_trusted_peer_that_turns_liar(honest_swarm, tmp_path):
+    """Issue 24's long con: the client's book says the liar passed 500 audits (trusted), and it serves
+    [3, 6) honestly for its first generation, then with wrong weights on every step. Strict mode re-runs
+    its spans like anyone's: every generation equals local, it is caught on its first lie and loses its
+    standing (suspect, banned if it is routed to and lies again)."""
+    path, swarm, local = honest_swarm
+    liar, = swarm.add_peers(path, [(3, 6)], extra=["--adversary", f"wrong_weights@after={LONG_CON_STEPS}", *FAST])
+    liar_id = liar.ready["peer_id"]
+    book_path = str(tmp_path / "reputation.json")
+    book = ReputationBook()
+    for _ in range(500):
+        book.record(liar_id, Verdict.PASS)
+    book.save(book_path)
+    model = AutoDistributedModelForCausalLM.from_pretrained(
+        path, swarm.initial_peers, verify_mode="strict", reputation_path=book_path)
+    try:
+        core = model.swarm.core
+        assert core.book.status(liar_id) == Status.TRUSTED
+        assert liar_id in [h.peer_id for h in model.swarm.route()]  # it claims most: preferred
+        core.timed = lambda *a: None  # its claimed speed stands, so it stays preferred until caught
+        events = _watch(model)
+        kwargs = dict(max_new_tokens=4, do_sample=False, pad_token_id=0)
+        prompts = [torch.randint(3, 250, (1, 6), generator=torch.Generator().manual_seed(seed)) for seed in range(4)]
+        wrong = sum(model.generate(ids, **kwargs).tolist() != local.generate(ids, **kwargs).tolist()
+                    for ids in prompts)
+        assert wrong == 0, f"{wrong} of {len(prompts)} generations handed over wrong"
+        assert any(kind == "route" and liar_id in peers for kind, peers, _ in events), events  # it served
+        about = [r.verdict for r in core.audits.auditor.results if r.peer_id == liar_id]
+        assert about[0] == Verdict.PASS, about  # honest while it waited: checked all the same
+        assert Verdict.FAIL in about or Verdict.GROSS_FAIL in about, about
+        assert core.book.status(liar_id) in (Status.SUSPECT, Status.BANNED)
+        honest = [r for r in core.audits.auditor.results if r.peer_id != liar_id]
+        assert not any(r.verdict in (Verdict.FAIL, Verdict.GROSS_FAIL) for r in honest), honest
+    finally:
+        model.swarm.shutdown()
+        liar.stop()
 
 
 def test_strict_mode_says_which_blocks_no_one_can_check(tiny_checkpoint, make_swarm):
