@@ -3,6 +3,8 @@ generation it served is generated again (verify_mode="redo"), so the user gets e
 
 from __future__ import annotations
 
+import contextlib
+
 import pytest
 import torch
 from transformers import AutoModelForCausalLM
@@ -187,6 +189,37 @@ def test_strict_mode_never_hands_over_a_wrong_generation(honest_swarm):
 
 
 LONG_CON_STEPS = 4  # one 4-token generation's steps through [3, 6): its prefill and 3 decode steps
+LONG_CON_KWARGS = dict(max_new_tokens=4, do_sample=False, pad_token_id=0)
+
+
+@contextlib.contextmanager
+def _trusted_liar(honest_swarm, tmp_path, **options):
+    """Issue 24's long con, set up: a liar on [3, 6) that serves its first generation honestly, then computes
+    with wrong weights on every step, and a client (``options``: ClientConfig fields) whose book says it
+    passed 500 audits (trusted). It claims most, so it is preferred, and its claimed speed stands (no timing
+    replaces it), so it stays preferred until caught. Yields its id, the client and the client's events
+    (``_watch``)."""
+    path, swarm, _ = honest_swarm
+    liar, = swarm.add_peers(path, [(3, 6)], extra=["--adversary", f"wrong_weights@after={LONG_CON_STEPS}", *FAST])
+    liar_id = liar.ready["peer_id"]
+    try:
+        book_path = str(tmp_path / "reputation.json")
+        book = ReputationBook()
+        for _ in range(500):
+            book.record(liar_id, Verdict.PASS)
+        book.save(book_path)
+        model = AutoDistributedModelForCausalLM.from_pretrained(
+            path, swarm.initial_peers, reputation_path=book_path, **options)
+        try:
+            core = model.swarm.core
+            assert core.book.status(liar_id) == Status.TRUSTED
+            assert liar_id in [h.peer_id for h in model.swarm.route()]  # it claims most: preferred
+            core.timed = lambda *a: None
+            yield liar_id, model, _watch(model)
+        finally:
+            model.swarm.shutdown()
+    finally:
+        liar.stop()
 
 
 def test_strict_mode_checks_a_trusted_peer_that_turns_liar(honest_swarm, tmp_path):
@@ -194,25 +227,11 @@ def test_strict_mode_checks_a_trusted_peer_that_turns_liar(honest_swarm, tmp_pat
     [3, 6) honestly for its first generation, then with wrong weights on every step. Strict mode re-runs
     its spans like anyone's: every generation equals local, it is caught on its first lie and loses its
     standing (suspect, banned if it is routed to and lies again)."""
-    path, swarm, local = honest_swarm
-    liar, = swarm.add_peers(path, [(3, 6)], extra=["--adversary", f"wrong_weights@after={LONG_CON_STEPS}", *FAST])
-    liar_id = liar.ready["peer_id"]
-    book_path = str(tmp_path / "reputation.json")
-    book = ReputationBook()
-    for _ in range(500):
-        book.record(liar_id, Verdict.PASS)
-    book.save(book_path)
-    model = AutoDistributedModelForCausalLM.from_pretrained(
-        path, swarm.initial_peers, verify_mode="strict", reputation_path=book_path)
-    try:
+    local = honest_swarm[2]
+    with _trusted_liar(honest_swarm, tmp_path, verify_mode="strict") as (liar_id, model, events):
         core = model.swarm.core
-        assert core.book.status(liar_id) == Status.TRUSTED
-        assert liar_id in [h.peer_id for h in model.swarm.route()]  # it claims most: preferred
-        core.timed = lambda *a: None  # its claimed speed stands, so it stays preferred until caught
-        events = _watch(model)
-        kwargs = dict(max_new_tokens=4, do_sample=False, pad_token_id=0)
         prompts = [torch.randint(3, 250, (1, 6), generator=torch.Generator().manual_seed(seed)) for seed in range(4)]
-        wrong = sum(model.generate(ids, **kwargs).tolist() != local.generate(ids, **kwargs).tolist()
+        wrong = sum(model.generate(ids, **LONG_CON_KWARGS).tolist() != local.generate(ids, **LONG_CON_KWARGS).tolist()
                     for ids in prompts)
         assert wrong == 0, f"{wrong} of {len(prompts)} generations handed over wrong"
         assert any(kind == "route" and liar_id in peers for kind, peers, _ in events), events  # it served
@@ -222,9 +241,41 @@ def test_strict_mode_checks_a_trusted_peer_that_turns_liar(honest_swarm, tmp_pat
         assert core.book.status(liar_id) in (Status.SUSPECT, Status.BANNED)
         honest = [r for r in core.audits.auditor.results if r.peer_id != liar_id]
         assert not any(r.verdict in (Verdict.FAIL, Verdict.GROSS_FAIL) for r in honest), honest
-    finally:
-        model.swarm.shutdown()
-        liar.stop()
+
+
+LONG_CON_EVERY = 4  # M: the trusted floor of the default-mode test, small so that it bites within a few generations
+
+
+def test_default_mode_hands_over_at_most_the_floors_bound_from_a_trusted_peer_that_turns_liar(honest_swarm, tmp_path):
+    """Issue 24's long con in default mode (background audits: generate() never waits for them), with the
+    trusted floor at M = 4 (a trusted peer is audited at least once in every 4 sessions it serves): the
+    liar is routed to after it turned, so wrong generations reach the user, but the floor bounds them:
+    at least one (it acted), at most M since its last audit (M - 1 no audit saw, then the caught one,
+    handed over too). Then it is caught (a confirmed fail) and loses its standing; no honest peer is
+    blamed. The count is printed (pytest -s)."""
+    local = honest_swarm[2]
+    rates = AuditRates(trusted_every=LONG_CON_EVERY)
+    with _trusted_liar(honest_swarm, tmp_path, verify_mode="background", audit_rates=rates) as (liar_id, model, events):
+        core = model.swarm.core
+        served, wrong, caught = [], 0, []
+        for seed in range(3 * LONG_CON_EVERY + 2):  # 1 honest generation, then <= M lying ones, with room
+            ids = torch.randint(3, 250, (1, 6), generator=torch.Generator().manual_seed(seed))
+            seen = len(events)
+            wrong += model.generate(ids, **LONG_CON_KWARGS).tolist() != local.generate(ids, **LONG_CON_KWARGS).tolist()
+            served.append(any(kind == "route" and liar_id in peers for kind, peers, _ in events[seen:]))
+            model.swarm.wait_audits()  # its audit, if drawn, has its verdict before the next generation
+            caught = [r for r in core.audits.auditor.results
+                      if r.peer_id == liar_id and r.verdict in (Verdict.FAIL, Verdict.GROSS_FAIL)]
+            if caught:
+                break
+        print(f"\nlong con, default mode, M = {LONG_CON_EVERY}: caught after {len(served)} generations, "
+              f"{wrong} wrong handed over")
+        assert any(served[1:]), served  # routed to after it turned (its first generation was honest)
+        assert caught, core.audits.auditor.results
+        assert core.book.status(liar_id) in (Status.SUSPECT, Status.BANNED)
+        assert 1 <= wrong <= LONG_CON_EVERY, f"{wrong} wrong generations handed over, bound {LONG_CON_EVERY}"
+        honest = [r for r in core.audits.auditor.results if r.peer_id != liar_id]
+        assert not any(r.verdict in (Verdict.FAIL, Verdict.GROSS_FAIL) for r in honest), honest
 
 
 def test_strict_mode_says_which_blocks_no_one_can_check(tiny_checkpoint, make_swarm):
