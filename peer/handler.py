@@ -75,14 +75,6 @@ class PeerHandler:
         self.counts = Counters()
         self.reuse = PrefixReuse(sessions, self.counts, enabled=prefix_cache)
 
-    @property
-    def steps_computed(self) -> int:  # tokens x batch rows through the blocks
-        return self.counts.steps_computed
-
-    @property
-    def probe_hits(self) -> int:
-        return self.counts.probe_hits
-
     async def register(self, p2p: P2P) -> None:
         self.pusher = PushSender(p2p, lambda request: self.rpc_push(request, None))
         await p2p.add_protobuf_handler(wire.RPC_INFO, self.rpc_info, runtime_pb2.ExpertUID)

@@ -81,10 +81,10 @@ def test_a_known_prefix_is_copied_not_computed_and_gives_the_same_outputs(runner
     assert len(peer.store) == 1 and peer.store.frozen_tokens >= 46
     assert peer.handler.sessions.tokens_left == 4096  # kept prefixes make way: a session can have it all
 
-    computed_before = peer.handler.steps_computed
+    computed_before = peer.handler.counts.steps_computed
     second = peer.open()
     meta, out_b = peer.step(second, torch.cat([prefix, tail_b], 1), _positions(0, 47))
-    assert meta["reused"] == 40 and peer.handler.steps_computed - computed_before == 7
+    assert meta["reused"] == 40 and peer.handler.counts.steps_computed - computed_before == 7
     torch.testing.assert_close(out_b[:, :40], out_a[:, :40], rtol=0, atol=0)  # the kept outputs
     # and what a fresh computation gives, up to the rounding of another chunking
     fresh = runner.forward(torch.cat([prefix, tail_b], 1), _positions(0, 47), None, runner.new_cache())
@@ -271,7 +271,7 @@ def test_a_probe_finds_the_longest_kept_history_and_pins_it(runner):
 
     second = peer.open()
     assert probe(second, [8, 16, 32, 48], [chain[7], chain[15], chain[31], other[39]])["tokens"] == 32
-    assert second.pinned is not None and peer.handler.probe_hits == 1
+    assert second.pinned is not None and peer.handler.counts.probe_hits == 1
     assert probe(second, [8], [other[7]])["tokens"] == 0
     for bad in ({"positions": [16, 8]}, {"positions": [0]}, {"digests": ["zz"]}, {"positions": "8"}):
         with pytest.raises(WireError, match="a probe carries"):
