@@ -1,7 +1,9 @@
 """Every DHT read and write for swarmllm's keys, and the start of a DHT node.
 
 The DHT itself runs in hivemind's background process; the coroutines here await its futures and so
-never block an event loop.
+never block an event loop. A call into a DHT whose process has died would wait forever (and, some 75 calls
+later, block its caller's thread on the full command pipe): every call checks that the process is alive
+before it asks and while it waits, and raises ``DHTDied`` instead (``dht.node.Node`` restarts it).
 """
 
 from __future__ import annotations
@@ -22,9 +24,40 @@ logger = logging.getLogger(__name__)
 T = TypeVar("T")
 
 DEFAULT_STARTUP_TIMEOUT = 30.0  # seconds
+ALIVE_CHECK_PERIOD = 0.5  # seconds between checks that the DHT process still lives, while a call waits
 
 
-def start_node(
+class DHTDied(RuntimeError):
+    """The DHT's process has exited: no call into it will ever be answered."""
+
+    def __init__(self, dht: hivemind.DHT):
+        super().__init__(f"the DHT process (pid {dht.pid}) has exited with code {dht.exitcode}: its node must be "
+                         "restarted (dht.node.Node.watch does that) before the DHT can be used again")
+
+
+def check_alive(dht: hivemind.DHT) -> None:
+    """Raise DHTDied if ``dht``'s process has exited (cheap: one non-blocking waitpid)."""
+    if not dht.is_alive():
+        raise DHTDied(dht)
+
+
+async def _answer(dht: hivemind.DHT, ask: Callable[[], Any]) -> Any:
+    """The result of the future that ``ask()`` returns (a hivemind call made with return_future=True), or
+    DHTDied as soon as the DHT's process is found dead (checked before asking and every
+    ALIVE_CHECK_PERIOD seconds while waiting)."""
+    check_alive(dht)
+    waiter = asyncio.ensure_future(ask())  # owned here: awaited below, cancelled on the way out
+    try:
+        while True:
+            done, _ = await asyncio.wait({waiter}, timeout=ALIVE_CHECK_PERIOD)
+            if done:
+                return waiter.result()
+            check_alive(dht)
+    finally:
+        waiter.cancel()
+
+
+def p2p_options(
     identity: Identity | None,
     initial_peers: Sequence[str] = (),
     *,
@@ -36,19 +69,9 @@ def start_node(
     use_auto_relay: bool = False,
     no_listen: bool = False,
     startup_timeout: float = DEFAULT_STARTUP_TIMEOUT,
-    signers: Sequence[Identity] = (),
-    **dht_kwargs: Any,
-) -> hivemind.DHT:
-    """Start a hivemind DHT node (its own process and p2pd) that validates swarmllm records.
-
-    ``identity`` makes the node's peer id the identity's; the same key signs this node's records.
-    ``relay_service``: a public node that relays for peers behind NAT (libp2p circuit relay v2 runs
-    only on nodes that consider themselves publicly reachable). ``use_auto_relay``: reserve a slot on a
-    relay so others can reach this node through it. ``no_listen``: accept no direct connections.
-    ``signers``: more identities whose records this node may write (bench.directory plays thousands of
-    peers from a few nodes); ``dht_kwargs`` go to hivemind.DHT as they are.
-    """
-    kwargs = {}
+) -> dict[str, Any]:
+    """The keywords of ``hivemind.P2P.create`` for a swarmllm node's p2pd daemon (see ``start_node``)."""
+    kwargs: dict[str, Any] = {}
     if client_mode:
         # hivemind would put libp2p's own kad DHT in client mode too; measured here, such a daemon then
         # fails every dial through a relay circuit. Only hivemind's DHT stays client-only.
@@ -66,18 +89,45 @@ def start_node(
         kwargs["check_if_identity_free"] = False
     if announce_maddrs:
         kwargs["announce_maddrs"] = list(announce_maddrs)
-    return hivemind.DHT(
+    return dict(
         initial_peers=list(initial_peers) or None,
-        start=True,
         host_maddrs=[] if no_listen else [f"/ip4/{host}/tcp/{port}"],
-        client_mode=client_mode,
-        record_validators=[PeerRecordValidator(identity, signers)],
         startup_timeout=startup_timeout,
         # No IPFS bootstrap, no UPnP: a node talks to the peers it is told about.
         use_ipfs=False,
         nat_port_map=False,
         **kwargs,
-        **dht_kwargs,
+    )
+
+
+def start_node(
+    identity: Identity | None,
+    initial_peers: Sequence[str] = (),
+    *,
+    client_mode: bool = False,
+    signers: Sequence[Identity] = (),
+    **options: Any,
+) -> hivemind.DHT:
+    """Start a hivemind DHT node (its own process and p2pd) that validates swarmllm records.
+
+    ``identity`` makes the node's peer id the identity's; the same key signs this node's records.
+    ``options`` are ``p2p_options``': ``host``, ``port``, ``announce_maddrs``; ``relay_service``: a public
+    node that relays for peers behind NAT (libp2p circuit relay v2 runs only on nodes that consider
+    themselves publicly reachable); ``use_auto_relay``: reserve a slot on a relay so others can reach
+    this node through it; ``no_listen``: accept no direct connections; ``startup_timeout`` (seconds).
+    ``signers``: more identities whose records this node may write (bench.directory plays thousands of
+    peers from a few nodes).
+
+    Its p2pd belongs to the DHT's process: if that process dies, nothing restarts it. Long-running
+    peers, clients and the health monitor use ``dht.node.Node`` instead, which survives that.
+    """
+    kwargs = p2p_options(identity, initial_peers, client_mode=client_mode, **options)
+    return hivemind.DHT(
+        initial_peers=kwargs.pop("initial_peers"),
+        start=True,
+        client_mode=client_mode,
+        record_validators=[PeerRecordValidator(identity, signers)],
+        **kwargs,
     )
 
 
@@ -95,18 +145,21 @@ async def announce(dht: hivemind.DHT, record: records.PeerRecord, *, ttl: float)
     DHT node accepted the record."""
     expiration = get_dht_time() + ttl
     stored, _ = await asyncio.gather(
-        dht.store(records.shard_key(record.model_id, records.shard_of(record.peer_id)),
-                  subkey=records.subkey_for(record.peer_id), value=records.encode(record),
-                  expiration_time=expiration, return_future=True),
-        dht.store(records.MODELS_KEY, subkey=records.model_subkey(record.model_id),
-                  value=records.encode_model_entry(records.model_entry(record)), expiration_time=expiration,
-                  return_future=True))
+        _answer(dht, lambda: dht.store(
+            records.shard_key(record.model_id, records.shard_of(record.peer_id)),
+            subkey=records.subkey_for(record.peer_id), value=records.encode(record), expiration_time=expiration,
+            return_future=True)),
+        _answer(dht, lambda: dht.store(
+            records.MODELS_KEY, subkey=records.model_subkey(record.model_id),
+            value=records.encode_model_entry(records.model_entry(record)), expiration_time=expiration,
+            return_future=True)))
     return bool(stored)
 
 
 async def _get_many(dht: hivemind.DHT, keys: Sequence[str]) -> dict[str, Any]:
     """``{key: value}`` for every key found (latest values), in one lookup of all the keys together."""
-    found = await dht.run_coroutine(functools.partial(_node_get_many, keys=tuple(keys)), return_future=True)
+    found = await _answer(dht, lambda: dht.run_coroutine(functools.partial(_node_get_many, keys=tuple(keys)),
+                                                         return_future=True))
     return {key: value for key, value in found.items() if value is not None}
 
 
@@ -137,7 +190,7 @@ def _decode_entries(found: Any, key: str, decode: Callable[[Any], T], belongs: C
 
 async def _fetch(dht: hivemind.DHT, key: str, decode: Callable[[Any], T], belongs: Callable[[str, T], bool]
                  ) -> list[T]:
-    found = await dht.get(key, latest=True, return_future=True)
+    found = await _answer(dht, lambda: dht.get(key, latest=True, return_future=True))
     return _decode_entries(found.value if found is not None else None, key, decode, belongs)
 
 
@@ -188,9 +241,9 @@ async def fetch_index(dht: hivemind.DHT) -> list[records.PeerRecord]:
 
 async def publish_verdict(dht: hivemind.DHT, verdict: records.VerdictRecord, *, ttl: float = 7 * 86400.0) -> bool:
     """Publish an audit verdict (signed by the publishing node's identity, which must be the author)."""
-    stored = await dht.store(
+    stored = await _answer(dht, lambda: dht.store(
         records.verdict_key(verdict.model_id), subkey=records.verdict_subkey(verdict.author, verdict.target),
-        value=records.encode_verdict(verdict), expiration_time=get_dht_time() + ttl, return_future=True)
+        value=records.encode_verdict(verdict), expiration_time=get_dht_time() + ttl, return_future=True))
     return bool(stored)
 
 
@@ -201,4 +254,4 @@ async def fetch_verdicts(dht: hivemind.DHT, model_id: str) -> list[records.Verdi
                         and v.model_id == model_id)
 
 
-__all__ = ["start_node", "visible_maddrs", "announce", "fetch_peers", "fetch_models", "fetch_index", "publish_verdict", "fetch_verdicts"]
+__all__ = ["DHTDied", "check_alive", "p2p_options", "start_node", "visible_maddrs", "announce", "fetch_peers", "fetch_models", "fetch_index", "publish_verdict", "fetch_verdicts"]
