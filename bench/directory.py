@@ -35,6 +35,7 @@ import random
 import resource
 import statistics
 import time
+import types
 
 import hivemind
 import msgpack
@@ -243,8 +244,9 @@ def main() -> None:
             out["lookup_models_index"] = {**_ms(times), "models_found": len(models)}
             times, index = await _timed(lambda: directory.fetch_index(reader), args.lookups)
             out["lookup_index"] = {**_ms(times), "records_found": len(index)}
-            monitor = Monitor(reader, ping_timeout=args.ping_timeout)
-            monitor.p2p = await reader.replicate_p2p()
+            # the monitor reads node.dht and node.p2p: the writer's DHT and a replica of its daemon
+            monitor = Monitor(types.SimpleNamespace(dht=reader, p2p=await reader.replicate_p2p()),
+                              ping_timeout=args.ping_timeout)
 
             async def directory_part():
                 index = await directory.fetch_index(reader)

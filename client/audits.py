@@ -90,6 +90,8 @@ class Audits:
                 logger.info("no DHT node stored the verdict about %s", result.peer_id)
         except asyncio.TimeoutError:
             logger.info("publishing the verdict about %s timed out", result.peer_id)
+        except directory.DHTDied as e:  # the node restarts it; this verdict stays in the local book only
+            logger.info("could not publish the verdict about %s: %s", result.peer_id, e)
 
     def submit(self, spans: list[ServedSpan], *, sampled: bool = False,
                       after: asyncio.Future | None = None) -> list[asyncio.Task]:

@@ -1,10 +1,11 @@
 """The client's synchronous faces: ``RemoteSwarm`` (a client DHT node, a transport, the background refresher
-and the loop thread they live on) and ``RemoteSession`` (a handle on one session). What the model and
+and DHT watcher, and the loop thread they live on) and ``RemoteSession`` (a handle on one session). What the model and
 users hold; each call crosses into the loop thread once."""
 
 from __future__ import annotations
 
 import asyncio
+import logging
 
 import torch
 
@@ -15,9 +16,12 @@ from client.routing import Hop
 from client.session import SessionCore
 from client.swarm import SwarmCore
 from client.transport import Transport
-from dht import directory, identity
+from dht import identity
+from dht.node import Node
 from verify.auditor import AuditResult
 from verify.reputation import Verdict
+
+logger = logging.getLogger(__name__)
 
 
 class RemoteSession:
@@ -79,25 +83,42 @@ class RemoteSession:
 
 
 class RemoteSwarm:
-    """Synchronous entry point: a client DHT node, a transport, a background refresher, and the loop
-    thread they all live on."""
+    """Synchronous entry point: a client DHT node (``dht.node.Node``: its p2p daemon lives in this process,
+    its DHT process is restarted if it dies), a transport over that daemon, the background refresher and
+    the node's watcher, and the loop thread they all live on."""
 
     def __init__(self, cfg: ClientConfig):
         self.cfg = cfg
         self.loop = LoopThread()
         self.identity = identity.load_or_create(cfg.identity_path)  # signs the verdicts this client publishes
-        self.dht = directory.start_node(self.identity, cfg.initial_peers, client_mode=True)
         try:
-            self.core, self._refresher = self.loop.run(self._start(), timeout=60)
+            self.node: Node = self.loop.run(Node.start(self.identity, cfg.initial_peers, client_mode=True), timeout=90)
         except BaseException:
-            self.dht.shutdown()
+            self.loop.stop()
+            raise
+        try:
+            self.core, self._background = self.loop.run(self._start(), timeout=60)
+        except BaseException:
+            self.loop.run(self.node.shutdown(), timeout=10)
             self.loop.stop()
             raise
 
     async def _start(self) -> tuple[SwarmCore, asyncio.Task]:
-        core = SwarmCore(self.cfg, Transport(await self.dht.replicate_p2p()), self.dht, self.identity.peer_id)
-        # Owned by this RemoteSwarm: cancelled in shutdown(); it catches the errors it can recover from.
-        return core, asyncio.get_running_loop().create_task(core.run_refresh_loop(), name="swarm-refresh")
+        core = SwarmCore(self.cfg, Transport(self.node.p2p), self.node, self.identity.peer_id)
+        # Owned by this RemoteSwarm: cancelled in shutdown(); its loops catch the errors they can recover from.
+        return core, asyncio.get_running_loop().create_task(self._run_background(core), name="swarm-background")
+
+    async def _run_background(self, core: SwarmCore) -> None:
+        """The refresher and the DHT watcher, until shutdown() cancels them."""
+        async def rejoin() -> None:  # the restarted DHT answers at once: re-read the swarm from it
+            try:
+                await core.refresh()
+            except (OSError, RuntimeError) as e:
+                logger.info("refresh after the DHT restart failed (the refresh loop tries again): %s", e)
+
+        async with asyncio.TaskGroup() as tasks:
+            tasks.create_task(core.run_refresh_loop(), name="swarm-refresh")
+            tasks.create_task(self.node.watch(rejoin), name="dht-watch")
 
     def open_session(self, batch_size: int, max_length: int) -> RemoteSession:
         core = SessionCore(self.core, batch_size, max_length)
@@ -141,12 +162,11 @@ class RemoteSwarm:
         return self.loop.run(self.core.plan())
 
     def shutdown(self) -> None:
-        """Stop the refresher, close the RPC side, the DHT node (and its daemon), then the loop thread.
-        Safe to call twice."""
+        """Stop the refresher and the watcher, the DHT node (its process, then its daemon), then the loop
+        thread. Safe to call twice."""
         if self.loop.loop.is_running():
             self.loop.run(self._shutdown(), timeout=10)
             self.loop.stop()
-        self.dht.shutdown()
 
     def wait_audits(self, timeout: float | None = 120.0) -> None:
         self.loop.run(self.core.audits.wait(timeout))
@@ -157,10 +177,11 @@ class RemoteSwarm:
         finally:
             if self.cfg.reputation_path:
                 self.core.book.save(self.cfg.reputation_path)
-        self._refresher.cancel()
+        self._background.cancel()
         try:
-            await self._refresher  # re-raises whatever killed it, if not our cancel
+            await self._background  # re-raises whatever killed it, if not our cancel
         except asyncio.CancelledError:
             pass
-        await self.core.transport.p2p.shutdown()
+        finally:
+            await self.node.shutdown()
         await asyncio.sleep(0)  # let the cancelled reader/writer tasks finish

@@ -14,12 +14,13 @@ from client.session import SessionCore
 from client.training import Backward
 from client.transport import Transport
 from client.view import SwarmView
+from dht.node import Node
 from verify.auditor import Auditor
 
 
 class SwarmCore(SwarmView):
-    def __init__(self, cfg: ClientConfig, transport: Transport, dht, peer_id: str):
-        super().__init__(cfg, transport, dht, peer_id)
+    def __init__(self, cfg: ClientConfig, transport: Transport, node: Node, peer_id: str):
+        super().__init__(cfg, transport, node, peer_id)
         self.audits = Audits(self, self.forward_on)
         self.training = Backward(self, self.forward_on)
 

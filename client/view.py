@@ -16,6 +16,8 @@ from client.liveness import Probe
 from client.routing import Hop
 from client.transport import Transport
 from dht import directory
+from dht.directory import DHTDied
+from dht.node import Node
 from dht.records import PeerRecord
 from verify.policy import standing_cost
 from verify.reputation import ReputationBook, identity_signals
@@ -26,8 +28,8 @@ logger = logging.getLogger(__name__)
 class SwarmView:
     """Async: everything here runs on the client's loop thread."""
 
-    def __init__(self, cfg: ClientConfig, transport: Transport, dht, peer_id: str):
-        self.cfg, self.transport, self.dht, self.peer_id = cfg, transport, dht, peer_id
+    def __init__(self, cfg: ClientConfig, transport: Transport, node: Node, peer_id: str):
+        self.cfg, self.transport, self.node, self.peer_id = cfg, transport, node, peer_id
         self.rtts: dict[str, float] = {}  # peer id -> smoothed RTT (seconds) of peers that answered
         self.speeds: dict[str, float] = {}  # peer id -> smoothed seconds per block of its decode steps, as timed here
         self.unreachable: set[str] = set()  # peers whose last ping failed
@@ -39,6 +41,11 @@ class SwarmView:
         self.book = ReputationBook()
         if cfg.reputation_path:
             self.book.load(cfg.reputation_path)
+
+    @property
+    def dht(self):
+        """The node's current DHT (a new one after the node restarted a dead DHT process)."""
+        return self.node.dht
 
     async def refresh(self, *, ping_all: bool = False) -> None:
         """Fetch every record of the model and ping the peers not measured yet (all of them with
@@ -110,7 +117,10 @@ class SwarmView:
                                          f"the swarm need them") from None
                     raise MissingBlocksError(e.model_id, e.missing, e.num_blocks, waited, e.formats, e.others) from None
             await asyncio.sleep(0.5)
-            await self.refresh()  # peers may have joined meanwhile
+            try:
+                await self.refresh()  # peers may have joined meanwhile
+            except DHTDied as e:  # the node's watcher restarts it within a second or so; wait on
+                logger.info("could not re-read the swarm: %s", e)
 
     async def _refresh_or_keep(self) -> None:
         """Refresh before planning, but within ``stale_refresh_timeout`` when there is a snapshot to fall
@@ -124,6 +134,8 @@ class SwarmView:
         except asyncio.TimeoutError:
             logger.info("the DHT did not answer within %.1f s: planning from the records of %.0f s ago",
                         self.cfg.stale_refresh_timeout, time.monotonic() - self.records_at)
+        except DHTDied as e:  # the node's watcher restarts it; the snapshot is good enough meanwhile
+            logger.info("%s: planning from the records of %.0f s ago", e, time.monotonic() - self.records_at)
 
     def timed(self, peer_id: str, seconds: float, blocks: int) -> None:
         """A decode step spent ``seconds`` on ``blocks`` blocks of this peer (as the client saw it)."""

@@ -15,22 +15,23 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 def main(args: argparse.Namespace) -> None:
 
-    from dht import directory
+    from dht.node import Node
     from dht.ready import serve_http
     from health.app import make_app
     from health.monitor import Monitor
 
-    node = directory.start_node(None, args.initial_peers, client_mode=True)
-
     async def serve() -> None:
-        monitor = Monitor(node, period=args.refresh_period)
-        await monitor.start()
-        async with asyncio.TaskGroup() as tasks:
-            refresher = tasks.create_task(monitor.run())
-            await serve_http(make_app(monitor), args.host, args.port, "health")
-            refresher.cancel()
+        node = await Node.start(None, args.initial_peers, client_mode=True)
+        try:
+            monitor = Monitor(node, period=args.refresh_period)
+            await monitor.start()
+            async with asyncio.TaskGroup() as tasks:
+                refresher = tasks.create_task(monitor.run())
+                watcher = tasks.create_task(node.watch())  # restarts the DHT process if it dies
+                await serve_http(make_app(monitor), args.host, args.port, "health")
+                refresher.cancel()
+                watcher.cancel()
+        finally:
+            await node.shutdown()
 
-    try:
-        asyncio.run(serve())
-    finally:
-        node.shutdown()
+    asyncio.run(serve())

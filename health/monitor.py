@@ -1,6 +1,8 @@
 """The health monitor: reads the models index, then every model's announcements and verdicts from the
 DHT, and pings every peer with its info RPC (a few hundred at a time), then builds a snapshot
-(health/snapshot.py). Runs in the web server's event loop."""
+(health/snapshot.py). Runs in the web server's event loop, over a ``dht.node.Node`` whose watcher
+(health/cli.py) restarts its DHT process if it dies; a refresh meanwhile fails, is logged, and the page
+keeps the last snapshot."""
 
 from __future__ import annotations
 
@@ -8,13 +10,13 @@ import asyncio
 import logging
 import time
 
-import hivemind
 import msgpack
 from hivemind.p2p import P2P, PeerID
 from hivemind.proto import runtime_pb2
 
 from dht import directory
 from dht.addressing import dial
+from dht.node import Node
 from dht.records import PeerRecord
 from health import snapshot
 from health.schema import Snapshot
@@ -24,21 +26,23 @@ logger = logging.getLogger(__name__)
 
 
 class Monitor:
-    def __init__(self, dht: hivemind.DHT, *, period: float = 10.0, ping_timeout: float = 3.0,
+    def __init__(self, node: Node, *, period: float = 10.0, ping_timeout: float = 3.0,
                  min_interval: float = 2.0, max_concurrent_pings: int = 256):
-        self.dht = dht
+        self.node = node  # .dht (replaced when the node restarts it) and .p2p, read at each use
         self.period = period  # seconds between background refreshes
         self.ping_timeout = ping_timeout  # seconds
         self.min_interval = min_interval  # seconds: on-demand refreshes are rate-limited to this
-        self.p2p: P2P | None = None
         self.latest = Snapshot(generated_at=0.0, models=[], audits_passed=0, audits_failed=0)
         self._refreshed_at = float("-inf")
         self._lock = asyncio.Lock()
         # thousands of peers are pinged a few hundred at a time (each ping is a dial and an RPC)
         self._ping_slots = asyncio.Semaphore(max_concurrent_pings)
 
+    @property
+    def p2p(self) -> P2P:
+        return self.node.p2p
+
     async def start(self) -> None:
-        self.p2p = await self.dht.replicate_p2p()
         await self.refresh()
 
     async def run(self) -> None:
@@ -53,11 +57,12 @@ class Monitor:
         async with self._lock:
             if on_demand and time.monotonic() - self._refreshed_at < self.min_interval:
                 return self.latest
-            records = await directory.fetch_index(self.dht)
+            dht = self.node.dht
+            records = await directory.fetch_index(dht)
             models = sorted({r.model_id for r in records})
             pings, verdicts = await asyncio.gather(  # every ping and every model's verdicts at once
                 asyncio.gather(*(self._ping(r) for r in records)),
-                asyncio.gather(*(directory.fetch_verdicts(self.dht, m) for m in models)))
+                asyncio.gather(*(directory.fetch_verdicts(dht, m) for m in models)))
             pings = dict(zip([r.peer_id for r in records], pings))
             self.latest = snapshot.build(records, pings, [v for found in verdicts for v in found], time.time())
             self._refreshed_at = time.monotonic()

@@ -13,6 +13,7 @@ import time
 import torch
 
 from dht import directory, identity, records
+from dht.node import Node
 from dht.ready import ready_line, write_maddr_file
 from dht.records import PeerRecord, PeerState
 import layout
@@ -81,6 +82,7 @@ class Peer:
         self.runner: BlockRunner | None = None
         self.sessions = SessionTable(cfg.cache_tokens)
         self.handler: PeerHandler | None = None
+        self.node: Node | None = None  # set by run(): the p2p daemon and the DHT process over it
         self.maddrs: list[str] = []
         self.relayed = False
         self.started_at = time.time()
@@ -121,7 +123,7 @@ class Peer:
             "cache_tokens_total": self.sessions.budget_tokens, "cache_tokens_left": self.sessions.tokens_left,
             "num_parameters": runner.num_parameters,
             "loaded_tensors": list(runner.loaded_tensor_names), "relayed": self.relayed, "moves": self.moves,
-            "uptime": time.time() - self.started_at, "version": SOFTWARE_VERSION,
+            "uptime": time.time() - self.started_at, "version": SOFTWARE_VERSION, **self.node.statistics(),
             **self.handler.counters(), **self.sessions.prefixes.statistics(),  # requests_served, errors, ...
         }
 
@@ -161,13 +163,27 @@ class Peer:
         self.state = state
         try:
             return await asyncio.wait_for(
-                directory.announce(self.dht, self.record(), ttl=2.5 * self.cfg.announce_period), timeout)
+                directory.announce(self.node.dht, self.record(), ttl=2.5 * self.cfg.announce_period), timeout)
         except asyncio.TimeoutError:
             return False
+        except directory.DHTDied as e:  # the node's watcher restarts it, then announces again (_rejoin)
+            logger.warning("not announced: %s", e)
+            return False
 
-    def _reachable_at(self) -> tuple[list[str], bool]:
+    async def _rejoin(self) -> None:
+        """The DHT process was restarted (dht.node.Node.watch): announce at once on the new one, so this
+        peer's record never lapses. Its id, addresses, RPC handlers and open sessions did not change."""
+        if self.start is None:
+            return  # nothing announced yet: the first announcement comes once the blocks are chosen
+        if await self.announce(self.state):
+            logger.warning("re-announced this peer (%s, blocks [%s, %s)) on the restarted DHT",
+                           self.state.value, self.start, self.end)
+        else:
+            logger.warning("the restarted DHT did not store this peer's record yet; the announce loop retries")
+
+    async def _reachable_at(self) -> tuple[list[str], bool]:
         """(multiaddrs to announce, whether they are relay circuits only)."""
-        direct = [] if self.cfg.no_listen else directory.visible_maddrs(self.dht)
+        direct = [] if self.cfg.no_listen else await self.node.visible_maddrs()
         if direct and not self.cfg.use_auto_relay:
             return direct, False
         relays = self.cfg.relay_maddrs or self.cfg.initial_peers
@@ -177,21 +193,32 @@ class Peer:
     # ---- life cycle ---------------------------------------------------------------------------------
 
     def run(self) -> None:
-        cfg = self.cfg
-        self.dht = directory.start_node(
-            self.identity, cfg.initial_peers, host=cfg.host, port=cfg.port, announce_maddrs=cfg.announce_maddrs,
-            use_auto_relay=cfg.use_auto_relay, no_listen=cfg.no_listen)
         try:
-            asyncio.run(self._serve())
+            asyncio.run(self._run())
         finally:
             if self.handler is not None:
                 self.handler.shutdown()
-            self.dht.shutdown()
+
+    async def _run(self) -> None:
+        cfg = self.cfg
+        self.node = await Node.start(
+            self.identity, cfg.initial_peers, host=cfg.host, port=cfg.port, announce_maddrs=cfg.announce_maddrs,
+            use_auto_relay=cfg.use_auto_relay, no_listen=cfg.no_listen)
+        try:
+            left = asyncio.Event()
+            async with asyncio.TaskGroup() as tasks:  # the watcher restarts a dead DHT process until the peer left
+                tasks.create_task(self.node.watch(self._rejoin, stop=left))
+                try:
+                    await self._serve()
+                finally:
+                    left.set()
+        finally:
+            await self.node.shutdown()
 
     async def _serve(self) -> None:
         cfg = self.cfg
         loop = asyncio.get_running_loop()
-        self.maddrs, self.relayed = self._reachable_at()
+        self.maddrs, self.relayed = await self._reachable_at()
         if self.start is None:
             await asyncio.sleep(self.rng.uniform(0, cfg.placement_jitter))
             self.start = await self._choose_start()
@@ -206,8 +233,7 @@ class Peer:
         self.runner, self.throughput = await loop.run_in_executor(None, self._load, self.start, self.end)
         _say(f"blocks [{self.start}, {self.end}) hold {quant.human(self.runner.weight_bytes)} of weights")
         self.handler = self._handler()
-        p2p = await self.dht.replicate_p2p()
-        await self.handler.register(p2p)
+        await self.handler.register(self.node.p2p)  # on the daemon itself: a restarted DHT process keeps them
         deadline = time.monotonic() + 60
         while not await self.announce(PeerState.ONLINE):
             if time.monotonic() > deadline:
@@ -240,7 +266,6 @@ class Peer:
         if metrics_server is not None:
             metrics_server.close()
             await metrics_server.wait_closed()
-        await p2p.shutdown()
         _say(f"peer {self.identity.peer_id} left the swarm")
 
     def _handler(self) -> PeerHandler:
@@ -286,7 +311,7 @@ class Peer:
     async def _others(self) -> list[PeerRecord]:
         """The other peers of this model in this peer's format: a client routes through one format at a
         time (client.routing), so a format's coverage is what makes it usable, and placement fills it."""
-        return [r for r in await directory.fetch_peers(self.dht, self.model_id)
+        return [r for r in await directory.fetch_peers(self.node.dht, self.model_id)
                 if r.peer_id != self.identity.peer_id and (r.dtype, r.quant) == (self.cfg.dtype, self.cfg.quant)]
 
     async def _choose_start(self) -> int:
@@ -299,7 +324,12 @@ class Peer:
         period = self.cfg.balance_period
         while not await self._wait(stop, self.rng.uniform(0.5 * period, 1.5 * period)):
             me = self.record()
-            start = placement.should_move(await self._others() + [me], me, self.num_model_blocks,
+            try:
+                others = await self._others()
+            except directory.DHTDied as e:  # the node's watcher restarts it; look again next period
+                logger.warning("not rebalancing this period: %s", e)
+                continue
+            start = placement.should_move(others + [me], me, self.num_model_blocks,
                                           threshold=self.cfg.balance_threshold, rng=self.rng)
             if start is not None and not stop.is_set():
                 await self._move(start)
