@@ -110,7 +110,9 @@ class RemoteSwarm:
 
     async def _run_background(self, core: SwarmCore) -> None:
         """The refresher and the DHT watcher, until shutdown() cancels them."""
-        async def rejoin() -> None:  # the restarted DHT answers at once: re-read the swarm from it
+        async def rejoin(daemon_replaced: bool) -> None:  # the restarted DHT answers at once: re-read the swarm
+            if daemon_replaced:  # sessions on the old daemon fail like failed peers; failover rebuilds them
+                core.transport.use(self.node.p2p)
             try:
                 await core.refresh()
             except (OSError, RuntimeError) as e:

@@ -57,6 +57,11 @@ class Transport:
             raise PeerError(peer_id, f"could not connect to {list(maddrs)}: {type(e).__name__}: {e}") from None
         self._connected.add(peer_id)
 
+    def use(self, p2p: P2P) -> None:
+        """Make every later call through ``p2p`` (a new daemon: nothing is connected through it yet)."""
+        self.p2p = p2p
+        self._connected.clear()
+
     def forget(self, peer_id: str) -> None:
         self._connected.discard(peer_id)
 

@@ -13,12 +13,20 @@ registered on ``p2p`` and every open stream stay as they were; only the DHT's ow
 routing table, rebuilt from the initial peers and the daemon's connections, and the records it stored
 for others, which other nodes replicate). The owner re-announces its records at once (``on_restart``).
 The restart logic lives here and only here.
+
+If the daemon itself dies (rarer: the DHT process does the heavy lifting), ``watch`` replaces it too,
+with the same arguments: the same identity, so the same peer id, but its addresses may change (a new
+port unless one was given), its connections and every stream open on it are lost, and its RPC handlers
+must be registered again: ``on_restart(daemon_replaced=True)`` tells the owner to do that (the peer
+registers its handlers and re-announces its new addresses; the client's failover treats its broken
+sessions like failed peers and rebuilds them by replay).
 """
 
 from __future__ import annotations
 
 import asyncio
 import logging
+import signal
 import time
 from typing import Any, Awaitable, Callable, Sequence
 
@@ -37,19 +45,47 @@ MAX_EXTRA_BOOTSTRAP = 16  # connected peers offered to a restarted DHT besides t
 _START_ERRORS = (P2PDaemonError, RuntimeError, OSError, TimeoutError, ValueError)  # what a failed DHT start raises
 
 
+class _DHTProcess(hivemind.DHT):
+    """hivemind's DHT process, forked with its parent's signal set-up undone: a peer's asyncio loop sets
+    SIGTERM to a no-op handler whose wakeup fd is the *parent's* loop, so a DHT forked after that would
+    ignore SIGTERM and wake its parent's handler instead (measured: such a DHT outlived its shutdown and
+    hung the peer's exit)."""
+
+    def run(self) -> None:
+        signal.set_wakeup_fd(-1)
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            signal.signal(sig, signal.SIG_DFL)
+        super().run()
+
+
+def _stop(dht: hivemind.DHT, graceful: bool) -> None:
+    """Stop a DHT process: through its command pipe if ``graceful`` (hivemind's shutdown, which ends
+    with SIGTERM), else by SIGTERM at once; SIGKILL if it still lives. Blocking (up to seconds)."""
+    if graceful:
+        dht.shutdown()
+    elif dht.is_alive():
+        dht.terminate()
+        dht.join(dht.shutdown_timeout)
+    if dht.is_alive():
+        dht.kill()
+        dht.join(5)
+
+
 class Node:
     """A p2pd daemon owned by this process (``p2p``) and the DHT process running over it (``dht``,
     replaced by ``restart``). Make one with ``await Node.start(...)``; run ``watch`` in a task the owner
     keeps; ``await shutdown()`` at the end. Directory calls take ``node.dht`` at the time of the call."""
 
-    def __init__(self, p2p: P2P, identity: Identity | None, initial_peers: Sequence[str], client_mode: bool,
-                 signers: Sequence[Identity], startup_timeout: float):
-        self.p2p = p2p
+    def __init__(self, p2p: P2P, p2p_kwargs: dict[str, Any], identity: Identity | None, initial_peers: Sequence[str],
+                 client_mode: bool, signers: Sequence[Identity]):
+        self.p2p = p2p  # replaced, with the same arguments, if the daemon dies
         self.dht: hivemind.DHT | None = None
         self.restarts = 0  # DHT processes started after the first
+        self.daemon_restarts = 0  # daemons started after the first
         self.restarted_at: float | None = None  # time.time() of the last restart
-        self._identity, self._initial_peers, self._client_mode = identity, list(initial_peers), client_mode
-        self._signers, self._startup_timeout = tuple(signers), startup_timeout
+        self._p2p_kwargs, self._identity, self._initial_peers = p2p_kwargs, identity, list(initial_peers)
+        self._client_mode, self._signers = client_mode, tuple(signers)
+        self._startup_timeout = p2p_kwargs["startup_timeout"]
 
     @classmethod
     async def start(cls, identity: Identity | None, initial_peers: Sequence[str] = (), *, client_mode: bool = False,
@@ -59,7 +95,7 @@ class Node:
         ``directory.start_node``."""
         kwargs = directory.p2p_options(identity, initial_peers, client_mode=client_mode, **options)
         p2p = await P2P.create(**kwargs)
-        node = cls(p2p, identity, initial_peers, client_mode, signers, kwargs["startup_timeout"])
+        node = cls(p2p, kwargs, identity, initial_peers, client_mode, signers)
         try:
             node.dht = await node._start_dht(node._initial_peers)
         except BaseException:
@@ -68,13 +104,13 @@ class Node:
         return node
 
     async def _start_dht(self, initial_peers: list[str]) -> hivemind.DHT:
-        dht = hivemind.DHT(
+        dht = _DHTProcess(
             initial_peers=initial_peers or None, p2p=self.p2p, start=True, await_ready=False,
             client_mode=self._client_mode, record_validators=[PeerRecordValidator(self._identity, self._signers)])
         try:  # wait off the event loop: the daemon's log reader and the RPC handlers keep running meanwhile
             await asyncio.get_running_loop().run_in_executor(None, dht.wait_until_ready, self._startup_timeout)
         except BaseException:
-            dht.shutdown()
+            _stop(dht, graceful=False)
             raise
         return dht
 
@@ -86,6 +122,15 @@ class Node:
         """Whether the DHT process is running (a non-blocking waitpid)."""
         return self.dht is not None and self.dht.is_alive()
 
+    def daemon_alive(self) -> bool:
+        """Whether the p2pd daemon is running (hivemind keeps its asyncio subprocess as ``_child``)."""
+        child = self.p2p._child
+        return child is not None and child.returncode is None
+
+    @property
+    def daemon_pid(self) -> int | None:
+        return self.p2p._child.pid if self.p2p._child is not None else None
+
     async def visible_maddrs(self) -> list[str]:
         """The daemon's reachable multiaddrs, /p2p/<id> included (empty for a node that does not listen)."""
         try:
@@ -93,16 +138,22 @@ class Node:
         except ValueError:  # hivemind raises when the daemon reports none
             return []
 
-    async def restart(self) -> None:
-        """Start a new DHT process over the same daemon, with the same arguments (a live old one is shut
-        down first). Bootstraps from the initial peers and from the peers the daemon is connected to, so
-        a node whose bootstrap peers have all left still rejoins."""
-        old = self.dht
-        if old is not None and old.is_alive():
-            await asyncio.get_running_loop().run_in_executor(None, old.shutdown)
+    async def restart(self) -> bool:
+        """Start a new DHT process with the same arguments (a live old one is shut down first), over the
+        same daemon if it lives, else over a new one (same arguments too). Bootstraps from the initial
+        peers and from the peers the daemon is connected to, so a node whose bootstrap peers have all left
+        still rejoins. Returns whether the daemon was replaced."""
+        old, replaced = self.dht, not self.daemon_alive()
+        if old is not None and old.is_alive():  # without its daemon it cannot shut down gracefully
+            await asyncio.get_running_loop().run_in_executor(None, _stop, old, not replaced)
+        if replaced:
+            await self.p2p.shutdown()  # what is left of it: its sockets, its reader task
+            self.p2p = await P2P.create(**self._p2p_kwargs)
+            self.daemon_restarts += 1
         self.dht = await self._start_dht(self._initial_peers + await self._connected_maddrs())
         self.restarts += 1
         self.restarted_at = time.time()
+        return replaced
 
     async def _connected_maddrs(self) -> list[str]:
         try:
@@ -112,22 +163,28 @@ class Node:
             return []
         return [f"{addr}/p2p/{p.peer_id.to_base58()}" for p in peers[:MAX_EXTRA_BOOTSTRAP] for addr in p.addrs[:1]]
 
-    async def watch(self, on_restart: Callable[[], Awaitable[None]] | None = None, *,
+    async def watch(self, on_restart: Callable[[bool], Awaitable[None]] | None = None, *,
                     period: float = WATCH_PERIOD, stop: asyncio.Event | None = None) -> None:
-        """Check every ``period`` seconds that the DHT process lives; restart a dead one (retrying with
-        back-off) and then await ``on_restart()`` (the owner re-announces its records there). Returns
-        when ``stop`` is set; runs until cancelled without one."""
+        """Check every ``period`` seconds that the DHT process and the daemon live; restart what died
+        (retrying with back-off), then await ``on_restart(daemon_replaced)`` (the owner re-announces its
+        records there, and with a new daemon registers its handlers again). Returns when ``stop`` is
+        set; runs until cancelled without one."""
         stop = stop or asyncio.Event()
         backoff = period
         while not await _wait(stop, period):
-            if self.alive():
+            if self.daemon_alive() and self.alive():
                 continue
-            logger.warning("the DHT process (pid %s) died with exit code %s; starting a new one over the same "
-                           "p2p daemon (peer id %s: its addresses, RPC handlers and open streams are kept)",
-                           self.dht.pid, self.dht.exitcode, self.peer_id)
+            if self.daemon_alive():
+                logger.warning("the DHT process (pid %s) died with exit code %s; starting a new one over the same "
+                               "p2p daemon (peer id %s: its addresses, RPC handlers and open streams are kept)",
+                               self.dht.pid, self.dht.exitcode, self.peer_id)
+            else:
+                logger.warning("the p2p daemon (pid %s) died with exit code %s; starting a new one and a new DHT "
+                               "process (same peer id %s; its connections and open streams are lost)",
+                               self.daemon_pid, self.p2p._child.returncode, self.peer_id)
             while True:
                 try:
-                    await self.restart()
+                    replaced = await self.restart()
                     break
                 except _START_ERRORS as e:
                     logger.warning("restarting the DHT failed (%s: %s); trying again in %.0f s",
@@ -136,18 +193,20 @@ class Node:
                         return
                     backoff = min(2 * backoff, MAX_RESTART_BACKOFF)
             backoff = period
-            logger.warning("the DHT runs again (pid %d, restart %d)", self.dht.pid, self.restarts)
+            logger.warning("the DHT runs again (pid %d, restart %d; daemon pid %s, %d replaced)",
+                           self.dht.pid, self.restarts, self.daemon_pid, self.daemon_restarts)
             if on_restart is not None:
-                await on_restart()
+                await on_restart(replaced)
 
     def statistics(self) -> dict[str, Any]:
         return {"dht_pid": self.dht.pid if self.dht is not None else None, "dht_alive": self.alive(),
-                "dht_restarts": self.restarts, "dht_restarted_at": self.restarted_at}
+                "dht_restarts": self.restarts, "dht_restarted_at": self.restarted_at,
+                "p2pd_pid": self.daemon_pid, "p2pd_restarts": self.daemon_restarts}
 
     async def shutdown(self) -> None:
         """Stop the DHT process, then the daemon. Safe to call twice."""
         if self.dht is not None and self.dht.is_alive():
-            await asyncio.get_running_loop().run_in_executor(None, self.dht.shutdown)
+            await asyncio.get_running_loop().run_in_executor(None, _stop, self.dht, self.daemon_alive())
         await self.p2p.shutdown()
 
 

@@ -76,7 +76,11 @@ class PeerHandler:
         self.reuse = PrefixReuse(sessions, self.counts, enabled=prefix_cache)
 
     async def register(self, p2p: P2P) -> None:
-        self.pusher = PushSender(p2p, lambda request: self.rpc_push(request, None))
+        """Serve the RPCs on ``p2p``; again on a new daemon when the node replaced a dead one."""
+        if self.pusher is None:
+            self.pusher = PushSender(p2p, lambda request: self.rpc_push(request, None))
+        else:
+            self.pusher.p2p = p2p  # pushes go out through the new daemon; the counters carry on
         await p2p.add_protobuf_handler(wire.RPC_INFO, self.rpc_info, runtime_pb2.ExpertUID)
         await p2p.add_protobuf_handler(wire.RPC_PUSH, self.rpc_push, runtime_pb2.ExpertRequest)
         await p2p.add_protobuf_handler(wire.RPC_FETCH, self.rpc_fetch, runtime_pb2.ExpertRequest)

@@ -170,9 +170,17 @@ class Peer:
             logger.warning("not announced: %s", e)
             return False
 
-    async def _rejoin(self) -> None:
+    async def _rejoin(self, daemon_replaced: bool) -> None:
         """The DHT process was restarted (dht.node.Node.watch): announce at once on the new one, so this
-        peer's record never lapses. Its id, addresses, RPC handlers and open sessions did not change."""
+        peer's record never lapses. Its id, addresses, RPC handlers and open sessions did not change,
+        unless the daemon died too and was replaced: then the handlers are registered on the new one
+        and its addresses announced (sessions on the old daemon are lost; their clients fail over)."""
+        if daemon_replaced:
+            self.maddrs, self.relayed = await self._reachable_at()
+            write_maddr_file(self.cfg.maddr_file, self.maddrs)
+            if self.handler is not None:
+                await self.handler.register(self.node.p2p)
+            logger.warning("serving on a new p2p daemon at %s", self.maddrs)
         if self.start is None:
             return  # nothing announced yet: the first announcement comes once the blocks are chosen
         if await self.announce(self.state):

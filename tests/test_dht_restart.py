@@ -140,18 +140,71 @@ def test_health_monitor_fails_fast_on_a_dead_dht_then_restarts_it(swarm, peer):
             assert time.monotonic() - began < 5
             restarted = asyncio.Event()
 
-            async def on_restart() -> None:
+            async def on_restart(daemon_replaced: bool) -> None:
                 restarted.set()
 
             async with asyncio.TaskGroup() as tasks:
                 watcher = tasks.create_task(node.watch(on_restart, period=0.2))
                 await asyncio.wait_for(restarted.wait(), 30)
-                snap = await monitor.refresh()
+                deadline = time.monotonic() + 30  # a busy machine may need a moment to fill the new routing table
+                while [(p.peer_id, p.reachable) for m in (await monitor.refresh()).models for p in m.peers] != [
+                        (peer.ready["peer_id"], True)]:
+                    assert time.monotonic() < deadline, f"the restarted monitor never showed the peer: {monitor.latest}"
+                    await asyncio.sleep(0.2)
                 watcher.cancel()
-            rows = [p for m in snap.models for p in m.peers]
-            assert [(p.peer_id, p.reachable) for p in rows] == [(peer.ready["peer_id"], True)]
             assert node.restarts == 1
         finally:
             await node.shutdown()
 
     asyncio.run(run())
+
+
+def _record(remote, peer_id: str):
+    found = remote.swarm.loop.run(directory.fetch_peers(remote.swarm.node.dht, remote.swarm.cfg.model_id), timeout=30)
+    return next((r for r in found if r.peer_id == peer_id), None)
+
+
+def test_peer_replaces_a_dead_daemon_and_its_clients_fail_over(models, peer):
+    """The daemon itself dies: a new one (same peer id, new port) serves the RPCs; the session open on the
+    old one is lost, and the client rebuilds it by replay (same tokens)."""
+    local, remote = models
+    peer_id = peer.ready["peer_id"]
+    before = _info(remote, peer_id)
+    old_maddrs = list(_record(remote, peer_id).maddrs)
+    retries = remote.swarm.core.retries
+    ids = _prompt(4)
+    kill = KillAt(3, lambda: before["p2pd_pid"])
+    assert _generate(remote, ids, logits_processor=LogitsProcessorList([kill])) == _generate(local, ids)
+    assert kill.killed == before["p2pd_pid"] and remote.swarm.core.retries > retries  # a failover, as for a dead peer
+    after = _info(remote, peer_id)
+    assert after["p2pd_restarts"] == before["p2pd_restarts"] + 1 and after["p2pd_pid"] != before["p2pd_pid"]
+    assert psutil.Process(after["p2pd_pid"]).ppid() == peer.pid
+    record = _until(lambda: (r := _record(remote, peer_id)) and list(r.maddrs) != old_maddrs and r,
+                    "the peer announced its new daemon's addresses")
+    assert record.state == PeerState.ONLINE
+    _until(lambda: _info(remote, peer_id)["sessions"] == 0, "the session on the dead daemon was closed", 10)
+    ids = _prompt(5)
+    assert _generate(remote, ids) == _generate(local, ids)
+
+
+def test_client_replaces_a_dead_daemon_and_keeps_generating(models, peer):
+    local, remote = models
+    node = remote.swarm.node
+    first, replaced = node.daemon_pid, node.daemon_restarts
+    ids = _prompt(6)
+    kill = KillAt(2, lambda: node.daemon_pid)
+    assert _generate(remote, ids, logits_processor=LogitsProcessorList([kill])) == _generate(local, ids)
+    assert kill.killed == first
+    _until(lambda: node.daemon_restarts == replaced + 1 and node.alive(), "the client replaced its daemon")
+    assert remote.swarm.core.transport.p2p is node.p2p and node.daemon_pid != first
+    _until(lambda: _info(remote, peer.ready["peer_id"])["sessions"] == 0, "the peer closed the broken session", 10)
+    ids = _prompt(7)
+    assert _generate(remote, ids) == _generate(local, ids)
+
+
+def test_peer_leaves_cleanly_after_its_restarts(models, peer):
+    """SIGTERM after the restarts above: the peer drains and exits 0 (a DHT process forked after the peer
+    set its signal handlers once ignored SIGTERM and hung this exit)."""
+    assert _info(models[1], peer.ready["peer_id"])["dht_restarts"] >= 2
+    os.kill(peer.pid, signal.SIGTERM)
+    assert peer.popen.wait(timeout=30) == 0, peer.stderr_tail()
