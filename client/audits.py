@@ -1,8 +1,8 @@
 """Audits: re-running a sample of what peers served on other peers, off the critical path.
 
 Who can check a span (``checkers``: peers serving all of it, else disjoint routes of peers that split it
-differently), the stateless replay that a checker runs, publishing verdicts on the DHT, and owning the
-audit tasks in flight. The verdicts feed the view's reputation book (``verify.auditor``)."""
+differently), the stateless replay that a checker runs, publishing verdicts on the DHT (and proving a
+confirmed lie: ``client.proofs``), and owning the audit tasks in flight. The verdicts feed the view's reputation book (``verify.auditor``)."""
 
 from __future__ import annotations
 
@@ -15,6 +15,7 @@ import torch
 from client import routing
 from client.errors import MissingBlocksError, PeerError
 from client.hop import ForwardOn
+from client.proofs import Proofs
 from client.routing import Hop
 from client.view import SwarmView
 from dht import directory
@@ -30,6 +31,7 @@ class Audits:
         self.view, self._forward_on = view, forward_on
         self.auditor = Auditor(view.book, SamplingPolicy(view.cfg.audit_rates), self.checkers, self.replay,
                                replay_errors=(PeerError,), publish=self.publish, related=view.book.related)
+        self.proofs = Proofs(view, self.auditor)  # a confirmed lie is proven to everyone (client/proofs.py)
         self._tasks: set[asyncio.Task] = set()  # owned here: awaited by wait() and at shutdown
 
     def _candidates(self, start: int, end: int, dtype: str, quant: str, exclude: frozenset[str]) -> list[str]:
@@ -79,7 +81,10 @@ class Audits:
         return hidden
 
     async def publish(self, result: AuditResult, span: ServedSpan) -> None:
-        """Publish a verdict on the DHT, signed with this client's identity (the health page shows it)."""
+        """Publish a verdict on the DHT, signed with this client's identity (the health page shows it); a
+        confirmed lie is also proven (in the background: a strict generation does not wait for it)."""
+        if result.verdict in (Verdict.FAIL, Verdict.GROSS_FAIL) and self.view.cfg.publish_proofs:
+            self._own(asyncio.get_running_loop().create_task(self.proofs.accuse(span), name="accuse"))
         c = result.comparison
         verdict = VerdictRecord(
             author=self.view.peer_id, target=result.peer_id, model_id=self.view.cfg.model_id, start=span.start, end=span.end,
@@ -98,11 +103,13 @@ class Audits:
         tasks = []
         for span in spans:
             if sampled or self.auditor.sampled(span):
-                task = asyncio.get_running_loop().create_task(self._after(after, span), name="audit")
-                self._tasks.add(task)
-                task.add_done_callback(self._tasks.discard)
-                tasks.append(task)
+                tasks.append(self._own(asyncio.get_running_loop().create_task(self._after(after, span), name="audit")))
         return tasks
+
+    def _own(self, task: asyncio.Task) -> asyncio.Task:
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+        return task
 
     async def _after(self, after: asyncio.Future | None, span: ServedSpan) -> AuditResult:
         if after is not None:
@@ -120,8 +127,13 @@ class Audits:
         return self.auditor.sampled(span, every=self.view.cfg.verify_mode == "strict")
 
     async def wait(self, timeout: float | None = None) -> None:
-        """Wait for every audit in flight; errors inside an audit propagate here."""
-        if self._tasks:
-            done, _ = await asyncio.wait(set(self._tasks), timeout=timeout)
+        """Wait for every audit in flight, and what they started (proving a lie); errors inside an audit
+        propagate here."""
+        deadline = None if timeout is None else asyncio.get_running_loop().time() + timeout
+        while self._tasks:
+            left = None if deadline is None else max(0.0, deadline - asyncio.get_running_loop().time())
+            done, pending = await asyncio.wait(set(self._tasks), timeout=left)
             for task in done:
                 task.result()
+            if pending and left == 0.0:
+                return

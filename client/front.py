@@ -96,6 +96,7 @@ class RemoteSwarm:
 
     async def _start(self) -> tuple[SwarmCore, asyncio.Task]:
         core = SwarmCore(self.cfg, Transport(await self.dht.replicate_p2p()), self.dht, self.identity.peer_id)
+        await core.start()
         # Owned by this RemoteSwarm: cancelled in shutdown(); it catches the errors it can recover from.
         return core, asyncio.get_running_loop().create_task(core.run_refresh_loop(), name="swarm-refresh")
 
