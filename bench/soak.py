@@ -30,6 +30,7 @@ import signal
 import sys
 import tempfile
 import time
+import urllib.request
 from typing import Callable
 
 import psutil
@@ -58,6 +59,7 @@ class Managed:
     state: str = "down"  # down | starting | up | frozen | draining
     due: float = 0.0  # when the pending transition is due (start, SIGCONT, drain deadline)
     starts: int = 0
+    metrics_port: int | None = None  # a peer's --metrics-port: its steps served are sampled too
     ids: set = dataclasses.field(default_factory=set)  # peer ids it had (the same with a kept identity)
 
 
@@ -122,6 +124,8 @@ class Soak:
                 return
             m.state = "up"
             m.ids.add(m.proc.ready.get("peer_id"))
+            if m.starts > 1:
+                self.fault("up", m.name)
         elif m.state == "up" and not m.proc.alive():
             self.trouble(m, "died")
         elif m.state == "frozen" and now >= m.due:
@@ -168,7 +172,7 @@ class Soak:
             except psutil.Error:
                 continue
             self.samples.append({"t": t, "name": m.name, "pid": m.proc.pid, "rss": rss, "fds": fds,
-                                 "threads": threads})
+                                 "threads": threads, "requests": _steps_served(m.metrics_port)})
 
     def generations(self) -> list[dict]:
         gens = []
@@ -209,10 +213,14 @@ class Soak:
         for m in clients:
             self.launch(m)
         self.wait(clients)
+        # The liar serves every block: one hop instead of two or more makes it the cheapest route for
+        # clients that have not measured it yet, so it gets the traffic a long con needs.
+        liar_port = harness._free_port()
         self.liar = Managed("liar", lambda: launch.start_peer(
-            model_dir, maddrs, a.layers // 4, a.layers - a.layers // 4, name="liar", wait=False,
-            extra=[*self.peer_args("liar"), "--throughput", "10000",
-                   "--adversary", f"wrong_weights@after={a.liar_after_steps}"]), long_lived=True)
+            model_dir, maddrs, 0, a.layers, name="liar", wait=False,
+            extra=[*self.peer_args("liar"), "--throughput", "10000", "--metrics-port", str(liar_port),
+                   "--adversary", f"wrong_weights@after={a.liar_after_steps}"]), long_lived=True,
+            metrics_port=liar_port)
         self.model_dir = model_dir
 
     def add(self, m: Managed) -> Managed:
@@ -225,9 +233,11 @@ class Soak:
     def peer(self, model_dir: str, maddrs: list[str], i: int, span: tuple[int, int], stable: bool) -> Managed:
         a, b = span
         label = f"peer{i} [{a},{b})" + (" stable" if stable else "")
+        port = harness._free_port() if stable else None
+        metrics = ["--metrics-port", str(port)] if port else []
         return Managed(label, lambda: launch.start_peer(model_dir, maddrs, a, b, name=f"peer{i}", wait=False,
-                                                        extra=self.peer_args(f"peer{i}")),
-                       long_lived=stable, churn=not stable)
+                                                        extra=[*self.peer_args(f"peer{i}"), *metrics]),
+                       long_lived=stable, churn=not stable, metrics_port=port)
 
     def client(self, model_dir: str, maddrs: list[str], i: int, kind: str, url: str, api_model: str) -> Managed:
         a, starts = self.args, iter(range(10**6))
@@ -319,6 +329,7 @@ class Soak:
         measured = [g for g in gens if g["t1"] >= self.start]
         clients = soakstats.client_rows(measured, end - self.start)
         headers, resources = soakstats.resource_rows(self.samples)
+        steps_headers, steps = soakstats.steps_rows(self.samples)
         bans = self.bans(measured)
         tables = [
             harness.table(soakstats.WINDOW_HEADERS, [
@@ -331,7 +342,9 @@ class Soak:
                  ", ".join(bans.get(c["client"], [])) or ("—" if c["client"] != "api" else "(not visible)")]
                 for c in clients]),
             "RSS MiB / open fds / threads (process + children; * = restarted since the previous sample)\n\n"
-            + harness.table(headers, resources)]
+            + harness.table(headers, resources),
+            f"Steps answered (the peer's requests counter; the liar is honest for its first {a.liar_after_steps})"
+            "\n\n" + harness.table(steps_headers, steps)]
         notes = [f"- {time.strftime('%H:%M:%S', time.localtime(n['t']))} {n['what']}: {n['process']} "
                  f"(exit {n['returncode']}), log {n['log']}" for n in self.notes]
         markdown = "\n\n".join([f"# soak: {a.minutes} min, {a.peers} peers, faults every {a.chaos_every:.0f} s",
@@ -339,13 +352,26 @@ class Soak:
         name = a.name or f"soak-{a.minutes:g}min"
         path = harness.write_results(name, {
             "windows": rows, "clients": clients, "bans": bans, "resources": self.samples, "faults": self.faults,
-            "notes": self.notes, "starts": {m.name: m.starts for m in self.managed}, "final": final,
+            "notes": self.notes, "peer_ids": self.names_by_id(), "starts": {m.name: m.starts for m in self.managed}, "final": final,
             "log_dir": self.logdir}, a)
         with open(path[:-len(".json")] + ".md", "w") as f:
             f.write(markdown + "\n")
         if final:
             print(markdown)
             _say(f"wrote {path} and its .md")
+
+
+def _steps_served(port: int | None) -> int | None:
+    """A peer's swarmllm_peer_requests_total from its metrics endpoint (None: no endpoint or no answer)."""
+    if port is None:
+        return None
+    try:
+        with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=2) as reply:
+            text = reply.read().decode()
+    except OSError:
+        return None
+    line = next((x for x in text.splitlines() if x.startswith("swarmllm_peer_requests_total ")), None)
+    return None if line is None else int(float(line.split()[1]))
 
 
 def _minutes(row: dict) -> str:

@@ -14,8 +14,8 @@ from __future__ import annotations
 import collections
 import math
 
-__all__ = ["percentile", "summarize", "error_counts", "window_rows", "client_rows", "resource_rows", "peer_spans", "fault_summary",
-           "WINDOW_HEADERS", "CLIENT_HEADERS"]
+__all__ = ["percentile", "summarize", "error_counts", "window_rows", "client_rows", "resource_rows", "steps_rows",
+           "timeline", "peer_spans", "fault_summary", "WINDOW_HEADERS", "CLIENT_HEADERS"]
 
 WINDOW_HEADERS = ["window (min)", "generations", "lost", "wrong / checked", "tokens/s", "p50 ms/token",
                   "p99 ms/token", "faults"]
@@ -92,26 +92,43 @@ def resource_rows(samples: list[dict]) -> tuple[list[str], list[list]]:
     from the first to the last sample. A sample is a dict with ``t`` (seconds since the start),
     ``name``, ``pid``, ``rss`` (bytes), ``fds`` and ``threads``; a process whose pid changed between two
     samples (restarted) is marked with * in the later cell."""
+    def growth(first: dict, last: dict) -> str:
+        return f"{(last['rss'] - first['rss']) / 2**20:+.0f}"
+
+    return timeline(samples, lambda s: f"{s['rss'] / 2**20:.0f} / {s['fds']} / {s['threads']}", "RSS growth MiB",
+                    growth)
+
+
+def steps_rows(samples: list[dict]) -> tuple[list[str], list[list]]:
+    """Like ``resource_rows`` for the samples that carry ``requests`` (steps a peer answered, from its
+    metrics): the count at each sample time, then the total served between the first and last sample."""
+    def served(first: dict, last: dict) -> str:
+        return str(last["requests"] - first["requests"]) if last["pid"] == first["pid"] else "—"
+
+    return timeline([s for s in samples if s.get("requests") is not None], lambda s: str(s["requests"]),
+                    "served", served)
+
+
+def timeline(samples: list[dict], cell, last_header: str, last_cell) -> tuple[list[str], list[list]]:
+    """One row per process name, one column per sample time (``cell(sample)``, "—" where none, * where
+    the pid changed since the previous sample), then ``last_cell(first, last)``."""
     times = sorted({s["t"] for s in samples})
     by_name: dict[str, dict[float, dict]] = {}
     for s in samples:
         by_name.setdefault(s["name"], {})[s["t"]] = s
-    headers = ["process", *[f"{t / 60:.1f} min" for t in times], "RSS growth MiB"]
+    headers = ["process", *[f"{t / 60:.1f} min" for t in times], last_header]
     rows = []
     for name, seen in by_name.items():
-        cells, last_pid, first, last = [], None, None, None
+        present = [seen[t] for t in times if t in seen]
+        cells, last_pid = [], None
         for t in times:
             s = seen.get(t)
             if s is None:
                 cells.append("—")
                 continue
-            mark = "*" if last_pid is not None and s["pid"] != last_pid else ""
+            cells.append(cell(s) + ("*" if last_pid is not None and s["pid"] != last_pid else ""))
             last_pid = s["pid"]
-            first = s if first is None else first
-            last = s
-            cells.append(f"{s['rss'] / 2**20:.0f} / {s['fds']} / {s['threads']}{mark}")
-        growth = (last["rss"] - first["rss"]) / 2**20 if first is not None else None
-        rows.append([name, *cells, "—" if growth is None else f"{growth:+.0f}"])
+        rows.append([name, *cells, last_cell(present[0], present[-1])])
     return headers, rows
 
 

@@ -64,6 +64,8 @@ def test_resource_table_marks_restarts_and_gaps_and_reports_growth():
     assert headers == ["process", "0.0 min", "5.0 min", "10.0 min", "RSS growth MiB"]
     assert rows[0] == ["peer0", "100 / 50 / 9", "130 / 52 / 9", "160 / 52 / 9", "+60"]
     assert rows[1] == ["dht", "80 / 30 / 5", "—", "70 / 31 / 5*", "-10"]
+    samples[0]["requests"], samples[2]["requests"], samples[3]["requests"] = 5, 40, 90
+    assert soakstats.steps_rows(samples) == (headers[:-1] + ["served"], [["peer0", "5", "40", "90", "85"]])
 
 
 def test_peer_spans_keep_every_block_served_by_the_stable_peers_and_several_others():
