@@ -3,13 +3,13 @@ stream (``HopSession``): sending a step, and receiving its result with the reply
 
 from __future__ import annotations
 
-import asyncio
 import dataclasses
 from typing import Awaitable, Callable
 
 import torch
 
 from client.errors import PeerError
+from client.liveness import probed
 from client.routing import Hop
 from client.transport import Stream
 from verify.auditor import ServedSpan
@@ -82,17 +82,7 @@ class HopSession:
         """Wait up to ``timeout`` seconds for the result of step ``x`` (sent by us or pushed to the peer);
         meanwhile ``probe`` (if given) is awaited every time the reply is late by another probe interval,
         and may raise to give up early. Records the step for replay and audits."""
-        call = asyncio.ensure_future(self.stream.receive(timeout))
-        try:  # the call is owned here: awaited below, cancelled if the probe gives up
-            while probe is not None and not call.done():
-                done, _ = await asyncio.wait({call}, timeout=probe.interval)
-                if not done:
-                    await probe(self.hop.peer_id)
-            meta, out = await call
-        finally:
-            if not call.done():
-                call.cancel()
-                await asyncio.gather(call, return_exceptions=True)
+        meta, out = await probed(self.stream.receive(timeout), probe, self.hop.peer_id)
         batch, tokens, hidden = x.hidden.shape
         omitted = meta.get("omitted", 0)
         if (not isinstance(omitted, int) or isinstance(omitted, bool) or not 0 <= omitted < tokens
