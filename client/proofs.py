@@ -68,6 +68,8 @@ class Proofs:
     async def accuse(self, span: ServedSpan) -> ProofRecord | None:
         """Prove the lie an audit of ``span`` confirmed, if its peer signed what it answered: keep the
         proof, publish its record. None if there is nothing provable or the proof does not hold."""
+        if any(p.accused == span.peer_id for p in self.kept.values()):
+            return None  # one proof per liar is enough (re-checks of its other sessions may catch more lies)
         proof = proofs.build(span, self.view.cfg.model_id, self.view.peer_id)
         if proof is None:
             logger.info("%s signed none of the steps it lied in: no proof to publish", span.peer_id)

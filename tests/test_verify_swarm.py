@@ -276,6 +276,9 @@ def test_default_mode_hands_over_at_most_the_floors_bound_from_a_trusted_peer_th
         assert caught, core.audits.auditor.results
         assert core.book.status(liar_id) in (Status.SUSPECT, Status.BANNED)
         assert 1 <= wrong <= LONG_CON_EVERY, f"{wrong} wrong generations handed over, bound {LONG_CON_EVERY}"
+        model.swarm.wait_audits()  # once caught, the sessions it served unaudited are re-checked
+        fails = [r for r in core.audits.auditor.results if r.peer_id == liar_id and r.verdict in (Verdict.FAIL, Verdict.GROSS_FAIL)]
+        assert len(fails) >= wrong, (wrong, core.audits.auditor.results)  # every wrong one found out
         honest = [r for r in core.audits.auditor.results if r.peer_id != liar_id]
         assert not any(r.verdict in (Verdict.FAIL, Verdict.GROSS_FAIL) for r in honest), honest
 

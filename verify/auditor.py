@@ -78,8 +78,10 @@ Publish = Callable[[AuditResult, ServedSpan], Awaitable[None]]
 class Auditor:
     def __init__(self, book: ReputationBook, policy: SamplingPolicy, candidates: Candidates, replay: Replay,
                  replay_errors: tuple[type[BaseException], ...] = (), publish: Publish | None = None,
-                 related: Callable[[str, str], bool] = lambda a, b: False):
+                 related: Callable[[str, str], bool] = lambda a, b: False,
+                 load: Callable[[Checker], float] | None = None):
         self.book, self.policy, self.candidates, self.replay = book, policy, candidates, replay
+        self.load = load  # how busy a checker is (re-runs in flight): the least loaded is picked, if given
         self.related = related  # peers that may be one operator (same address, /24 or name): never judge each other
         self.publish = publish  # where conclusive verdicts are published (signed), if anywhere
         self.replay_errors = replay_errors  # a re-running peer that fails this way is skipped, not judged
@@ -107,7 +109,7 @@ class Auditor:
         the DHT as they were (the caller decides what the verdict means: a fraud proof's ruling);
         ``compared`` (tokens,) bool: only those tokens are compared (the ones the accused signed)."""
         shadow = Auditor(copy.deepcopy(self.book), self.policy, self.candidates, self.replay, self.replay_errors,
-                         related=self.related)
+                         related=self.related, load=self.load)
         return await shadow._judge(span, compared)
 
     async def _judge(self, span: ServedSpan, compared: torch.Tensor | None = None) -> AuditResult:
@@ -175,7 +177,7 @@ class Auditor:
                               and not any(self.related(p, q) for q in exclude) for p in _peers(c))]
             if not options:
                 return None, None
-            checker = self.policy.pick(options)
+            checker = self.policy.pick(options, self.load)
             try:
                 return checker, await self.replay(checker, x, positions, span.mask)
             except self.replay_errors as e:
