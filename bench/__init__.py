@@ -14,5 +14,8 @@ Files:
 - calibrate.py       honest disagreement between two correct peers (verify/compare.py's thresholds)
 - finetune.py        seconds per training step through the swarm vs local
 - directory.py       the DHT directory at thousands of signed identities on 50 DHT node processes
+- soak.py            hours of faults (kills, freezes, restarts, the DHT node, a long-con liar) under non-stop clients
+- soak_clients.py    one soak client process per kind (greedy, sampled, speculative, strict, API streaming)
+- soakstats.py       the soak report's arithmetic (windows, percentiles, resource tables), pure
 - plot.py            docs/bench.png from bench/results/*.json
 """

@@ -14,6 +14,7 @@ Files, from the top:
 - liveness.py  probes of a late peer (dead or frozen?), and of the peer it pushes to
 - view.py      SwarmView: records, pings, RTTs, timed speeds, bans, reputation book, planning
 - audits.py    who can check a span, replaying it there, publishing verdicts, audit tasks
+- proofs.py    proving a caught lie to everyone (serving the proof, its DHT record) and judging others' proofs
 - training.py  the backward pass back along a training forward's route, with its own failover
 - routing.py   pure route planning over a snapshot of peer records (public: the simulator runs it)
 - bans.py      back-off bans of peers that failed (pure)

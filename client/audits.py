@@ -1,12 +1,13 @@
 """Audits: re-running a sample of what peers served on other peers, off the critical path.
 
 Who can check a span (``checkers``: peers serving all of it, else disjoint routes of peers that split it
-differently), the stateless replay that a checker runs, publishing verdicts on the DHT, and owning the
-audit tasks in flight. The verdicts feed the view's reputation book (``verify.auditor``)."""
+differently), the stateless replay that a checker runs, publishing verdicts on the DHT (and proving a
+confirmed lie: ``client.proofs``), and owning the audit tasks in flight. The verdicts feed the view's reputation book (``verify.auditor``)."""
 
 from __future__ import annotations
 
 import asyncio
+import collections
 import logging
 import time
 
@@ -15,6 +16,7 @@ import torch
 from client import routing
 from client.errors import MissingBlocksError, PeerError
 from client.hop import ForwardOn
+from client.proofs import Proofs
 from client.routing import Hop
 from client.view import SwarmView
 from dht import directory
@@ -25,11 +27,18 @@ from verify.reputation import Verdict
 
 logger = logging.getLogger(__name__)
 
+RECHECK_SPANS = 4  # unaudited spans kept per peer, re-checked if it is caught lying (outputs that named
+# reused tokens instead of sending them are not kept: they can no longer be fetched)
+
 class Audits:
     def __init__(self, view: SwarmView, forward_on: ForwardOn):
         self.view, self._forward_on = view, forward_on
         self.auditor = Auditor(view.book, SamplingPolicy(view.cfg.audit_rates), self.checkers, self.replay,
-                               replay_errors=(PeerError,), publish=self.publish, related=view.book.related)
+                               replay_errors=(PeerError,), publish=self.publish, related=view.book.related,
+                               load=self.load)
+        self.replaying: collections.Counter[str] = collections.Counter()  # peer -> our re-runs in flight on it
+        self.recent: dict[str, collections.deque[ServedSpan]] = {}  # peer -> spans it served unaudited, newest last
+        self.proofs = Proofs(view, self.auditor)  # a confirmed lie is proven to everyone (client/proofs.py)
         self._tasks: set[asyncio.Task] = set()  # owned here: awaited by wait() and at shutdown
 
     def _candidates(self, start: int, end: int, dtype: str, quant: str, exclude: frozenset[str]) -> list[str]:
@@ -71,15 +80,32 @@ class Audits:
     async def replay(self, checker: Checker, hidden: torch.Tensor, position_ids: torch.Tensor,
                       mask: torch.Tensor | None) -> torch.Tensor:
         """Run a prefix through a checker's peers, one stateless forward each (what audits send)."""
-        for peer_id, start, end in checker:
-            record = next((r for r in self.view.records if r.peer_id == peer_id), None)
-            hop = Hop(peer_id, start, end, record.maddrs if record else (), record.dtype if record else "float32",
-                      record.quant if record else "none")
-            hidden = await self._forward_on(hop, hidden, position_ids, mask)
-        return hidden
+        self.replaying.update(peer for peer, _, _ in checker)
+        try:
+            for peer_id, start, end in checker:
+                record = next((r for r in self.view.records if r.peer_id == peer_id), None)
+                hop = Hop(peer_id, start, end, record.maddrs if record else (), record.dtype if record else "float32",
+                          record.quant if record else "none")
+                hidden = await self._forward_on(hop, hidden, position_ids, mask)
+            return hidden
+        finally:
+            self.replaying.subtract(peer for peer, _, _ in checker)
+
+    def load(self, checker: Checker) -> int:
+        """How many of this client's re-runs are in flight on the checker's busiest peer: a strict generation
+        checks its spans at once, and spreading them over the redundant peers spreads the wait. (Only what
+        this client knows: a load a peer announced could be a lie to attract checks it would collude on.)"""
+        return max(self.replaying[peer] for peer, _, _ in checker)
 
     async def publish(self, result: AuditResult, span: ServedSpan) -> None:
-        """Publish a verdict on the DHT, signed with this client's identity (the health page shows it)."""
+        """Publish a verdict on the DHT, signed with this client's identity (the health page shows it); a
+        confirmed lie is also proven (in the background: a strict generation does not wait for it)."""
+        if result.verdict in (Verdict.FAIL, Verdict.GROSS_FAIL):
+            if self.view.cfg.publish_proofs:
+                self._own(asyncio.get_running_loop().create_task(self.proofs.accuse(span), name="accuse"))
+            if kept := self.recent.pop(result.peer_id, None):  # what else did it hand over unchecked?
+                logger.warning("re-checking the last %d sessions %s served unaudited", len(kept), result.peer_id)
+                self.submit(list(kept), sampled=True)
         c = result.comparison
         verdict = VerdictRecord(
             author=self.view.peer_id, target=result.peer_id, model_id=self.view.cfg.model_id, start=span.start, end=span.end,
@@ -100,11 +126,13 @@ class Audits:
         tasks = []
         for span in spans:
             if sampled or self.auditor.sampled(span):
-                task = asyncio.get_running_loop().create_task(self._after(after, span), name="audit")
-                self._tasks.add(task)
-                task.add_done_callback(self._tasks.discard)
-                tasks.append(task)
+                tasks.append(self._own(asyncio.get_running_loop().create_task(self._after(after, span), name="audit")))
         return tasks
+
+    def _own(self, task: asyncio.Task) -> asyncio.Task:
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+        return task
 
     async def _after(self, after: asyncio.Future | None, span: ServedSpan) -> AuditResult:
         if after is not None:
@@ -118,12 +146,21 @@ class Audits:
 
     def draw(self, span: ServedSpan) -> bool:
         """Whether to audit a span a session was served: the sampling policy's draw, or in strict mode
-        every span, whoever served it (a trusted peer too: trust is earned by audits, never a licence)."""
-        return self.auditor.sampled(span, every=self.view.cfg.verify_mode == "strict")
+        every span, whoever served it (a trusted peer too: trust is earned by audits, never a licence).
+        The last few spans a peer served unaudited are kept: if it is caught lying, they are re-checked."""
+        audit = self.auditor.sampled(span, every=self.view.cfg.verify_mode == "strict")
+        if not audit and span.hidden and all(torch.isfinite(out).all() for out in span.outputs):
+            self.recent.setdefault(span.peer_id, collections.deque(maxlen=RECHECK_SPANS)).append(span)
+        return audit
 
     async def wait(self, timeout: float | None = None) -> None:
-        """Wait for every audit in flight; errors inside an audit propagate here."""
-        if self._tasks:
-            done, _ = await asyncio.wait(set(self._tasks), timeout=timeout)
+        """Wait for every audit in flight, and what they started (proving a lie); errors inside an audit
+        propagate here."""
+        deadline = None if timeout is None else asyncio.get_running_loop().time() + timeout
+        while self._tasks:
+            left = None if deadline is None else max(0.0, deadline - asyncio.get_running_loop().time())
+            done, pending = await asyncio.wait(set(self._tasks), timeout=left)
             for task in done:
                 task.result()
+            if pending and left == 0.0:
+                return

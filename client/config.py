@@ -38,6 +38,8 @@ class ClientConfig:
     # for the audits of its sessions and generates again (avoiding the cheater) if one confirms a lie;
     # "strict": every span any peer served (trusted ones too) is re-run on another peer and must match
     # before generate() returns (UnverifiableError when no other peer can check it)
+    publish_proofs: bool = True  # prove a caught lie to every client (client/proofs.py); the proof carries the
+    # liar's inputs (hidden states of this client's prompt), served to whoever asks: False keeps them here
     push: bool = True  # peers forward each step to the next peer (k + 1 messages per token); False = the
     # client relays every hop itself (2k messages), which is also the fallback for a link that fails
     wire_dtype: str | None = None  # hidden states on the wire: None = as computed (float32 stays bit-exact);

@@ -105,6 +105,7 @@ class RemoteSwarm:
 
     async def _start(self) -> tuple[SwarmCore, asyncio.Task]:
         core = SwarmCore(self.cfg, Transport(self.node.p2p), self.node, self.identity.peer_id)
+        await core.start()
         # Owned by this RemoteSwarm: cancelled in shutdown(); its loops catch the errors they can recover from.
         return core, asyncio.get_running_loop().create_task(self._run_background(core), name="swarm-background")
 
@@ -113,6 +114,7 @@ class RemoteSwarm:
         async def rejoin(daemon_replaced: bool) -> None:  # the restarted DHT answers at once: re-read the swarm
             if daemon_replaced:  # sessions on the old daemon fail like failed peers; failover rebuilds them
                 core.transport.use(self.node.p2p)
+                await core.audits.proofs.register(self.node.p2p)  # its proofs are served on the new daemon
             try:
                 await core.refresh()
             except (OSError, RuntimeError) as e:

@@ -3,16 +3,17 @@ stream (``HopSession``): sending a step, and receiving its result with the reply
 
 from __future__ import annotations
 
-import asyncio
 import dataclasses
 from typing import Awaitable, Callable
 
 import torch
 
 from client.errors import PeerError
+from client.liveness import probed
 from client.routing import Hop
 from client.transport import Stream
 from verify.auditor import ServedSpan
+from wire.receipts import Receipt
 
 # a stateless forward of a whole prefix on one given peer: (hop, hidden, position_ids, mask) -> its output
 ForwardOn = Callable[[Hop, torch.Tensor, torch.Tensor, "torch.Tensor | None"], Awaitable[torch.Tensor]]
@@ -46,12 +47,14 @@ class HopSession:
         self.hop, self.stream, self.session_id = hop, stream, session_id
         self.history: list[StepInput] = []
         self.outputs: list[torch.Tensor] = []  # what the peer answered, step by step (for audits)
+        self.receipts: list[Receipt | None] = []  # what the peer signed for each step (for fraud proofs)
 
     def served(self) -> ServedSpan:
         last_mask = self.history[-1].mask if self.history else None
         return ServedSpan(self.hop.peer_id, self.hop.start, self.hop.end, self.hop.dtype,
                           [x.hidden for x in self.history], [x.position_ids for x in self.history], last_mask,
-                          list(self.outputs), quant=self.hop.quant)
+                          list(self.outputs), quant=self.hop.quant, session_id=self.session_id,
+                          receipts=tuple(self.receipts))
 
     def push_target(self) -> dict:
         """This hop as an entry of a step's ``next`` list (the peers its output is pushed on to)."""
@@ -79,17 +82,7 @@ class HopSession:
         """Wait up to ``timeout`` seconds for the result of step ``x`` (sent by us or pushed to the peer);
         meanwhile ``probe`` (if given) is awaited every time the reply is late by another probe interval,
         and may raise to give up early. Records the step for replay and audits."""
-        call = asyncio.ensure_future(self.stream.receive(timeout))
-        try:  # the call is owned here: awaited below, cancelled if the probe gives up
-            while probe is not None and not call.done():
-                done, _ = await asyncio.wait({call}, timeout=probe.interval)
-                if not done:
-                    await probe(self.hop.peer_id)
-            meta, out = await call
-        finally:
-            if not call.done():
-                call.cancel()
-                await asyncio.gather(call, return_exceptions=True)
+        meta, out = await probed(self.stream.receive(timeout), probe, self.hop.peer_id)
         batch, tokens, hidden = x.hidden.shape
         omitted = meta.get("omitted", 0)
         if (not isinstance(omitted, int) or isinstance(omitted, bool) or not 0 <= omitted < tokens
@@ -106,7 +99,14 @@ class HopSession:
             result[:, omitted:] = out[0]
         self.history.append(dataclasses.replace(x, reorder=None) if x.reorder is not None else x)
         self.outputs.append(result)
+        self.receipts.append(Receipt.from_wire(meta.get("receipt")))
         return meta, result
+
+    def forget_last(self) -> None:
+        """Drop the last step received (its input turned out not to be what the client was returned)."""
+        self.history.pop()
+        self.outputs.pop()
+        self.receipts.pop()
 
     def reorder(self, rows: torch.Tensor) -> None:
         """Beam search picked ``rows``: the inputs and outputs kept for replays and audits follow them."""
@@ -115,19 +115,21 @@ class HopSession:
         self.history = [dataclasses.replace(x, hidden=pick(x.hidden), position_ids=pick(x.position_ids),
                                             mask=pick(x.mask)) for x in self.history]
         self.outputs = [pick(out) for out in self.outputs]
+        self.receipts = [None] * len(self.receipts)  # signed over the rows' old order: no longer provable
 
     def truncate(self, length: int) -> None:
         """Forget every token from ``length`` on (rolled back): replays and audits see only what stays."""
-        kept, outs = [], []
-        for x, out in zip(self.history, self.outputs):
+        kept, outs, receipts = [], [], []
+        for x, out, receipt in zip(self.history, self.outputs, self.receipts):
             tokens = x.hidden.shape[1]
             if x.offset >= length:
                 break
-            if x.offset + tokens > length:
-                x, out = x.truncated(length), out[:, :length - x.offset]
+            if x.offset + tokens > length:  # its receipt signed the tokens cut off too
+                x, out, receipt = x.truncated(length), out[:, :length - x.offset], None
             kept.append(x)
             outs.append(out)
-        self.history, self.outputs = kept, outs
+            receipts.append(receipt)
+        self.history, self.outputs, self.receipts = kept, outs, receipts
 
     async def step(self, x: StepInput, timeout: float, probe=None) -> torch.Tensor:
         """Send one step and wait for its whole result (client-relayed: replays)."""

@@ -2,8 +2,13 @@
 
 from __future__ import annotations
 
+import asyncio
+from typing import Awaitable, Callable, TypeVar
+
 from client.errors import PeerError
 from client.transport import Transport
+
+T = TypeVar("T")
 
 
 class Probe:
@@ -36,3 +41,19 @@ class WatchNext:
                 await self.probe(self.next_peer)
             except PeerError as e:
                 self.next_failed = e
+
+
+async def probed(awaitable: Awaitable[T], probe: Callable[[str], Awaitable[None]] | None, peer_id: str) -> T:
+    """Await a peer's reply; meanwhile ``probe`` (if given) is awaited every time the reply is late by
+    another probe interval, and may raise to give up early (the pending call is cancelled)."""
+    call = asyncio.ensure_future(awaitable)
+    try:  # the call is owned here: awaited below, cancelled if the probe gives up
+        while probe is not None and not call.done():
+            done, _ = await asyncio.wait({call}, timeout=probe.interval)
+            if not done:
+                await probe(peer_id)
+        return await call
+    finally:
+        if not call.done():
+            call.cancel()
+            await asyncio.gather(call, return_exceptions=True)

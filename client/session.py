@@ -19,6 +19,7 @@ from client.errors import MissingBlocksError, PeerBusy, PeerError, SwarmError, i
 from client.failover import Failover
 from client.holes import Hole, Holes
 from client.hop import HopSession, StepInput
+from client.liveness import probed
 from client.routing import Hop
 from client.step import TIMED_MAX_TOKENS, StepWalk
 from verify.auditor import ServedSpan
@@ -91,8 +92,11 @@ class SessionCore:
                          f"{self.swarm.cfg.max_retries + 1} attempts; last error: {last}")
 
     async def open_hop(self, hop: Hop) -> HopSession:
+        """Open one hop's session. A peer that froze or died since our snapshot is found out by a probe
+        within about a second, not by the stream's or the step's timeout."""
+        probe = self.swarm.probe()
         await self.swarm.transport.connect(hop.peer_id, hop.maddrs)
-        stream = await self.swarm.transport.open_stream(hop.peer_id, self.rpc)
+        stream = await probed(self.swarm.transport.open_stream(hop.peer_id, self.rpc), probe, hop.peer_id)
         session_id = uuid.uuid4().hex  # per hop: it is also the capability to push into the peer's session
         meta = {"op": "open", "session_id": session_id, "start": hop.start, "end": hop.end,
                 "batch_size": self.batch_size, "max_length": self.max_length,
@@ -104,7 +108,8 @@ class SessionCore:
         if self.swarm.cfg.wire_dtype is not None:
             meta["wire_dtype"] = self.swarm.cfg.wire_dtype
         try:
-            await stream.call(meta, [], timeout=self.swarm.cfg.step_timeout)
+            stream.send(meta, [])
+            await probed(stream.receive(self.swarm.cfg.step_timeout), probe, hop.peer_id)
         except BaseException:
             await stream.close()
             raise

@@ -99,8 +99,7 @@ class StepWalk:
         """The hop's reply, checked: a pushed input must be what the hop before returned to the client."""
         meta, out = await hop.receive(self.x, self.timeout, watch)
         if self.i > 0 and not await self.session.received_as_returned(meta, self.x, self.hole):
-            hop.history.pop()
-            hop.outputs.pop()
+            hop.forget_last()
             raise Equivocation(self.session.hops[self.i - 1].hop.peer_id, "pushed the next peer other hidden "
                                "states than it returned to the client")
         return meta, out

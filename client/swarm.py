@@ -4,6 +4,9 @@ client's loop thread; ``client.front`` holds the synchronous faces."""
 
 from __future__ import annotations
 
+import asyncio
+import logging
+
 import torch
 
 import wire
@@ -17,12 +20,29 @@ from client.view import SwarmView
 from dht.node import Node
 from verify.auditor import Auditor
 
+logger = logging.getLogger(__name__)
+
 
 class SwarmCore(SwarmView):
     def __init__(self, cfg: ClientConfig, transport: Transport, node: Node, peer_id: str):
         super().__init__(cfg, transport, node, peer_id)
         self.audits = Audits(self, self.forward_on)
         self.training = Backward(self, self.forward_on)
+
+    async def start(self, review_timeout: float = 30.0) -> None:
+        """Serve the fraud proofs this client will publish, read the swarm, and judge the proofs others
+        published (up to ``review_timeout`` seconds), so that a proven liar is banned before the first
+        session is routed."""
+        await self.audits.proofs.register(self.transport.p2p)
+        await self.refresh()
+        try:
+            await asyncio.wait_for(self.audits.proofs.review(), review_timeout)
+        except asyncio.TimeoutError:
+            logger.info("judging published fraud proofs took over %.0f s: the rest are judged in the background",
+                        review_timeout)
+
+    async def after_refresh(self) -> None:
+        await self.audits.proofs.review()
 
     @property
     def auditor(self) -> Auditor:

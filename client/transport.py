@@ -90,6 +90,10 @@ class Transport:
             raise PeerError(peer_id, f"answered a fetch with {len(tensors)} tensors")
         return tensors[0]
 
+    async def proof(self, peer_id: str, digest: str, timeout: float) -> tuple[dict[str, Any], list[torch.Tensor]]:
+        """The fraud proof ``digest`` that ``peer_id`` (the client that caught the lie) holds, as sent."""
+        return await self._unary(peer_id, wire.RPC_PROOF, wire.request({"digest": digest}), "a proof fetch", timeout)
+
     async def open_stream(self, peer_id: str, rpc: str) -> "Stream":
         stream = Stream(peer_id)
         try:

@@ -65,8 +65,12 @@ class SwarmView:
             await asyncio.sleep(self.cfg.refresh_period)
             try:
                 await self.refresh(ping_all=True)
+                await self.after_refresh()
             except (OSError, RuntimeError) as e:  # the DHT process is shutting down or unreachable
                 logger.info("swarm refresh failed: %s", e)
+
+    async def after_refresh(self) -> None:
+        """What the background refresh does once the records are new (``SwarmCore``: judge fraud proofs)."""
 
     async def _ping(self, record: PeerRecord) -> None:
         try:

@@ -241,10 +241,14 @@ async def fetch_index(dht: hivemind.DHT) -> list[records.PeerRecord]:
 
 async def publish_verdict(dht: hivemind.DHT, verdict: records.VerdictRecord, *, ttl: float = 7 * 86400.0) -> bool:
     """Publish an audit verdict (signed by the publishing node's identity, which must be the author)."""
-    stored = await _answer(dht, lambda: dht.store(
-        records.verdict_key(verdict.model_id), subkey=records.verdict_subkey(verdict.author, verdict.target),
-        value=records.encode_verdict(verdict), expiration_time=get_dht_time() + ttl, return_future=True))
-    return bool(stored)
+    return await _store(dht, records.verdict_key(verdict.model_id), records.verdict_subkey(verdict.author, verdict.target),
+                        records.encode_verdict(verdict), ttl)
+
+
+async def _store(dht: hivemind.DHT, key: str, subkey: str, value: Any, ttl: float) -> bool:
+    """Store one subkey's value for ``ttl`` seconds (our validator signs it with the node's identity)."""
+    return bool(await _answer(dht, lambda: dht.store(key, subkey=subkey, value=value,
+                                                     expiration_time=get_dht_time() + ttl, return_future=True)))
 
 
 async def fetch_verdicts(dht: hivemind.DHT, model_id: str) -> list[records.VerdictRecord]:
@@ -254,4 +258,17 @@ async def fetch_verdicts(dht: hivemind.DHT, model_id: str) -> list[records.Verdi
                         and v.model_id == model_id)
 
 
-__all__ = ["DHTDied", "check_alive", "p2p_options", "start_node", "visible_maddrs", "announce", "fetch_peers", "fetch_models", "fetch_index", "publish_verdict", "fetch_verdicts"]
+async def publish_proof(dht: hivemind.DHT, proof: records.ProofRecord, *, ttl: float = 7 * 86400.0) -> bool:
+    """Say where a fraud proof can be fetched (signed by the publishing node's identity: the author)."""
+    return await _store(dht, records.proof_key(proof.model_id), records.proof_subkey(proof.author, proof.accused),
+                        records.encode_proof(proof), ttl)
+
+
+async def fetch_proofs(dht: hivemind.DHT, model_id: str) -> list[records.ProofRecord]:
+    """Every valid fraud-proof record published about peers of ``model_id`` (each signed by its author)."""
+    return await _fetch(dht, records.proof_key(model_id), records.decode_proof,
+                        lambda subkey, p: subkey == records.proof_subkey(p.author, p.accused) and p.model_id == model_id)
+
+
+__all__ = ["DHTDied", "check_alive", "p2p_options", "start_node", "visible_maddrs", "announce", "fetch_peers",
+           "fetch_models", "fetch_index", "publish_verdict", "fetch_verdicts", "publish_proof", "fetch_proofs"]

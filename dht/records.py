@@ -19,6 +19,7 @@ WIRE_VERSION = 1
 KEY_PREFIX = "swarmllm:v1"
 SUBKEY_PREFIX = "peer:"
 VERDICT_PREFIX = "verdict:"
+PROOF_PREFIX = "proof:"
 VERDICTS = ("pass", "fail", "gross_fail", "inconclusive", "impossible")
 
 _MODEL_ID_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._\-]{0,127}$")
@@ -353,9 +354,20 @@ def decode_verdict(obj: Any) -> VerdictRecord:
     )
 
 
-def verdict_key(model_id: str) -> str:
+def _model_key(model_id: str, kind: str) -> str:
     _check_model_id(model_id)
-    return f"{KEY_PREFIX}:{model_id}:verdicts"
+    return f"{KEY_PREFIX}:{model_id}:{kind}"
+
+
+def _first_of(prefix: str, subkey: str) -> str | None:
+    """The author in a '<prefix><author>:<other>' subkey, None if the subkey is not of that kind."""
+    if isinstance(subkey, str) and subkey.startswith(prefix):
+        return subkey[len(prefix):].split(":", 1)[0]
+    return None
+
+
+def verdict_key(model_id: str) -> str:
+    return _model_key(model_id, "verdicts")
 
 
 def verdict_subkey(author: str, target: str) -> str:
@@ -364,6 +376,56 @@ def verdict_subkey(author: str, target: str) -> str:
 
 
 def author_from_subkey(subkey: str) -> str | None:
-    if isinstance(subkey, str) and subkey.startswith(VERDICT_PREFIX):
-        return subkey[len(VERDICT_PREFIX):].split(":", 1)[0]
-    return None
+    return _first_of(VERDICT_PREFIX, subkey)
+
+
+# ---- fraud proofs: a client that caught a peer lying says where the signed evidence can be fetched ----
+
+@dataclasses.dataclass(frozen=True)
+class ProofRecord:
+    author: str  # peer id of the client that holds the proof (the record is signed by its key)
+    accused: str  # peer id of the peer whose signed outputs the proof shows wrong
+    model_id: str
+    start: int  # the accused's span
+    end: int
+    digest: str  # sha256 (hex) of the proof (verify.proofs.FraudProof.digest): a fetched proof must match
+    maddrs: tuple[str, ...]  # where the author serves it (wire RPC_PROOF)
+    time: float  # unix seconds
+
+    def __post_init__(self) -> None:
+        _check_model_id(self.model_id)
+        if not 0 <= self.start < self.end:
+            raise RecordError(f"block range must satisfy 0 <= start < end, got [{self.start}, {self.end})")
+        if not re.fullmatch(r"[0-9a-f]{64}", self.digest):
+            raise RecordError(f"a proof digest is 64 hex digits, got {self.digest!r}")
+        if len(self.maddrs) > MAX_MADDRS or not all(isinstance(m, str) and len(m) <= MAX_MADDR_CHARS for m in self.maddrs):
+            raise RecordError(f"at most {MAX_MADDRS} multiaddrs of at most {MAX_MADDR_CHARS} characters")
+
+
+def encode_proof(p: ProofRecord) -> dict[str, Any]:
+    return {"v": RECORD_VERSION, **dataclasses.asdict(p), "maddrs": list(p.maddrs)}
+
+
+def decode_proof(obj: Any) -> ProofRecord:
+    if not isinstance(obj, Mapping):
+        raise RecordError(f"a proof record must be a mapping, got {type(obj).__name__}")
+    if _field(obj, "v", int) != RECORD_VERSION:
+        raise RecordError(f"proof record version {obj.get('v')} is not supported")
+    maddrs = _field(obj, "maddrs", (list, tuple))
+    return ProofRecord(
+        author=_field(obj, "author", str), accused=_field(obj, "accused", str), model_id=_field(obj, "model_id", str),
+        start=_field(obj, "start", int), end=_field(obj, "end", int), digest=_field(obj, "digest", str),
+        maddrs=tuple(maddrs), time=float(_field(obj, "time", (int, float))))
+
+
+def proof_key(model_id: str) -> str:
+    return _model_key(model_id, "proofs")
+
+
+def proof_subkey(author: str, accused: str) -> str:
+    """One proof per (author, accused): one is enough to ban, the latest replaces the previous."""
+    return f"{PROOF_PREFIX}{author}:{accused}"
+
+
+def proof_author_from_subkey(subkey: str) -> str | None:
+    return _first_of(PROOF_PREFIX, subkey)

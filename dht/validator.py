@@ -6,7 +6,8 @@ the key inlined in that peer id, over key, subkey, value and expiration, and (2)
 PeerRecord whose peer_id equals the subkey's. Every DHT node runs this validator, so a forged record
 (another peer's id, another key, a malformed schema) is rejected wherever it is sent.
 A verdict lives under subkey 'verdict:<author id>:<target id>' and must be signed by the author's key
-and decode as a valid VerdictRecord with that author and target. A models-index entry lives under
+and decode as a valid VerdictRecord with that author and target; a fraud proof's record, under
+'proof:<author id>:<accused id>', likewise (a ProofRecord). A models-index entry lives under
 subkey 'model:<model id>' and must decode as a valid ModelEntry for that model, signed by the peer it
 names as its writer. Any of ours larger than ``records.MAX_RECORD_BYTES`` is refused. Records whose
 subkey is not ours pass through untouched.
@@ -34,7 +35,7 @@ def _subkey(record: DHTRecord) -> object:
 
 
 def _kind(record: DHTRecord) -> str | None:
-    """'peer', 'verdict' or 'model' for our subkeys, None for records that are not ours."""
+    """'peer', 'verdict', 'model' or 'proof' for our subkeys, None for records that are not ours."""
     subkey = _subkey(record)
     if records.peer_id_from_subkey(subkey) is not None:
         return "peer"
@@ -42,6 +43,8 @@ def _kind(record: DHTRecord) -> str | None:
         return "verdict"
     if records.model_from_subkey(subkey) is not None:
         return "model"
+    if records.proof_author_from_subkey(subkey) is not None:
+        return "proof"
     return None
 
 
@@ -52,6 +55,8 @@ def _owner(record: DHTRecord, kind: str, value: bytes) -> str | None:
         return records.peer_id_from_subkey(subkey)
     if kind == "verdict":
         return records.author_from_subkey(subkey)
+    if kind == "proof":
+        return records.proof_author_from_subkey(subkey)
     try:  # a model entry names its writer inside
         writer = msgpack.unpackb(value, raw=False).get("writer")
     except Exception:
@@ -96,6 +101,9 @@ class PeerRecordValidator(RecordValidatorBase):
             if kind == "model":
                 entry = records.decode_model_entry(obj)
                 return entry.writer == owner and subkey == records.model_subkey(entry.model_id)
+            if kind == "proof":
+                proof = records.decode_proof(obj)
+                return proof.author == owner and subkey == records.proof_subkey(proof.author, proof.accused)
             verdict = records.decode_verdict(obj)
             return verdict.author == owner and subkey == records.verdict_subkey(verdict.author, verdict.target)
         except (records.RecordError, ValueError, TypeError, msgpack.ExtraData):

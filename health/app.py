@@ -47,6 +47,13 @@ PAGE = jinja2.Environment(autoescape=True).from_string("""<!doctype html>
 <td>{{ p.version }}</td><td>{{ '%.0f s' % p.uptime_s if p.uptime_s is not none else '—' }}</td>
 {% if m.peers|selectattr('audits_passed', 'ne', None)|list %}<td>{{ p.audits_passed if p.audits_passed is not none else '—' }}/{{ p.audits_failed if p.audits_failed is not none else '—' }}</td><td>{{ p.last_verdict or '—' }}</td>{% endif %}
 </tr>{% endfor %}</tbody></table></div>
+{% set proven = m.proofs|selectattr('status', 'eq', 'signed')|list %}
+{% if proven %}<h3 class="liars">Proven liars</h3>
+<p>Each of these peers signed outputs that other peers do not compute; the proof (its inputs, its signed outputs)
+is served by the client that caught it, and every client re-runs it before banning the peer.</p>
+<div class="wrap"><table><thead><tr><th>peer</th><th>blocks</th><th>proof by</th><th>published</th></tr></thead><tbody>
+{% for p in proven %}<tr class="liar" data-peer="{{ p.accused }}"><td title="{{ p.accused }}">{{ p.short_id }}</td><td>{{ p.start }}–{{ p.end - 1 }}</td>
+<td title="{{ p.author }}">…{{ p.author[-8:] }}</td><td>{{ p.time|int }}</td></tr>{% endfor %}</tbody></table></div>{% endif %}
 </section>{% endfor %}
 </body></html>""")
 

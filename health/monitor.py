@@ -1,5 +1,6 @@
-"""The health monitor: reads the models index, then every model's announcements and verdicts from the
-DHT, and pings every peer with its info RPC (a few hundred at a time), then builds a snapshot
+"""The health monitor: reads the models index, then every model's announcements, verdicts and fraud-proof
+records from the DHT, pings every peer with its info RPC (a few hundred at a time), fetches and checks
+each new proof once (signatures and digests, verify.proofs.check), then builds a snapshot
 (health/snapshot.py). Runs in the web server's event loop, over a ``dht.node.Node`` whose watcher
 (health/cli.py) restarts its DHT process if it dies; a refresh meanwhile fails, is logged, and the page
 keeps the last snapshot."""
@@ -17,9 +18,10 @@ from hivemind.proto import runtime_pb2
 from dht import directory
 from dht.addressing import dial
 from dht.node import Node
-from dht.records import PeerRecord
+from dht.records import PeerRecord, ProofRecord
 from health import snapshot
 from health.schema import Snapshot
+from verify import proofs
 import wire
 
 logger = logging.getLogger(__name__)
@@ -37,6 +39,7 @@ class Monitor:
         self._lock = asyncio.Lock()
         # thousands of peers are pinged a few hundred at a time (each ping is a dial and an RPC)
         self._ping_slots = asyncio.Semaphore(max_concurrent_pings)
+        self._proofs_checked: dict[tuple[str, str], str] = {}  # (author, digest) -> 'signed' | 'forged'
 
     @property
     def p2p(self) -> P2P:
@@ -60,13 +63,39 @@ class Monitor:
             dht = self.node.dht
             records = await directory.fetch_index(dht)
             models = sorted({r.model_id for r in records})
-            pings, verdicts = await asyncio.gather(  # every ping and every model's verdicts at once
+            pings, verdicts, proofs = await asyncio.gather(  # every ping, every model's verdicts and proofs at once
                 asyncio.gather(*(self._ping(r) for r in records)),
-                asyncio.gather(*(directory.fetch_verdicts(dht, m) for m in models)))
+                asyncio.gather(*(directory.fetch_verdicts(dht, m) for m in models)),
+                asyncio.gather(*(directory.fetch_proofs(dht, m) for m in models)))
+            proofs = [p for found in proofs for p in found]
+            checked = await asyncio.gather(*(self._check_proof(p) for p in proofs))
             pings = dict(zip([r.peer_id for r in records], pings))
-            self.latest = snapshot.build(records, pings, [v for found in verdicts for v in found], time.time())
+            self.latest = snapshot.build(records, pings, [v for found in verdicts for v in found], time.time(),
+                                         list(zip(proofs, checked)))
             self._refreshed_at = time.monotonic()
             return self.latest
+
+    async def _check_proof(self, record: ProofRecord) -> str:
+        """'signed', 'forged' or 'unreachable' (see ProofView): fetched once per proof, then remembered."""
+        key = (record.author, record.digest)
+        if key not in self._proofs_checked:
+            try:
+                await dial(self.p2p, record.author, record.maddrs, self.ping_timeout)
+                reply = await asyncio.wait_for(self.p2p.call_protobuf_handler(
+                    PeerID.from_base58(record.author), wire.RPC_PROOF, wire.request({"digest": record.digest}),
+                    runtime_pb2.ExpertResponse), self.ping_timeout)
+                meta, tensors = wire.unpack(reply)
+            except Exception as e:  # any failure to serve the proof: "unreachable" on the page, asked again later
+                logger.info("the proof by %s against %s could not be fetched: %s", record.author, record.accused, e)
+                return "unreachable"
+            try:
+                proof = proofs.decode(meta, tensors)
+                forged = proofs.check(proof) is not None or (proof.digest(), proof.accused) != (record.digest,
+                                                                                               record.accused)
+            except proofs.ProofError:
+                forged = True
+            self._proofs_checked[key] = "forged" if forged else "signed"
+        return self._proofs_checked[key]
 
     async def _ping(self, record: PeerRecord) -> snapshot.Ping:
         async with self._ping_slots:

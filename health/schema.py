@@ -35,6 +35,19 @@ class BlockCell(BaseModel):
     peers: list[str]  # their names (public name or short id)
 
 
+class ProofView(BaseModel):
+    """A fraud proof published against a peer (verify.proofs): its receipts checked by the monitor."""
+
+    accused: str
+    short_id: str
+    author: str  # the client that caught the lie and serves the proof
+    start: int
+    end: int
+    time: float  # unix seconds it was published
+    status: str  # 'signed': fetched, and the accused's signatures and the digests check out (each client
+    # still re-runs it before banning); 'forged': they do not (its author lied); 'unreachable': not fetched
+
+
 class ModelHealth(BaseModel):
     model_id: str
     model_type: str  # the transformers family its peers announce ("" if none says)
@@ -43,6 +56,7 @@ class ModelHealth(BaseModel):
     gaps: list[tuple[int, int]]  # [start, end) ranges no online peer serves
     min_coverage: int
     peers: list[PeerView]
+    proofs: list[ProofView] = []  # fraud proofs against this model's peers, newest first
 
 
 class Snapshot(BaseModel):

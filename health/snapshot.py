@@ -6,8 +6,8 @@ import dataclasses
 from collections import defaultdict
 from typing import Iterable, Mapping
 
-from dht.records import PeerRecord, PeerState, VerdictRecord
-from health.schema import BlockCell, ModelHealth, PeerView, Snapshot
+from dht.records import PeerRecord, PeerState, ProofRecord, VerdictRecord
+from health.schema import BlockCell, ModelHealth, PeerView, ProofView, Snapshot
 
 _FAILED = ("fail", "gross_fail")
 
@@ -34,8 +34,9 @@ def _gaps(counts: list[int]) -> list[tuple[int, int]]:
 
 
 def build(records: Iterable[PeerRecord], pings: Mapping[str, Ping], verdicts: Iterable[VerdictRecord],
-          now: float) -> Snapshot:
-    """One section per model: coverage by online, reachable peers, gaps, and a row per peer."""
+          now: float, proofs: Iterable[tuple[ProofRecord, str]] = ()) -> Snapshot:
+    """One section per model: coverage by online, reachable peers, gaps, a row per peer, and the fraud
+    proofs against its peers (``proofs``: each record with what the monitor's check of it said)."""
     by_model: dict[str, list[PeerRecord]] = defaultdict(list)
     for r in records:
         if r.state != PeerState.OFFLINE:
@@ -52,6 +53,10 @@ def build(records: Iterable[PeerRecord], pings: Mapping[str, Ping], verdicts: It
             last[v.target] = (v.time, v.verdict)
     audited = set(passed) | set(failed) | set(last)
 
+    by_proofs: dict[str, list[ProofView]] = defaultdict(list)
+    for p, status in sorted(proofs, key=lambda item: -item[0].time):
+        by_proofs[p.model_id].append(ProofView(accused=p.accused, short_id=_short(p.accused), author=p.author,
+                                               start=p.start, end=p.end, time=p.time, status=status))
     models = []
     for model_id in sorted(by_model):
         peers = sorted(by_model[model_id], key=lambda r: (r.start, r.end, r.peer_id))
@@ -80,6 +85,6 @@ def build(records: Iterable[PeerRecord], pings: Mapping[str, Ping], verdicts: It
         models.append(ModelHealth(
             model_id=model_id, model_type="/".join(families), num_blocks=num_blocks,
             coverage=[BlockCell(block=b, online=counts[b], peers=names[b]) for b in range(num_blocks)],
-            gaps=_gaps(counts), min_coverage=min(counts) if counts else 0, peers=rows))
+            gaps=_gaps(counts), min_coverage=min(counts) if counts else 0, peers=rows, proofs=by_proofs[model_id]))
     return Snapshot(generated_at=now, models=models, audits_passed=sum(passed.values()),
                     audits_failed=sum(failed.values()))

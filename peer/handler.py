@@ -55,6 +55,8 @@ class PeerHandler:
         backward: bool = True,  # serve backward passes (clients fine-tuning through the swarm)
         max_backward_tokens: int = 8192,  # tokens x rows per backward request
         tamper_push: Callable[[torch.Tensor], torch.Tensor] | None = None,  # TESTING AID: see below
+        sign: Callable[[bytes], bytes] | None = None,  # the peer's identity: signs every step's receipt
+        model_id: str = "",  # what the receipts name
     ):
         self.runner = runner
         self.sessions = sessions
@@ -67,6 +69,7 @@ class PeerHandler:
         # Only a testing adversary has one (peer/adversary.py's PushTamper, wired by the server with
         # --adversary); with one, pushes always carry every token (never a named prefix).
         self.tamper_push = tamper_push
+        self.sign, self.model_id = sign, model_id  # without a signer, replies carry no receipts
         self._statistics = statistics
         self.compute = ComputeOwner()
         self.pusher: PushSender | None = None  # set by register()
@@ -308,6 +311,7 @@ class PeerHandler:
             session = self.sessions.open(session_id, fields.batch_size, fields.max_length, runner, make_cache)
         session.wire_dtype = fields.wire_dtype
         session.reorders = fields.reorders
+        session.span = (fields.start, fields.end)
         self.reuse.begin(session, runner, fields.start, fields.end, wanted=fields.prefix_cache and not ephemeral,
                          lazy=fields.lazy_outputs)
         return session
@@ -335,6 +339,9 @@ class PeerHandler:
         self.counts.steps_computed += hidden.shape[0] * (tokens - reused)
         out = wire.to_wire_dtype(out, session.wire_dtype or hidden.dtype)  # (batch, t, hidden) as sent
         reply, answer = steps.result(session, meta, hidden, out, reused, omit)
+        if self.sign is not None and (signed := steps.receipt(session, self.model_id, self.sign, hidden, position_ids,
+                                                              mask, offset, out)) is not None:
+            reply["receipt"] = signed
         self.counts.outputs_omitted += hidden.shape[0] * reply.get("omitted", 0)
         self.reuse.answered(session, out, position_ids, mask, offset)
         if targets:

@@ -284,6 +284,7 @@ class Peer:
             backward=cfg.backward, max_backward_tokens=cfg.max_backward_tokens,
             # TESTING AID: an equivocating adversary pushes the next peer other outputs than it answers
             tamper_push=PushTamper(Adversary.parse(cfg.adversary)) if cfg.adversary else None,
+            sign=self.identity.sign, model_id=self.model_id,
         )
 
     def _format(self) -> str:

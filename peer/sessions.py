@@ -32,6 +32,9 @@ class Session:
     out_digests: list[bytes] | None = None  # the digest chain of what it answered (the next hop's inputs)
     pinned: tuple[Entry, int] | None = None  # (a kept history, tokens) a probe found: its next steps may name it
     lazy: bool = False  # replies may omit the outputs of reused tokens (the client fetches them if it needs them)
+    span: tuple[int, int] = (0, 0)  # the blocks [start, end) it runs (what its receipts name)
+    chain: list[bytes] | None = dataclasses.field(default_factory=list)  # history digest after each input token
+    # (wire.receipts: what a step's receipt signs); None once beam search reordered its rows (no receipts)
 
     @property
     def reserved_tokens(self) -> int:

@@ -1,9 +1,11 @@
 """What a step does to its session besides computing it (bookkeeping on a ``Session``, no I/O): a step
 already computed is acknowledged, a ``rewrite`` rolls the session back first, a beam ``reorder`` moves
-the cache's rows, and the result names what the reply carries. Called by the handler on checked steps.
+the cache's rows, the result names what the reply carries, and its receipt signs the outputs. Called by the handler on checked steps.
 """
 
 from __future__ import annotations
+
+from typing import Callable
 
 import torch
 
@@ -11,6 +13,7 @@ import wire
 from peer.reuse import PrefixReuse
 from peer.sessions import Session, SessionTable
 from wire import ErrorCode, WireError
+from wire.receipts import Receipt, Statement
 
 
 def duplicate(session: Session, meta: dict, tensors: list[torch.Tensor]) -> dict | None:
@@ -39,6 +42,8 @@ def rewind(session: Session, offset: int, reuse: PrefixReuse) -> None:
     session.length = offset
     reuse.truncate(session, offset)
     session.steps = {(o, t) for o, t in session.steps if o + t <= offset}
+    if session.chain is not None:
+        del session.chain[offset:]
 
 
 def reorder(sessions: SessionTable, session: Session, meta: dict) -> None:
@@ -48,6 +53,21 @@ def reorder(sessions: SessionTable, session: Session, meta: dict) -> None:
         sessions.stop_reuse(session)  # its rows no longer follow one history each
         session.cache.reorder_cache(torch.tensor(meta["reorder"], dtype=torch.long))
         session.reorders += 1
+        session.chain = None  # its rows no longer follow the inputs' history: no more receipts
+
+
+def receipt(session: Session, model_id: str, sign: Callable[[bytes], bytes], hidden: torch.Tensor,
+            position_ids: torch.Tensor, mask: torch.Tensor | None, offset: int, out: torch.Tensor) -> dict | None:
+    """Extend the session's history chain by a step's inputs and sign its outputs (wire.receipts): the
+    reply's ``receipt`` field, or None once the session stopped signing (reordered rows)."""
+    if session.chain is None:
+        return None
+    head = session.chain[-1] if session.chain else wire.history_root(session.batch_size)
+    session.chain += wire.history_chain(head, hidden, position_ids, mask, offset)
+    start, end = session.span
+    statement = Statement(model_id, start, end, session.session_id, offset, hidden.shape[1], session.chain[-1],
+                          wire.digest(out))
+    return Receipt(statement.chain, statement.output_digest, sign(statement.message())).to_wire()
 
 
 def result(session: Session, meta: dict, hidden: torch.Tensor, out: torch.Tensor, reused: int,

@@ -127,6 +127,28 @@ def test_sigstop_is_detected_and_routed_around(fleet, models):
     assert remote.generate(ids, max_new_tokens=10, do_sample=False, pad_token_id=0).tolist() == ref.tolist()
 
 
+def test_a_peer_frozen_before_its_session_opens_is_probed_not_waited_for(fleet, models):
+    """A peer freezes after the client's last look at the swarm and before a session opens on it: the
+    open is probed like a step (found out in about a second), not waited for until the step timeout."""
+    local, _ = models
+    client = AutoDistributedModelForCausalLM.from_pretrained(
+        fleet.path, fleet.swarm.initial_peers, **{**CLIENT_OPTIONS, "step_timeout": 600.0, "refresh_period": 600.0})
+    failed = []
+    mark_failed = client.swarm.core.mark_failed
+    client.swarm.core.mark_failed = lambda peer_id, error: (failed.append((peer_id, str(error))),
+                                                           mark_failed(peer_id, error))
+    victim = fleet.by_id[client.swarm.route()[0].peer_id]
+    try:
+        victim.signal(signal.SIGSTOP)
+        ids = _prompt(7)
+        out = client.generate(ids, max_new_tokens=4, do_sample=False, pad_token_id=0)
+        assert out.tolist() == local.generate(ids, max_new_tokens=4, do_sample=False, pad_token_id=0).tolist()
+        assert any(p == victim.ready["peer_id"] and "stopped answering" in e for p, e in failed), failed
+    finally:
+        victim.signal(signal.SIGCONT)
+        client.swarm.shutdown()
+
+
 def test_churn_during_a_long_generation(fleet, models, capsys):
     local, remote = models
     ids = _prompt(7, length=4)

@@ -50,6 +50,21 @@ def test_snapshot_counts_published_verdicts():
     assert (snap.audits_passed, snap.audits_failed) == (2, 1)
 
 
+def test_snapshot_and_page_list_proven_liars():
+    from dht.records import ProofRecord
+    from health.app import PAGE
+
+    proof = lambda accused, t: ProofRecord("12D3KooWauthor", accused, "m-6L-x", 3, 6, "ab" * 32, (), t)
+    snap = build([rec("a", 0, 6), rec("liar", 3, 6)], {"a": Ping(0.01)},
+                 [], now=3.0, proofs=[(proof("liar", 1.0), "signed"), (proof("a", 2.0), "forged")])
+    m = snap.models[0]
+    assert [(p.accused, p.status) for p in m.proofs] == [("a", "forged"), ("liar", "signed")]  # newest first
+    html = PAGE.render(snap=snap, when="now", refresh=10)
+    assert "Proven liars" in html and 'data-peer="liar"' in html.split("Proven liars")[1]
+    assert 'class="liar" data-peer="a"' not in html  # a forged proof proves nothing against its accused
+    assert "Proven liars" not in PAGE.render(snap=build([rec("a", 0, 6)], {}, [], now=3.0), when="now", refresh=10)
+
+
 def _get(url: str):
     with urllib.request.urlopen(url, timeout=10) as r:
         return r.read().decode()

@@ -358,3 +358,11 @@ def test_expected_wrong_generations_of_a_long_con_liar_before_its_first_audit():
         sigma = (sum((m - mean) ** 2 for m in missed) / len(missed) / len(missed)) ** 0.5
         assert abs(mean - want) < 4 * sigma, (status, mean, want)
         assert max(missed) <= rates.every(status) - 1
+
+
+def test_the_least_loaded_checker_is_picked_at_random_among_equals():
+    policy = SamplingPolicy(AuditRates(), random.Random(0))
+    load = {"a": 2, "b": 0, "c": 0, "d": 1}.__getitem__
+    picked = {policy.pick(["a", "b", "c", "d"], load) for _ in range(50)}
+    assert picked == {"b", "c"}  # never a busier one, and not always the same of the idle ones
+    assert {policy.pick(["a", "b", "c", "d"]) for _ in range(200)} == {"a", "b", "c", "d"}  # no load: any

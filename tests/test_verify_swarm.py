@@ -4,6 +4,7 @@ generation it served is generated again (verify_mode="redo"), so the user gets e
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 
 import pytest
 import torch
@@ -11,6 +12,7 @@ from transformers import AutoModelForCausalLM
 
 from client import AutoDistributedModelForCausalLM, UnverifiableError
 from client.errors import Equivocation
+from verify import proofs
 from verify.policy import AuditRates, standing_cost
 from verify.reputation import ReputationBook, Status, Verdict
 
@@ -274,6 +276,9 @@ def test_default_mode_hands_over_at_most_the_floors_bound_from_a_trusted_peer_th
         assert caught, core.audits.auditor.results
         assert core.book.status(liar_id) in (Status.SUSPECT, Status.BANNED)
         assert 1 <= wrong <= LONG_CON_EVERY, f"{wrong} wrong generations handed over, bound {LONG_CON_EVERY}"
+        model.swarm.wait_audits()  # once caught, the sessions it served unaudited are re-checked
+        fails = [r for r in core.audits.auditor.results if r.peer_id == liar_id and r.verdict in (Verdict.FAIL, Verdict.GROSS_FAIL)]
+        assert len(fails) >= wrong, (wrong, core.audits.auditor.results)  # every wrong one found out
         honest = [r for r in core.audits.auditor.results if r.peer_id != liar_id]
         assert not any(r.verdict in (Verdict.FAIL, Verdict.GROSS_FAIL) for r in honest), honest
 
@@ -376,3 +381,102 @@ def test_split_audits_catch_a_liar_no_single_peer_can_check(tiny_checkpoint, mak
         assert all(r.verdict == Verdict.PASS for r in honest), honest  # each honest span is checkable too
     finally:
         model.swarm.shutdown()
+
+
+def test_a_fraud_proof_makes_a_fresh_client_avoid_the_liar_before_its_first_session(honest_swarm):
+    """One client catches a liar and publishes a proof of what the liar signed; a second client, whose book
+    knows nothing, judges the proof at start (re-running the liar's inputs on other peers) and bans the
+    liar before it plans a route, so the liar is never routed to although it claims to be the fastest."""
+    path, swarm, local = honest_swarm
+    liar, = swarm.add_peers(path, [(3, 6)], extra=["--adversary", "wrong_weights", *FAST])
+    liar_id = liar.ready["peer_id"]
+    kwargs = dict(max_new_tokens=4, do_sample=False, pad_token_id=0)
+    accuser = AutoDistributedModelForCausalLM.from_pretrained(
+        path, swarm.initial_peers, audit_rates=AuditRates.always(), verify_mode="redo", reputation_path=None)
+    try:
+        ids = torch.tensor([[9, 8, 7, 6, 5]])
+        assert liar_id in [h.peer_id for h in accuser.swarm.route()]
+        assert accuser.generate(ids, **kwargs).tolist() == local.generate(ids, **kwargs).tolist()
+        accuser.swarm.wait_audits()
+        published = accuser.swarm.core.audits.proofs.published
+        assert [p.accused for p in published] == [liar_id]
+        proof = accuser.swarm.core.audits.proofs.kept[published[0].digest]
+        assert proof.claims and proofs.check(proof) is None  # the liar's own signatures on its lies
+        assert (liar_id, "signed") in _health_proofs(swarm)  # the health page lists it
+        fresh = AutoDistributedModelForCausalLM.from_pretrained(path, swarm.initial_peers, reputation_path=None)
+        try:
+            core = fresh.swarm.core
+            assert core.audits.proofs.rulings[(accuser.swarm.identity.peer_id, published[0].digest)] == "proven"
+            assert core.book.status(liar_id) == Status.BANNED  # before its first session
+            events = _watch(fresh)
+            ids = torch.tensor([[4, 5, 6, 7, 8]])
+            assert fresh.generate(ids, **kwargs).tolist() == local.generate(ids, **kwargs).tolist()
+            routes = [peers for kind, peers, _ in events if kind == "route"]
+            assert routes and not any(liar_id in peers for peers in routes), events
+        finally:
+            fresh.swarm.shutdown()
+    finally:
+        accuser.swarm.shutdown()
+        liar.stop()
+
+
+def _health_proofs(swarm) -> list[tuple[str, str]]:
+    """(accused, status) of every fraud proof a health monitor sees in the swarm."""
+    import asyncio
+
+    from dht.node import Node
+    from health.monitor import Monitor
+
+    async def look():
+        node = await Node.start(None, swarm.initial_peers, client_mode=True)
+        try:
+            monitor = Monitor(node)
+            await monitor.start()
+            return [(p.accused, p.status) for m in monitor.latest.models for p in m.proofs]
+        finally:
+            await node.shutdown()
+    return asyncio.run(look())
+
+
+def _served_spans(model, hidden_size: int) -> list:
+    """What each peer of one honest session (prefill + one decode step) served this client, signed."""
+    with model.swarm.open_session(1, 8) as session:
+        session.step(torch.randn(1, 4, hidden_size), torch.arange(4).unsqueeze(0), None)
+        session.step(torch.randn(1, 1, hidden_size), torch.tensor([[4]]), None)
+        return [hop.served() for hop in session._core.hops]
+
+
+def test_a_proof_that_does_not_hold_bans_its_accuser_not_the_accused(honest_swarm):
+    """Two slanderers publish proofs against honest peers: one with outputs the peer did sign (they re-run
+    the same elsewhere: refuted), one with a signature that is not the peer's (forged). A fresh client
+    bans both authors and neither accused."""
+    path, swarm, local = honest_swarm
+    slanderers = [AutoDistributedModelForCausalLM.from_pretrained(
+        path, swarm.initial_peers, audit_rates=AuditRates.never(), reputation_path=None) for _ in range(2)]
+    try:
+        accused = []
+        for n, slanderer in enumerate(slanderers):
+            span = _served_spans(slanderer, local.config.hidden_size)[-1]
+            proof = proofs.build(span, slanderer.swarm.cfg.model_id, slanderer.swarm.identity.peer_id)
+            assert proof is not None and proofs.check(proof) is None  # an honest peer's signed work
+            if n == 1:
+                claim = proof.claims[-1]
+                bad = dataclasses.replace(claim.receipt, signature=bytes(64))
+                proof = dataclasses.replace(proof, claims=proof.claims[:-1] + (dataclasses.replace(claim, receipt=bad),))
+            assert slanderer.swarm.loop.run(slanderer.swarm.core.audits.proofs.publish(proof), timeout=30)
+            accused.append(span.peer_id)
+        judge = AutoDistributedModelForCausalLM.from_pretrained(path, swarm.initial_peers, reputation_path=None)
+        try:
+            core = judge.swarm.core
+            rulings = {author: ruling for (author, _), ruling in core.audits.proofs.rulings.items()}
+            assert not core.audits.proofs.unreachable.keys() & {(s.swarm.identity.peer_id, d) for s in slanderers
+                                                                 for d in s.swarm.core.audits.proofs.kept}
+            refuted, forged = (s.swarm.identity.peer_id for s in slanderers)
+            assert rulings[refuted] == "refuted" and "signature" in rulings[forged], rulings
+            assert core.book.status(refuted) == Status.BANNED and core.book.status(forged) == Status.BANNED
+            assert not any(core.book.status(p) == Status.BANNED for p in accused)
+        finally:
+            judge.swarm.shutdown()
+    finally:
+        for slanderer in slanderers:
+            slanderer.swarm.shutdown()

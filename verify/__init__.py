@@ -7,7 +7,10 @@ Files:
 - reputation.py  the reputation book: Beta reputation with forgetting, probation, growing bans (pure)
 - auditor.py     re-runs a sampled span on another same-dtype peer, asks a referee on disagreement,
                  records and publishes the verdict (network access injected; never imports client)
+- proofs.py      fraud proofs: a peer's signed outputs with the inputs to re-run them; checked without a
+                 network (chain, digests, the accused's signature), then judged by a re-run (pure)
 
 The client (client/audits.py, client/session.py) wires these in: every closed session offers its spans to the auditor,
-routing skips banned peers, and verdicts are published on the DHT signed by the client.
+routing skips banned peers, verdicts are published on the DHT signed by the client, and a confirmed lie
+is proven to every other client (client/proofs.py).
 """

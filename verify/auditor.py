@@ -13,13 +13,15 @@ never related to the audited peer (``related``: a shared address or name).
 
 from __future__ import annotations
 
+import copy
 import dataclasses
 import logging
 from typing import Awaitable, Callable, Iterable
 
 import torch
 
-from verify.compare import Comparison, compare
+from verify.compare import Comparison
+from verify.compare import compare as compare_outputs
 from verify.policy import SamplingPolicy
 from verify.reputation import ReputationBook, Status, Verdict
 
@@ -39,6 +41,8 @@ class ServedSpan:
     mask: torch.Tensor | None  # (batch, total tokens) as of the last step, or None
     outputs: list[torch.Tensor]  # per step (batch, t, hidden): what the peer answered
     quant: str = "none"  # the peer's weight format (with dtype: whom its work may be compared with)
+    session_id: str = ""  # the peer's session (what its receipts name)
+    receipts: tuple = ()  # per step: the wire.receipts.Receipt the peer signed, or None (none, or no longer valid)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -74,8 +78,10 @@ Publish = Callable[[AuditResult, ServedSpan], Awaitable[None]]
 class Auditor:
     def __init__(self, book: ReputationBook, policy: SamplingPolicy, candidates: Candidates, replay: Replay,
                  replay_errors: tuple[type[BaseException], ...] = (), publish: Publish | None = None,
-                 related: Callable[[str, str], bool] = lambda a, b: False):
+                 related: Callable[[str, str], bool] = lambda a, b: False,
+                 load: Callable[[Checker], float] | None = None):
         self.book, self.policy, self.candidates, self.replay = book, policy, candidates, replay
+        self.load = load  # how busy a checker is (re-runs in flight): the least loaded is picked, if given
         self.related = related  # peers that may be one operator (same address, /24 or name): never judge each other
         self.publish = publish  # where conclusive verdicts are published (signed), if anywhere
         self.replay_errors = replay_errors  # a re-running peer that fails this way is skipped, not judged
@@ -98,15 +104,30 @@ class Auditor:
             await self.publish(result, span)
         return result
 
-    async def _judge(self, span: ServedSpan) -> AuditResult:
+    async def judge(self, span: ServedSpan, compared: torch.Tensor | None = None) -> AuditResult:
+        """Re-run ``span`` elsewhere and judge it as an audit would, but leave the book, the results and
+        the DHT as they were (the caller decides what the verdict means: a fraud proof's ruling);
+        ``compared`` (tokens,) bool: only those tokens are compared (the ones the accused signed)."""
+        shadow = Auditor(copy.deepcopy(self.book), self.policy, self.candidates, self.replay, self.replay_errors,
+                         related=self.related, load=self.load)
+        return await shadow._judge(span, compared)
+
+    async def _judge(self, span: ServedSpan, compared: torch.Tensor | None = None) -> AuditResult:
         x = torch.cat(span.hidden, dim=1)  # (batch, T, hidden): the whole prefix
         positions = torch.cat(span.position_ids, dim=1)  # (batch, T)
         y_a = torch.cat(span.outputs, dim=1)
         mask_tail = None if span.mask is None else span.mask[:, -x.shape[1]:]
+
+        def compare(y_1: torch.Tensor, y_2: torch.Tensor) -> Comparison:
+            if compared is None:
+                return compare_outputs(x, y_1, y_2, span.dtype, span.dtype, mask_tail)
+            return compare_outputs(x[:, compared], y_1[:, compared], y_2[:, compared], span.dtype, span.dtype,
+                                   None if mask_tail is None else mask_tail[:, compared])
+
         checker, y_b = await self._run_elsewhere(span, x, positions, {span.peer_id})
         if checker is None:
             return self._finish(AuditResult(span.peer_id, Verdict.IMPOSSIBLE, reason=NO_CHECKER), span)
-        first = compare(x, y_a, y_b, span.dtype, span.dtype, mask_tail)
+        first = compare(y_a, y_b)
         if first.agree:
             return self._finish(AuditResult(span.peer_id, Verdict.PASS, _name(checker), comparison=first), span)
         referee, y_c = await self._run_elsewhere(span, x, positions, {span.peer_id, *_peers(checker)})
@@ -114,8 +135,8 @@ class Auditor:
             self._record(checker, Verdict.INCONCLUSIVE)
             return self._finish(AuditResult(span.peer_id, Verdict.INCONCLUSIVE, _name(checker), comparison=first),
                                 span)
-        a_vs_c = compare(x, y_a, y_c, span.dtype, span.dtype, mask_tail)
-        b_vs_c = compare(x, y_b, y_c, span.dtype, span.dtype, mask_tail)
+        a_vs_c = compare(y_a, y_c)
+        b_vs_c = compare(y_b, y_c)
         if not a_vs_c.agree and b_vs_c.agree:
             verdict = Verdict.GROSS_FAIL if a_vs_c.gross else Verdict.FAIL
             self._record(checker, Verdict.PASS)
@@ -156,7 +177,7 @@ class Auditor:
                               and not any(self.related(p, q) for q in exclude) for p in _peers(c))]
             if not options:
                 return None, None
-            checker = self.policy.pick(options)
+            checker = self.policy.pick(options, self.load)
             try:
                 return checker, await self.replay(checker, x, positions, span.mask)
             except self.replay_errors as e:

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import dataclasses
 import random
+from typing import Any, Callable
 
 from verify.reputation import Status
 
@@ -75,8 +76,12 @@ class SamplingPolicy:
             return True
         return self._rng.random() < self.rates.rate(status, unchecked)
 
-    def pick(self, candidates: list):
-        """One of ``candidates`` (peer ids or checkers), at random (sorted first: a seeded rng repeats)."""
+    def pick(self, candidates: list, load: Callable[[Any], float] | None = None):
+        """One of ``candidates`` (peer ids or checkers), at random (sorted first: a seeded rng repeats);
+        with ``load``, at random among the least loaded (a busy checker would delay a strict reply)."""
+        if load is not None:
+            loads = {c: load(c) for c in candidates}
+            candidates = [c for c in candidates if loads[c] == min(loads.values())]
         return self._rng.choice(sorted(candidates))
 
 

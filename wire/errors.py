@@ -21,6 +21,7 @@ class ErrorCode(str, enum.Enum):
     OUT_OF_ORDER = "out_of_order"  # step offset does not match the tokens the session holds
     EXPIRED = "expired"  # session idle for too long
     DRAINING = "draining"  # peer is leaving and accepts no new sessions
+    UNKNOWN_PROOF = "unknown_proof"  # asked a client for a fraud proof it does not hold (any more)
     INTERNAL = "internal"  # the peer failed computing: not the client's fault
 
 

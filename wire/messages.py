@@ -21,8 +21,10 @@ step:   {"op": "step", "session_id": str, "offset": int, ["next": [{"peer_id", "
         [attention_mask (batch, offset + t) 0/1]. With "next", the peer pushes its output (same
         position_ids and mask) to next[0]'s session, carrying next[1:] along.
 result: {"op": "result", "length": int, "input_digest": str, ["pushed": bool, "push_error": str],
-         ["duplicate": true]}  tensors: hidden (batch, t, hidden), none for a duplicate (a step this
-         session already computed, e.g. pushed and then re-sent by a client after a failover)
+         ["duplicate": true], ["receipt": {"chain", "out", "sig"}]}  tensors: hidden (batch, t, hidden),
+         none for a duplicate (a step this session already computed, e.g. pushed and then re-sent by a
+         client after a failover). The receipt signs the step's outputs after the session's input
+         history (wire/receipts.py); a session whose rows were reordered (beam search) stops signing.
 error:  {"error": {"code": ErrorCode, "message": str, "retry_after": float | None}}
 A peer answers a bad message with an error and keeps the session as it was. A session queues at most
 a few messages (the client's stream waits; a push beyond that is answered 'busy'); a pushed step
@@ -48,6 +50,7 @@ RPC_INFERENCE = "swarmllm.v1.inference"
 RPC_PUSH = "swarmllm.v1.push"
 RPC_FETCH = "swarmllm.v1.fetch"  # a session's kept inputs or outputs that a reply named instead of carrying
 RPC_BACKWARD = "swarmllm.v1.backward"  # a stream of chunks of (inputs, output gradient): input gradient back
+RPC_PROOF = "swarmllm.v1.proof"  # served by a client that caught a lie: {"digest"} -> the fraud proof (verify.proofs)
 MAX_NEXT_HOPS = 64  # peers a step may name to push its output on to ("next")
 
 DEFAULT_MAX_MESSAGE_BYTES = 64 * 2**20  # a peer rejects a message whose tensors exceed this (bytes)
