@@ -23,7 +23,7 @@ from dht import directory
 from dht.records import PeerState, VerdictRecord
 from verify.auditor import LOST_OUTPUTS, AuditResult, Auditor, Checker, ServedSpan
 from verify.policy import SamplingPolicy
-from verify.reputation import Verdict
+from verify.reputation import Status, Verdict
 
 logger = logging.getLogger(__name__)
 
@@ -37,6 +37,7 @@ class Audits:
                                replay_errors=(PeerError,), publish=self.publish, related=view.book.related,
                                load=self.load)
         self.replaying: collections.Counter[str] = collections.Counter()  # peer -> our re-runs in flight on it
+        self.in_flight: dict[str, set[asyncio.Task]] = {}  # peer -> audits of its spans running
         self.recent: dict[str, collections.deque[ServedSpan]] = {}  # peer -> spans it served unaudited, newest last
         self.proofs = Proofs(view, self.auditor)  # a confirmed lie is proven to everyone (client/proofs.py)
         self._tasks: set[asyncio.Task] = set()  # owned here: awaited by wait() and at shutdown
@@ -76,6 +77,43 @@ class Audits:
             if len(pick) > len(best) and all(not peers[i] & peers[j] for i in pick for j in pick if i < j):
                 best = pick
         return [found[i] for i in best] if len(best) > 1 else found
+
+    async def settle(self, peers: list[str], timeout: float) -> list[str]:
+        """Wait (up to ``timeout`` seconds) for the running audits of those of ``peers`` not trusted yet
+        (probation, suspect), so that a new liar is not handed a second session before its first audit bans
+        it; returns the peers banned meanwhile. Trusted and active peers are not waited for."""
+        waiting = {t for p in peers if self.view.book.status(p) in (Status.PROBATION, Status.SUSPECT)
+                   for t in self.in_flight.get(p, ())}
+        if waiting:
+            await asyncio.wait(waiting, timeout=timeout)
+        return [p for p in peers if self.view.book.status(p) == Status.BANNED]
+
+    def could_check_later(self, result: AuditResult) -> bool:
+        """Whether an audit that found no checker may find one soon: other peers of the audited peer's
+        format announce some of its blocks (joining, restarting, unreachable or busy right now)."""
+        record = next((r for r in self.view.records if r.peer_id == result.peer_id), None)
+        return record is not None and any(
+            r.peer_id != result.peer_id and (r.dtype, r.quant) == (record.dtype, record.quant)
+            and r.start < result.end and result.start < r.end and r.state != PeerState.OFFLINE
+            for r in self.view.records)
+
+    def checkable_now(self, result: AuditResult) -> bool:
+        record = next((r for r in self.view.records if r.peer_id == result.peer_id), None)
+        return record is not None and bool(self.checkers(result.start, result.end, record.dtype, record.quant,
+                                                         frozenset({result.peer_id})))
+
+    async def wait_for_checkers(self, results: list[AuditResult], timeout: float) -> bool:
+        """Wait up to ``timeout`` seconds (re-reading and re-pinging the swarm) until every span of
+        ``results`` that found no checker has one again; False at once if some span has no other peer of
+        its format at all (nobody is coming), or when the time is up."""
+        deadline = asyncio.get_running_loop().time() + timeout
+        while True:
+            await self.view.refresh(ping_all=True)  # who answers now (a frozen checker does not)
+            if all(self.checkable_now(r) for r in results):
+                return True
+            if not all(self.could_check_later(r) for r in results) or asyncio.get_running_loop().time() > deadline:
+                return False
+            await asyncio.sleep(0.5)
 
     async def replay(self, checker: Checker, hidden: torch.Tensor, position_ids: torch.Tensor,
                       mask: torch.Tensor | None) -> torch.Tensor:
@@ -126,7 +164,11 @@ class Audits:
         tasks = []
         for span in spans:
             if sampled or self.auditor.sampled(span):
-                tasks.append(self._own(asyncio.get_running_loop().create_task(self._after(after, span), name="audit")))
+                task = self._own(asyncio.get_running_loop().create_task(self._after(after, span), name="audit"))
+                running = self.in_flight.setdefault(span.peer_id, set())
+                running.add(task)
+                task.add_done_callback(running.discard)
+                tasks.append(task)
         return tasks
 
     def _own(self, task: asyncio.Task) -> asyncio.Task:

@@ -172,6 +172,10 @@ class RemoteSwarm:
             self.loop.run(self._shutdown(), timeout=10)
             self.loop.stop()
 
+    def wait_for_checkers(self, results: list[AuditResult], timeout: float) -> bool:
+        """Strict mode: whether checkers for these unchecked spans came back within ``timeout`` seconds."""
+        return self.loop.run(self.core.audits.wait_for_checkers(results, timeout), timeout=timeout + 60)
+
     def wait_audits(self, timeout: float | None = 120.0) -> None:
         self.loop.run(self.core.audits.wait(timeout))
 

@@ -272,11 +272,13 @@ class DistributedMixin:
             liars = sorted({r.peer_id for r in results if r.verdict in (Verdict.FAIL, Verdict.GROSS_FAIL)})
             unsettled = [r for r in results if r.verdict != Verdict.PASS] if mode == "strict" else []
             lone = [r for r in unsettled if r.verdict == Verdict.IMPOSSIBLE and r.reason == NO_CHECKER]
-            if lone and not liars:
+            if lone and not liars and not (attempt < MAX_REDOS and self.swarm.wait_for_checkers(
+                    lone, self.swarm.cfg.route_timeout)):  # peers that could check may be restarting: wait, redo
                 spans = ", ".join(f"[{r.start}, {r.end}) served by {r.peer_id}" for r in lone)
-                raise UnverifiableError(f"strict verification: no other peer of the same format serves blocks "
-                                        f"{spans}, so that work cannot be checked and the text is withheld; add "
-                                        f"peers for those blocks or use verify_mode='redo'")
+                raise UnverifiableError(f"strict verification: no other peer of the same format could re-run blocks "
+                                        f"{spans} (none serves them, or none answered within route_timeout), so "
+                                        f"that work cannot be checked and the text is withheld; add peers for "
+                                        f"those blocks or use verify_mode='redo'")
             if not liars and not unsettled:
                 if streamer is not None:
                     _replay_to_streamer(streamer, inputs if inputs is not None else kwargs.get("input_ids"), output)

@@ -75,6 +75,10 @@ class SessionCore:
                 if isinstance(last, PeerBusy):
                     raise last from None  # nobody else can take it: the busy error is the useful one
                 raise
+            if self.rpc == wire.RPC_INFERENCE and (caught := await self.swarm.audits.settle(
+                    [h.peer_id for h in route], self.swarm.cfg.step_timeout)):
+                skip.update(caught)  # its audit, still running when we planned, caught it lying: plan again
+                continue
             opened = await asyncio.gather(*(self.open_hop(h) for h in route), return_exceptions=True)
             failures = [r for r in opened if isinstance(r, BaseException)]
             if not failures:
