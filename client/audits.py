@@ -140,7 +140,7 @@ class Audits:
         confirmed lie is also proven (in the background: a strict generation does not wait for it)."""
         if result.verdict in (Verdict.FAIL, Verdict.GROSS_FAIL):
             if self.view.cfg.publish_proofs:
-                self._own(asyncio.get_running_loop().create_task(self.proofs.accuse(span), name="accuse"))
+                self.own(asyncio.get_running_loop().create_task(self.proofs.accuse(span), name="accuse"))
             if kept := self.recent.pop(result.peer_id, None):  # what else did it hand over unchecked?
                 logger.warning("re-checking the last %d sessions %s served unaudited", len(kept), result.peer_id)
                 self.submit(list(kept), sampled=True)
@@ -164,14 +164,15 @@ class Audits:
         tasks = []
         for span in spans:
             if sampled or self.auditor.sampled(span):
-                task = self._own(asyncio.get_running_loop().create_task(self._after(after, span), name="audit"))
+                task = self.own(asyncio.get_running_loop().create_task(self._after(after, span), name="audit"))
                 running = self.in_flight.setdefault(span.peer_id, set())
                 running.add(task)
                 task.add_done_callback(running.discard)
                 tasks.append(task)
         return tasks
 
-    def _own(self, task: asyncio.Task) -> asyncio.Task:
+    def own(self, task: asyncio.Task) -> asyncio.Task:
+        """Keep ``task`` until it ends (``wait`` awaits it; its errors propagate there)."""
         self._tasks.add(task)
         task.add_done_callback(self._tasks.discard)
         return task

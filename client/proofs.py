@@ -18,6 +18,7 @@ import collections
 import dataclasses
 import logging
 import time
+from typing import Callable
 
 from hivemind.p2p import P2P, P2PContext
 from hivemind.proto import runtime_pb2
@@ -38,7 +39,7 @@ logger = logging.getLogger(__name__)
 MAX_KEPT = 64  # proofs this client keeps and serves (the oldest go first)
 MAX_JUDGED_PER_REVIEW = 8  # proofs fetched and judged per review (a flood of records cannot stall a client)
 FETCH_TIMEOUT = 5.0  # seconds to reach a proof's author and get the proof
-RETRY_AFTER = 60.0  # seconds before asking an author that did not answer again
+RETRY_AFTER = 60.0  # seconds before a proof that could not be fetched or re-run is tried again
 PROOF_TTL = 600.0  # seconds a proof record lives unless its author, still serving it, publishes it again
 
 
@@ -48,7 +49,8 @@ class Proofs:
         self.kept: collections.OrderedDict[str, FraudProof] = collections.OrderedDict()  # digest -> proof
         self.rulings: dict[tuple[str, str], str] = {}  # (author, digest) -> ruling, or why it was forged
         self.published: list[ProofRecord] = []  # this client's proof records, kept alive by review()
-        self.unreachable: dict[tuple[str, str], float] = {}  # (author, digest) -> monotonic time to ask again
+        self.retry_at: dict[tuple[str, str], float] = {}  # (author, digest) -> monotonic time to try it again
+        self._reviewing: asyncio.Task | None = None  # the background review, if one is running
 
     async def register(self, p2p: P2P) -> None:
         await p2p.add_protobuf_handler(wire.RPC_PROOF, self.rpc_proof, runtime_pb2.ExpertRequest)
@@ -114,7 +116,7 @@ class Proofs:
         book, now = self.view.book, time.monotonic()
         todo = [r for r in await directory.fetch_proofs(self.view.dht, self.view.cfg.model_id)
                 if (r.author, r.digest) not in self.rulings and r.author != self.view.peer_id
-                and now >= self.unreachable.get((r.author, r.digest), float("-inf"))
+                and now >= self.retry_at.get((r.author, r.digest), float("-inf"))
                 and book.status(r.author) != Status.BANNED and book.status(r.accused) != Status.BANNED]
         await asyncio.gather(*(self._review(r) for r in sorted(todo, key=lambda r: -r.time)[:MAX_JUDGED_PER_REVIEW]),
                              *(self._republish(r) for r in self.published if time.time() - r.time > PROOF_TTL / 2))
@@ -124,10 +126,23 @@ class Proofs:
             outcome = await self._judge(record)
         except PeerError as e:  # the author is gone or does not answer: asked again later
             logger.info("could not fetch the proof against %s from %s: %s", record.accused, record.author, e)
-            self.unreachable[(record.author, record.digest)] = time.monotonic() + RETRY_AFTER
-            return
+            outcome = None
         if outcome is not None:
             self.rulings[(record.author, record.digest)] = outcome
+        else:  # unreachable, or nobody could re-run it now: not fetched and re-run again at every refresh
+            self.retry_at[(record.author, record.digest)] = time.monotonic() + RETRY_AFTER
+
+    def review_in_background(self, owner: Callable[[asyncio.Task], asyncio.Task]) -> None:
+        """Start a review unless one is running (``owner`` keeps the task): judging re-runs proofs on peers,
+        which must not hold up the refresh that notices dead peers."""
+        async def review() -> None:
+            try:
+                await self.review()
+            except (OSError, RuntimeError) as e:  # the DHT is shutting down or restarting: the next refresh retries
+                logger.info("reviewing fraud proofs failed: %s", e)
+
+        if self._reviewing is None or self._reviewing.done():
+            self._reviewing = owner(asyncio.get_running_loop().create_task(review(), name="review-proofs"))
 
     async def _republish(self, record: ProofRecord) -> None:
         """A proof record lives PROOF_TTL seconds: an author that left (its proofs with it) is soon forgotten."""

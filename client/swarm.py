@@ -34,15 +34,17 @@ class SwarmCore(SwarmView):
         published (up to ``review_timeout`` seconds), so that a proven liar is banned before the first
         session is routed."""
         await self.audits.proofs.register(self.transport.p2p)
-        await self.refresh()
         try:
+            await self.refresh()
             await asyncio.wait_for(self.audits.proofs.review(), review_timeout)
         except asyncio.TimeoutError:
             logger.info("judging published fraud proofs took over %.0f s: the rest are judged in the background",
                         review_timeout)
+        except (OSError, RuntimeError) as e:  # the DHT is not answering yet: the first plan reads it again
+            logger.info("could not read the swarm at start (%s): proofs are judged at the next refresh", e)
 
     async def after_refresh(self) -> None:
-        await self.audits.proofs.review()
+        self.audits.proofs.review_in_background(self.audits.own)
 
     @property
     def auditor(self) -> Auditor:

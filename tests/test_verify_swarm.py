@@ -552,7 +552,7 @@ def test_a_proof_that_does_not_hold_bans_its_accuser_not_the_accused(honest_swar
         try:
             core = judge.swarm.core
             rulings = {author: ruling for (author, _), ruling in core.audits.proofs.rulings.items()}
-            assert not core.audits.proofs.unreachable.keys() & {(s.swarm.identity.peer_id, d) for s in slanderers
+            assert not core.audits.proofs.retry_at.keys() & {(s.swarm.identity.peer_id, d) for s in slanderers
                                                                  for d in s.swarm.core.audits.proofs.kept}
             refuted, forged = (s.swarm.identity.peer_id for s in slanderers)
             assert rulings[refuted] == "refuted" and "signature" in rulings[forged], rulings
