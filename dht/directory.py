@@ -14,6 +14,7 @@ import logging
 from typing import Any, Callable, Sequence, TypeVar
 
 import hivemind
+from hivemind.p2p import PeerID
 from hivemind.utils import get_dht_time
 
 from dht import records
@@ -169,6 +170,23 @@ async def _node_get_many(_dht: hivemind.DHT, node: Any, keys: tuple[str, ...]) -
     return {key: (item.value if item is not None else None) for key, item in found.items()}
 
 
+async def rejoin(dht: hivemind.DHT, initial_peers: Sequence[str]) -> int:
+    """Ping the initial peers from this node's DHT; how many answered. A server node's ping asks the pinged
+    node to add it to its routing table, so a bootstrap node that restarted empty (same key and port)
+    learns the swarm again: measured before this, a restarted bootstrap never did, and every newcomer that
+    joined through it saw no records at all (peers' DHTs kept working among themselves)."""
+    ids = tuple(m.rsplit("/p2p/", 1)[1] for m in initial_peers if "/p2p/" in m)
+    if not ids:
+        return 0
+    return await _answer(dht, lambda: dht.run_coroutine(functools.partial(_ping_all, peer_ids=ids), return_future=True))
+
+
+async def _ping_all(_dht: hivemind.DHT, node: Any, peer_ids: tuple[str, ...]) -> int:
+    """Runs inside the DHT's process (hivemind.DHT.run_coroutine)."""
+    answers = await asyncio.gather(*(node.protocol.call_ping(PeerID.from_base58(p)) for p in peer_ids))
+    return sum(answer is not None for answer in answers)
+
+
 def _decode_entries(found: Any, key: str, decode: Callable[[Any], T], belongs: Callable[[str, T], bool]) -> list[T]:
     """Decode every subkey's value of one dictionary value; malformed or misfiled entries are skipped
     with a log line."""
@@ -270,5 +288,5 @@ async def fetch_proofs(dht: hivemind.DHT, model_id: str) -> list[records.ProofRe
                         lambda subkey, p: subkey == records.proof_subkey(p.author, p.accused) and p.model_id == model_id)
 
 
-__all__ = ["DHTDied", "check_alive", "p2p_options", "start_node", "visible_maddrs", "announce", "fetch_peers",
+__all__ = ["DHTDied", "check_alive", "p2p_options", "start_node", "visible_maddrs", "announce", "rejoin", "fetch_peers",
            "fetch_models", "fetch_index", "publish_verdict", "fetch_verdicts", "publish_proof", "fetch_proofs"]

@@ -312,8 +312,17 @@ class Peer:
 
     async def _announce_loop(self, stop: asyncio.Event) -> None:
         while not await self._wait(stop, self.cfg.announce_period):
+            await self._ping_initial_peers()
             if not await self.announce(self.state):
                 logger.warning("re-announcement was not stored by any DHT node")
+
+    async def _ping_initial_peers(self, timeout: float = 10.0) -> None:
+        """Remind the initial peers (bootstrap nodes) of this peer: one that restarted empty learns the swarm
+        again from the peers' pings, and newcomers joining through it find their records."""
+        try:
+            await asyncio.wait_for(directory.rejoin(self.node.dht, self.cfg.initial_peers), timeout)
+        except (asyncio.TimeoutError, directory.DHTDied) as e:
+            logger.info("could not ping the initial peers: %s", e or "timed out")
 
     # ---- placement ------------------------------------------------------------------------------------
 

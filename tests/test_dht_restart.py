@@ -208,3 +208,31 @@ def test_peer_leaves_cleanly_after_its_restarts(models, peer):
     assert _info(models[1], peer.ready["peer_id"])["dht_restarts"] >= 2
     os.kill(peer.pid, signal.SIGTERM)
     assert peer.popen.wait(timeout=30) == 0, peer.stderr_tail()
+
+
+def test_a_restarted_bootstrap_node_learns_the_swarm_again(make_swarm, path, tmp_path):
+    """The bootstrap node dies and comes back empty (same key and port): the peers' periodic pings remind it
+    of them, and a newcomer joining through it finds their records again (before, it never did)."""
+    from bench.harness import _free_port
+    from swarmllm import launch
+
+    dht_args = ["--port", str(_free_port()), "--identity", str(tmp_path / "boot.key")]
+    swarm = make_swarm(dht_args)
+    peers = swarm.add_peers(path, [(0, 3), (3, 6)], extra=["--announce-period", "2"])
+    model_id = peers[0].ready["model_id"]
+
+    def seen_through_bootstrap() -> int:
+        async def read() -> int:
+            node = await Node.start(None, swarm.initial_peers, client_mode=True)
+            try:
+                return len(await directory.fetch_peers(node.dht, model_id))
+            finally:
+                await node.shutdown()
+        return asyncio.run(read())
+
+    assert seen_through_bootstrap() == 2
+    swarm.dht.signal(signal.SIGKILL)
+    swarm.stop([swarm.dht])
+    time.sleep(8)  # the outage itself (not a wait for anything): 4 announce periods, so the peers drop the node
+    swarm.dht = swarm._track(launch.start_dht(extra=dht_args, forked=swarm.forked))  # empty, same address
+    _until(lambda: seen_through_bootstrap() == 2, "a newcomer found both peers through the restarted bootstrap", 60)
