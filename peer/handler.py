@@ -312,6 +312,8 @@ class PeerHandler:
         session.wire_dtype = fields.wire_dtype
         session.reorders = fields.reorders
         session.span = (fields.start, fields.end)
+        if ephemeral:  # a stateless forward (audits' re-runs, training): nobody keeps its receipts
+            session.chain = None
         self.reuse.begin(session, runner, fields.start, fields.end, wanted=fields.prefix_cache and not ephemeral,
                          lazy=fields.lazy_outputs)
         return session
