@@ -27,6 +27,7 @@ class ClientConfig:
     max_chunk_tokens: int | None = None  # tokens per message; None = derived from message size
     refresh_period: float = 5.0  # seconds between background refreshes of records and pings
     ping_timeout: float = 3.0  # seconds
+    record_grace: float = 60.0  # seconds a record the DHT stopped returning is kept while its peer answers pings
     stale_refresh_timeout: float = 0.5  # seconds a re-plan waits for the DHT before using its last snapshot
     ban_base: float = 2.0  # seconds a peer is avoided after its first failure (doubles each time)
     probe_after: float = 0.25  # seconds without a reply before the peer is pinged (and every this often after)

@@ -34,6 +34,7 @@ class SwarmView:
         self.speeds: dict[str, float] = {}  # peer id -> smoothed seconds per block of its decode steps, as timed here
         self.unreachable: set[str] = set()  # peers whose last ping failed
         self.records: list[PeerRecord] = []
+        self._sightings: dict[str, tuple[PeerRecord, float]] = {}  # peer id -> its last record read, when (monotonic)
         self.route_rng = random.Random() if cfg.route_jitter else None  # for plan_route's jitter
         self.records_at = float("-inf")  # monotonic time of the last fetch
         self.bans = BanList(base=cfg.ban_base)
@@ -49,9 +50,21 @@ class SwarmView:
 
     async def refresh(self, *, ping_all: bool = False) -> None:
         """Fetch every record of the model and ping the peers not measured yet (all of them with
-        ``ping_all``, which is how a dead peer that still has a record gets noticed)."""
-        self.records = await directory.fetch_peers(self.dht, self.cfg.model_id)
-        self.records_at = time.monotonic()
+        ``ping_all``, which is how a dead peer that still has a record gets noticed).
+
+        A record the DHT stops returning is kept for ``record_grace`` seconds after it was last read, as
+        long as its peer answers pings: peers that leave say so (state offline) and dead ones stop
+        answering, so a live peer's record that vanished is the DHT's trouble (a restarted bootstrap node,
+        a partial read during an outage), which must not shrink the routes and the checkers a client has."""
+        fetched = await directory.fetch_peers(self.dht, self.cfg.model_id)
+        now = self.records_at = time.monotonic()
+        for r in fetched:
+            self._sightings[r.peer_id] = (r, now)
+        seen = {r.peer_id for r in fetched}
+        for peer_id, (_, at) in list(self._sightings.items()):
+            if now - at > self.cfg.record_grace or (peer_id not in seen and peer_id in self.unreachable):
+                del self._sightings[peer_id]
+        self.records = fetched + [r for peer_id, (r, _) in self._sightings.items() if peer_id not in seen]
         for r in self.records:  # a banned operator's new identity on the same address or name starts as a suspect
             self.book.observe(r.peer_id, identity_signals(r.maddrs, r.public_name))
         targets = self.records if ping_all else [

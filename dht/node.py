@@ -43,6 +43,13 @@ WATCH_PERIOD = 1.0  # seconds between checks that the DHT process lives
 MAX_RESTART_BACKOFF = 30.0  # seconds between failed restarts, at most
 MAX_EXTRA_BOOTSTRAP = 16  # connected peers offered to a restarted DHT besides the initial peers
 _START_ERRORS = (P2PDaemonError, RuntimeError, OSError, TimeoutError, ValueError)  # what a failed DHT start raises
+MAX_BOOTSTRAP_BACKOFF = 5.0  # seconds between tries to reach the initial peers, at most
+
+
+def _unreachable_bootstrap(e: BaseException) -> bool:
+    """Whether a failed start failed only because no initial peer answered: p2pd exits with "failed to
+    connect to bootstrap peers", hivemind's DHT raises "DHTNode bootstrap failed" (measured here)."""
+    return isinstance(e, (P2PDaemonError, RuntimeError)) and "bootstrap" in str(e)
 
 
 class _DHTProcess(hivemind.DHT):
@@ -89,10 +96,29 @@ class Node:
 
     @classmethod
     async def start(cls, identity: Identity | None, initial_peers: Sequence[str] = (), *, client_mode: bool = False,
-                    signers: Sequence[Identity] = (), **options: Any) -> "Node":
+                    signers: Sequence[Identity] = (), bootstrap_wait: float = 0.0, **options: Any) -> "Node":
         """Start the daemon, then the DHT over it. ``options`` are ``directory.p2p_options``' (host, port,
         announce_maddrs, relay_service, use_auto_relay, no_listen, startup_timeout); the rest as in
-        ``directory.start_node``."""
+        ``directory.start_node``. If no initial peer answers, try again (1 s, 2 s, ... 5 s apart) for up to
+        ``bootstrap_wait`` seconds before raising: a bootstrap node restarting, or a swarm's whole set of
+        bootstrap peers briefly unreachable, should delay a peer's start, not end it."""
+        deadline = time.monotonic() + bootstrap_wait
+        delay = 1.0
+        while True:
+            try:
+                return await cls._start_once(identity, initial_peers, client_mode, signers, options)
+            except _START_ERRORS as e:
+                left = deadline - time.monotonic()
+                if not _unreachable_bootstrap(e) or left <= 0:
+                    raise
+                logger.warning("none of the initial peers answered (%s); trying again for up to %.0f s more",
+                               str(e).strip().splitlines()[-1], left)
+                await asyncio.sleep(min(delay, left))
+                delay = min(2 * delay, MAX_BOOTSTRAP_BACKOFF)
+
+    @classmethod
+    async def _start_once(cls, identity: Identity | None, initial_peers: Sequence[str], client_mode: bool,
+                          signers: Sequence[Identity], options: dict[str, Any]) -> "Node":
         kwargs = directory.p2p_options(identity, initial_peers, client_mode=client_mode, **options)
         p2p = await P2P.create(**kwargs)
         node = cls(p2p, kwargs, identity, initial_peers, client_mode, signers)

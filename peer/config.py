@@ -12,6 +12,7 @@ class PeerConfig:
     start: int | None  # None: the peer picks where the swarm is weakest (num_blocks of them, or as many as fit)
     end: int | None
     initial_peers: tuple[str, ...] = ()
+    bootstrap_wait: float = 60.0  # seconds to keep trying the initial peers at start before giving up
     dtype: str = "float32"
     device: str = "auto"  # auto: cuda if torch sees a GPU, else mps, else cpu
     quant: str = "none"  # weight format of the blocks: none, int8 or nf4 (bitsandbytes, via transformers)
@@ -72,6 +73,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                              "org/name[@revision] (only the shards holding this peer's blocks are fetched)")
     parser.add_argument("--initial-peers", nargs="*", default=[], metavar="MADDR",
                         help="multiaddrs of DHT nodes to join (e.g. the one `swarmllm dht` printed)")
+    parser.add_argument("--bootstrap-wait", type=float, default=60.0, metavar="SECONDS",
+                        help="if none of the initial peers answers at start, keep trying this long before "
+                             "giving up (default 60; a bootstrap node restarting should delay a peer, not end it)")
     where = parser.add_mutually_exclusive_group()
     where.add_argument("--blocks", type=parse_blocks, metavar="START:END", help="serve blocks START..END-1")
     where.add_argument("--num-blocks", type=int, metavar="N",
@@ -145,7 +149,7 @@ def from_args(args: argparse.Namespace) -> PeerConfig:
     if args.num_blocks is not None and args.num_blocks < 1:
         raise SystemExit(f"--num-blocks must be >= 1, got {args.num_blocks}")
     return PeerConfig(
-        model_dir=args.model_dir, start=start, end=end, initial_peers=tuple(args.initial_peers),
+        model_dir=args.model_dir, start=start, end=end, initial_peers=tuple(args.initial_peers), bootstrap_wait=args.bootstrap_wait,
         dtype=args.dtype, device=args.device, quant=args.quant, max_memory=args.max_memory, host=args.host, port=args.port,
         announce_maddrs=tuple(args.announce_maddrs), public_name=args.name, model_id=args.model_id,
         identity_path=args.identity, maddr_file=args.maddr_file, cache_tokens=args.cache_tokens,

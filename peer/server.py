@@ -210,7 +210,7 @@ class Peer:
     async def _run(self) -> None:
         cfg = self.cfg
         self.node = await Node.start(
-            self.identity, cfg.initial_peers, host=cfg.host, port=cfg.port, announce_maddrs=cfg.announce_maddrs,
+            self.identity, cfg.initial_peers, bootstrap_wait=cfg.bootstrap_wait, host=cfg.host, port=cfg.port, announce_maddrs=cfg.announce_maddrs,
             use_auto_relay=cfg.use_auto_relay, no_listen=cfg.no_listen)
         try:
             left = asyncio.Event()

@@ -212,7 +212,8 @@ def test_peer_leaves_cleanly_after_its_restarts(models, peer):
 
 def test_a_restarted_bootstrap_node_learns_the_swarm_again(make_swarm, path, tmp_path):
     """The bootstrap node dies and comes back empty (same key and port): the peers' periodic pings remind it
-    of them, and a newcomer joining through it finds their records again (before, it never did)."""
+    of them, and a newcomer joining through it finds their records again (before, it never did). A peer
+    started during the outage waits for the bootstrap node (--bootstrap-wait) instead of exiting, and joins."""
     from bench.harness import _free_port
     from swarmllm import launch
 
@@ -233,6 +234,12 @@ def test_a_restarted_bootstrap_node_learns_the_swarm_again(make_swarm, path, tmp
     assert seen_through_bootstrap() == 2
     swarm.dht.signal(signal.SIGKILL)
     swarm.stop([swarm.dht])
+    late = swarm._track(launch.start_peer(path, swarm.initial_peers, 0, 3, name="late", wait=False,
+                                          extra=["--device", "cpu", "--announce-period", "2"], forked=swarm.forked))
     time.sleep(8)  # the outage itself (not a wait for anything): 4 announce periods, so the peers drop the node
+    _until(lambda: "none of the initial peers answered" in late.stderr_tail(10**6) or not late.alive(),
+           "the late peer tried the bootstrap node", 60)
+    assert late.alive(), f"a peer started while the bootstrap node was down gave up: {late.stderr_tail()}"
     swarm.dht = swarm._track(launch.start_dht(extra=dht_args, forked=swarm.forked))  # empty, same address
-    _until(lambda: seen_through_bootstrap() == 2, "a newcomer found both peers through the restarted bootstrap", 60)
+    late.wait_ready(timeout=90)
+    _until(lambda: seen_through_bootstrap() == 3, "a newcomer found all three peers through the restarted bootstrap", 60)
