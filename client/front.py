@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import time
 
 import torch
 
@@ -30,6 +31,7 @@ class RemoteSession:
     def __init__(self, swarm: "RemoteSwarm", core: SessionCore):
         self._swarm, self._core = swarm, core
         self.token_ids: torch.Tensor | None = None  # (batch, position) ids seen so far, for generate() reuse
+        self._returned_at: float | None = None  # time.perf_counter() when the last step returned to the caller
         self.attention_mask: torch.Tensor | None = None
         self._audits: list[asyncio.Task] = []
 
@@ -51,8 +53,20 @@ class RemoteSession:
 
     def step(self, hidden: torch.Tensor, position_ids: torch.Tensor, attention_mask: torch.Tensor | None,
              need_last: int = 0) -> torch.Tensor:
-        """``need_last`` > 0: only the last positions of the result are read (see SessionCore.step)."""
-        return self._swarm.loop.run(self._core.step(hidden, position_ids, attention_mask, need_last=need_last))
+        """``need_last`` > 0: only the last positions of the result are read (see SessionCore.step).
+        Records the step's phases (wire/phases.py): ``model`` is the caller's time since the last step
+        returned (the client's embeddings, LM head, sampling), ``handoff`` the crossing to the client's
+        event loop and back."""
+        called = time.perf_counter()
+        out = self._swarm.loop.run(self._core.step(hidden, position_ids, attention_mask, need_last=need_last))
+        returned = time.perf_counter()
+        timeline = self._core.timeline
+        timeline.spent["handoff"] = max(0.0, returned - called - sum(timeline.spent.values()))
+        if self._returned_at is not None:
+            timeline.spent["model"] = called - self._returned_at
+        timeline.done()
+        self._returned_at = returned
+        return out
 
     def reorder(self, rows: list[int]) -> None:
         """Beam search: row i of the peers' caches becomes row ``rows[i]`` (with the next step)."""

@@ -4,6 +4,7 @@ stream (``HopSession``): sending a step, and receiving its result with the reply
 from __future__ import annotations
 
 import dataclasses
+import time
 from typing import Awaitable, Callable
 
 import torch
@@ -48,6 +49,7 @@ class HopSession:
         self.history: list[StepInput] = []
         self.outputs: list[torch.Tensor] = []  # what the peer answered, step by step (for audits)
         self.receipts: list[Receipt | None] = []  # what the peer signed for each step (for fraud proofs)
+        self.decode_seconds = 0.0  # spent decoding and checking the last reply received (time.perf_counter)
 
     def served(self) -> ServedSpan:
         last_mask = self.history[-1].mask if self.history else None
@@ -83,6 +85,7 @@ class HopSession:
         meanwhile ``probe`` (if given) is awaited every time the reply is late by another probe interval,
         and may raise to give up early. Records the step for replay and audits."""
         meta, out = await probed(self.stream.receive(timeout), probe, self.hop.peer_id)
+        began = time.perf_counter()
         batch, tokens, hidden = x.hidden.shape
         omitted = meta.get("omitted", 0)
         if (not isinstance(omitted, int) or isinstance(omitted, bool) or not 0 <= omitted < tokens
@@ -100,6 +103,7 @@ class HopSession:
         self.history.append(dataclasses.replace(x, reorder=None) if x.reorder is not None else x)
         self.outputs.append(result)
         self.receipts.append(Receipt.from_wire(meta.get("receipt")))
+        self.decode_seconds = self.stream.decode_seconds + time.perf_counter() - began
         return meta, result
 
     def forget_last(self) -> None:

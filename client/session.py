@@ -15,6 +15,7 @@ from typing import TYPE_CHECKING
 import torch
 
 import wire
+from wire.phases import Timeline
 from client.errors import MissingBlocksError, PeerBusy, PeerError, SwarmError, is_fault
 from client.failover import Failover
 from client.holes import Hole, Holes
@@ -154,6 +155,7 @@ class SessionCore:
         ``recover=False``: a failing peer raises instead of being replaced (audits target one peer).
         ``need_last`` > 0: only the last ``need_last`` positions of the result are read (the head's
         ``logits_to_keep``); outputs before them that the last peer named instead of sending stay NaN."""
+        self.timeline = timeline = Timeline(self.swarm.phases)  # RemoteSession.step records it
         batch, tokens = hidden.shape[:2]
         if batch != self.batch_size:
             raise SwarmError(f"session was opened for batch size {self.batch_size}, step has {batch}")
@@ -173,7 +175,8 @@ class SessionCore:
         if (self.position == 0 and cfg.prefix_cache and self.rpc == wire.RPC_INFERENCE
                 and batch * tokens * hidden.shape[2] * wire_dtype.itemsize >= cfg.probe_min_bytes):
             steps = await self._name_known_prefix(steps)
-        outputs = await self._through_route(steps, recover, push=cfg.push and self.rpc == wire.RPC_INFERENCE)
+        outputs = await self._through_route(steps, recover, push=cfg.push and self.rpc == wire.RPC_INFERENCE,
+                                            timeline=timeline)
         self.position += tokens
         self.rewind = False
         self.pending_reorder = None
@@ -186,7 +189,9 @@ class SessionCore:
             if torch.isnan(needed).any():
                 raise SwarmError("the last peer named outputs instead of sending them and no peer could hand "
                                  "them over (they failed): generate again")
-        return out.to(hidden.dtype)
+        out = out.to(hidden.dtype)
+        timeline.mark("decode")
+        return out
 
     async def _name_known_prefix(self, steps: list[StepInput]) -> list[StepInput]:
         """A session's first long step: ask the first peer how much of it it keeps already (one small
@@ -220,7 +225,8 @@ class SessionCore:
         """The push targets from hop ``first`` to the last, for a step's ``next`` (None when the client relays)."""
         return [h.push_target() for h in self.hops[first:]] if push else None
 
-    async def _through_route(self, steps: list[StepInput], recover: bool, push: bool) -> list[torch.Tensor]:
+    async def _through_route(self, steps: list[StepInput], recover: bool, push: bool,
+                             timeline: Timeline | None = None) -> list[torch.Tensor]:
         """Every chunk goes to the first hop at once, so chunks pipeline across peers. With ``push`` each
         peer pushes its output to the next one (k + 1 messages per token on the critical path); without,
         the client relays each output to the next hop as it arrives (2k). Either way the client reads
@@ -228,8 +234,11 @@ class SessionCore:
         began = time.monotonic()
         for x in steps:
             self.hops[0].send(x, self.downstream(1, push))
+        if timeline is not None:
+            timeline.mark("prepare")
         timed = len(steps) == 1 and steps[0].hidden.shape[0] * steps[0].hidden.shape[1] <= TIMED_MAX_TOKENS
-        return [await StepWalk(self, x, steps[n + 1:], recover=recover, push=push, began=began if timed else None).run()
+        return [await StepWalk(self, x, steps[n + 1:], recover=recover, push=push, began=began if timed else None,
+                               timeline=timeline).run()
                 for n, x in enumerate(steps)]
 
     async def received_as_returned(self, meta: dict, x: StepInput, hole: Hole | None) -> bool:

@@ -23,6 +23,7 @@ from client.holes import Hole
 from client.hop import HopSession, StepInput
 from client.liveness import Probe, WatchNext
 from client.routing import Hop
+from wire.phases import Timeline
 
 if TYPE_CHECKING:
     from client.session import SessionCore
@@ -67,7 +68,7 @@ class StepWalk:
     sent, to time each hop's part of a decode step; None: not timed."""
 
     def __init__(self, session: "SessionCore", x: StepInput, later: list[StepInput], *, recover: bool, push: bool,
-                 began: float | None):
+                 began: float | None, timeline: Timeline | None = None):
         self.session, self.x, self.later, self.recover, self.push = session, x, later, recover, push
         swarm = session.swarm
         self.timeout = swarm.step_timeout(x.hidden.shape[0] * x.hidden.shape[1])
@@ -76,6 +77,7 @@ class StepWalk:
         self.i = 0  # the hop whose reply is awaited
         self.retries = 0
         self.hole: Hole | None = None  # the outputs of the hop before i that it named instead of sending
+        self.timeline = timeline  # the session step's phases: ``wait`` and ``decode`` per hop
 
     async def run(self) -> torch.Tensor:
         hops = self.session.hops
@@ -83,6 +85,8 @@ class StepWalk:
             watch = self._watch()
             try:
                 meta, out = await self._receive(hops[self.i], watch)
+                if self.timeline is not None:
+                    self.timeline.split(("wait", time.perf_counter() - hops[self.i].decode_seconds), "decode")
             except PeerError as e:
                 await self._fail_over(e)
                 continue

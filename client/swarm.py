@@ -19,6 +19,7 @@ from client.transport import Transport
 from client.view import SwarmView
 from dht.node import Node
 from verify.auditor import Auditor
+from wire.phases import CLIENT_PHASES, Phases
 
 logger = logging.getLogger(__name__)
 
@@ -26,6 +27,7 @@ logger = logging.getLogger(__name__)
 class SwarmCore(SwarmView):
     def __init__(self, cfg: ClientConfig, transport: Transport, node: Node, peer_id: str):
         super().__init__(cfg, transport, node, peer_id)
+        self.phases = Phases(CLIENT_PHASES, prefix="swarmllm_client")  # where each session step's time goes
         self.audits = Audits(self, self.forward_on)
         self.training = Backward(self, self.forward_on)
 

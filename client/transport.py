@@ -118,6 +118,7 @@ class Stream:
         self._queue: asyncio.Queue = asyncio.Queue()
         self._replies: AsyncIterator[runtime_pb2.ExpertResponse] | None = None
         self.closed = False
+        self.decode_seconds = 0.0  # spent decoding the last reply (time.perf_counter)
 
     async def _requests(self) -> AsyncIterator[runtime_pb2.ExpertRequest]:
         while True:
@@ -147,7 +148,9 @@ class Stream:
             except _NETWORK_ERRORS as e:
                 self.closed = True
                 raise PeerError(self.peer_id, f"stream failed: {type(e).__name__}: {e}") from None
+            began = time.perf_counter()
             meta, tensors = _check(self.peer_id, reply)
+            self.decode_seconds = time.perf_counter() - began
             if not meta.get("duplicate"):  # a step it had already computed (push raced a re-send)
                 return meta, tensors
 

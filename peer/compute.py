@@ -26,6 +26,8 @@ from typing import Any
 import torch
 from transformers.cache_utils import DynamicLayer
 
+from wire.phases import Timeline
+
 logger = logging.getLogger(__name__)
 
 MAX_BATCH_ROWS = 64  # rows (sequences) in one batched forward pass
@@ -39,6 +41,8 @@ class Job:
     mask: torch.Tensor | None  # (batch, past + t)
     cache: Any  # SpanCache
     future: asyncio.Future
+    started: float = 0.0  # time.perf_counter() when its pass began (set on the compute thread)
+    ended: float = 0.0  # ... and ended
 
 
 def _batchable(job: Job) -> bool:
@@ -69,8 +73,9 @@ class ComputeOwner:
         self.batches = 0  # forward passes that carried more than one session
         self.batched_steps = 0  # session steps that went through such passes
 
-    async def run(self, runner, hidden, position_ids, mask, cache) -> torch.Tensor:
-        """Run ``runner.forward`` for one session step; may be batched with other sessions' steps."""
+    async def run(self, runner, hidden, position_ids, mask, cache, timeline: Timeline | None = None) -> torch.Tensor:
+        """Run ``runner.forward`` for one session step; may be batched with other sessions' steps. With a
+        ``timeline``: marks ``compute_wait``, ``compute`` and ``handback`` (see wire/phases.py)."""
         loop = asyncio.get_running_loop()
         job = Job(runner, hidden, position_ids, mask, cache, loop.create_future())
         self._pending.append(job)
@@ -83,7 +88,10 @@ class ComputeOwner:
                     self._timer = loop.call_later(wait, self._on_timer, loop)
             else:
                 self._start(loop)
-        return await job.future
+        out = await job.future
+        if timeline is not None and job.ended:
+            timeline.split(("compute_wait", job.started), ("compute", job.ended), "handback")
+        return out
 
     async def call(self, fn, *args):
         """Run ``fn(*args)`` on the compute thread (after what it is running; e.g. a backward pass)."""
@@ -163,14 +171,17 @@ class ComputeOwner:
         job.future.get_loop().call_soon_threadsafe(settle)
 
     def _run_one(self, job: Job) -> None:
+        job.started = time.perf_counter()
         try:
             out = job.runner.forward(job.hidden, job.position_ids, job.mask, job.cache)
         except Exception as e:  # handed to the session's waiter, which turns it into a wire error
             self._resolve(job, error=e)
             return
+        job.ended = time.perf_counter()
         self._resolve(job, out)
 
     def _run_batch(self, jobs: list[Job]) -> None:
+        started = time.perf_counter()
         try:
             outs = batched_decode(jobs)
         except Exception:  # a batch must not fail its sessions for one another: run them one by one
@@ -180,7 +191,9 @@ class ComputeOwner:
             return
         self.batches += 1
         self.batched_steps += len(jobs)
+        ended = time.perf_counter()
         for job, out in zip(jobs, outs):
+            job.started, job.ended = started, ended
             self._resolve(job, out)
 
     def shutdown(self) -> None:

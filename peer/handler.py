@@ -27,6 +27,7 @@ from peer.push import NextHop, PushSender, parse_next
 from peer.reuse import PrefixReuse
 from peer.sessions import Session, SessionTable
 from wire import ErrorCode, WireError
+from wire.phases import PEER_PHASES, Phases, Timeline
 
 logger = logging.getLogger(__name__)
 
@@ -34,11 +35,20 @@ MAX_INBOX = 8  # messages queued on one session: the client's stream waits, push
 _END = object()  # the client closed its side of the stream
 
 
+class _Message(NamedTuple):
+    """A decoded message from the client's stream, with the timeline of its step."""
+
+    meta: dict
+    tensors: list
+    timeline: Timeline
+
+
 class _Pushed(NamedTuple):
     """A step that came from the previous peer's push rather than from the client's stream."""
 
     meta: dict
     tensors: list
+    timeline: Timeline
 
 
 class PeerHandler:
@@ -76,6 +86,7 @@ class PeerHandler:
         self._inboxes: dict[str, asyncio.Queue] = {}  # session id -> its inbox, for pushes
         self._open_sessions: dict[str, Session] = {}  # session id -> the session of that inbox
         self.counts = Counters()
+        self.phases = Phases(PEER_PHASES, prefix="swarmllm_peer")  # where each step's time goes
         self.reuse = PrefixReuse(sessions, self.counts, enabled=prefix_cache)
 
     async def register(self, p2p: P2P) -> None:
@@ -154,8 +165,10 @@ class PeerHandler:
     async def rpc_push(self, request: runtime_pb2.ExpertRequest, context: P2PContext | None
                        ) -> runtime_pb2.ExpertResponse:
         """A step pushed by the previous peer of a route: queued on the session, answered to its client."""
+        timeline = Timeline(self.phases)
         try:
             meta, tensors = wire.unpack(request, max_bytes=self.max_message_bytes)
+            timeline.mark("decode")
             session_id = meta.get("session_id")
             inbox = self._inboxes.get(session_id) if isinstance(session_id, str) else None
             if inbox is None:
@@ -172,7 +185,7 @@ class PeerHandler:
             self.counts.errors[e.code.value] += 1
             return wire.error_response(e)
         self.counts.pushes_received += 1
-        inbox.put_nowait(_Pushed(meta, tensors))
+        inbox.put_nowait(_Pushed(meta, tensors, timeline))
         return wire.response({"op": "queued"})
 
     async def rpc_fetch(self, request: runtime_pb2.ExpertRequest, context: P2PContext | None
@@ -222,6 +235,8 @@ class PeerHandler:
                         return
                 if item is _END:
                     return
+                if isinstance(item, (_Message, _Pushed)):
+                    item.timeline.mark("queue")
                 if (isinstance(item, _Pushed) and session is not None and isinstance(item.meta.get("offset"), int)
                         and item.meta["offset"] > session.length and len(early) < MAX_INBOX):
                     # A pushed step ahead of the session: an earlier step is on its way (the client relays
@@ -248,7 +263,7 @@ class PeerHandler:
         """One message of a stream (or a push into it): (the stream's session after it, the answer)."""
         if isinstance(item, WireError):
             raise item
-        meta, tensors = item
+        meta, tensors, timeline = item
         op = meta.get("op")
         if op == "open":
             if session is not None:
@@ -268,7 +283,7 @@ class PeerHandler:
             return session, wire.response(self._probe(session, meta))
         if "prefix" in meta and not isinstance(item, _Pushed):  # pushed ones were resolved on arrival
             meta, tensors = self._resolve_prefix(session, meta, tensors)
-        return session, await self._step(session, meta, tensors)
+        return session, await self._step(session, meta, tensors, timeline)
 
     def _end_stream(self, session: Session | None, inbox: asyncio.Queue, ephemeral: bool) -> None:
         if session is None:
@@ -285,8 +300,10 @@ class PeerHandler:
         waiting while it is full, so a client cannot queue more than MAX_INBOX messages here."""
         try:
             async for message in requests:
+                timeline = Timeline(self.phases)
                 try:
-                    item = wire.unpack(message, max_bytes=self.max_message_bytes)
+                    item = _Message(*wire.unpack(message, max_bytes=self.max_message_bytes), timeline)
+                    timeline.mark("decode")
                 except WireError as e:
                     item = e
                 await inbox.put(item)
@@ -318,7 +335,8 @@ class PeerHandler:
                          lazy=fields.lazy_outputs)
         return session
 
-    async def _step(self, session: Session, meta: dict, tensors: list[torch.Tensor]) -> runtime_pb2.ExpertResponse:
+    async def _step(self, session: Session, meta: dict, tensors: list[torch.Tensor], timeline: Timeline
+                    ) -> runtime_pb2.ExpertResponse:
         rewrite = meta.get("rewrite") is True
         if not rewrite and (duplicate := steps.duplicate(session, meta, tensors)) is not None:
             return wire.response(duplicate)
@@ -328,8 +346,9 @@ class PeerHandler:
             steps.rewind(session, meta["offset"], self.reuse)
         steps.reorder(self.sessions, session, meta)
         targets = parse_next(meta.get("next"))  # the downstream hops to push the output to
+        timeline.mark("validate")
         try:
-            out, reused = await self.reuse.run(self.compute, session, hidden, position_ids, mask)
+            out, reused = await self.reuse.run(self.compute, session, hidden, position_ids, mask, timeline)
         except Exception as e:  # a compute failure must not take the peer down; this session is lost
             logger.exception("compute failed in session %s", session.session_id)
             raise WireError(ErrorCode.INTERNAL, f"the peer failed computing this step ({type(e).__name__}): re-route") from e
@@ -341,14 +360,20 @@ class PeerHandler:
         self.counts.steps_computed += hidden.shape[0] * (tokens - reused)
         out = wire.to_wire_dtype(out, session.wire_dtype or hidden.dtype)  # (batch, t, hidden) as sent
         reply, answer = steps.result(session, meta, hidden, out, reused, omit)
+        self.counts.outputs_omitted += hidden.shape[0] * reply.get("omitted", 0)
+        self.reuse.answered(session, out, position_ids, mask, offset)
+        timeline.mark("encode")
         if self.sign is not None and (signed := steps.receipt(session, self.model_id, self.sign, hidden, position_ids,
                                                               mask, offset, out)) is not None:
             reply["receipt"] = signed
-        self.counts.outputs_omitted += hidden.shape[0] * reply.get("omitted", 0)
-        self.reuse.answered(session, out, position_ids, mask, offset)
+            timeline.mark("sign")
         if targets:
             reply.update(await self._push(session, meta, tensors[1:], out, targets, offset, omit))
-        return wire.response(reply, [answer])
+            timeline.mark("push")
+        response = wire.response(reply, [answer])
+        timeline.mark("reply")
+        timeline.done()
+        return response
 
     async def _push(self, session: Session, meta: dict, rest: list[torch.Tensor], out: torch.Tensor,
                     targets: list[NextHop], offset: int, omit: int) -> dict:

@@ -3,7 +3,7 @@ its content type) of the peer's statistics, read at scrape time on the peer's ev
 
 from __future__ import annotations
 
-from typing import Any, Callable, Iterator
+from typing import Any, Callable, Iterator, Sequence
 
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, generate_latest
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
@@ -33,8 +33,8 @@ COUNTERS: list[tuple[str, Callable[[dict], float], str]] = [
 
 
 class _Collector:
-    def __init__(self, statistics: Callable[[], dict[str, Any]]):
-        self.statistics = statistics
+    def __init__(self, statistics: Callable[[], dict[str, Any]], also: Callable[[], Sequence[CollectorRegistry]]):
+        self.statistics, self.also = statistics, also
 
     def collect(self) -> Iterator:
         stats = self.statistics()
@@ -46,12 +46,16 @@ class _Collector:
         for code, n in sorted(stats["errors"].items()):
             errors.add_metric([code], float(n))
         yield errors
+        for reg in self.also():  # histograms kept elsewhere (the step phases: wire/phases.py)
+            yield from reg.collect()
 
 
-def registry(statistics: Callable[[], dict[str, Any]]) -> CollectorRegistry:
-    """A registry whose only collector reads ``statistics()`` at each scrape."""
+def registry(statistics: Callable[[], dict[str, Any]],
+             also: Callable[[], Sequence[CollectorRegistry]] = tuple) -> CollectorRegistry:
+    """A registry whose only collector reads ``statistics()`` at each scrape, then the metrics of the
+    registries ``also()`` returns then."""
     reg = CollectorRegistry(auto_describe=False)
-    reg.register(_Collector(statistics))
+    reg.register(_Collector(statistics, also))
     return reg
 
 

@@ -16,6 +16,7 @@ from peer.counters import Counters
 from peer.sessions import Session, SessionTable
 from peer.validation import PrefixRef, Probe
 from wire import ErrorCode, WireError
+from wire.phases import Timeline
 
 
 class PrefixReuse:
@@ -74,13 +75,13 @@ class PrefixReuse:
         return meta, [torch.cat([kept, tensors[0]], dim=1), *tensors[1:]]
 
     async def run(self, compute: ComputeOwner, session: Session, hidden: torch.Tensor, position_ids: torch.Tensor,
-                  mask: torch.Tensor | None) -> tuple[torch.Tensor, int]:
+                  mask: torch.Tensor | None, timeline: Timeline | None = None) -> tuple[torch.Tensor, int]:
         """Run one step: (output (batch, t, hidden), tokens reused from a kept prefix). The first tokens
         of the step that some kept history holds are copied from it (keys, values and outputs); the
         rest are computed on top."""
         entry = session.prefix
         if entry is None:
-            return await compute.run(session.runner, hidden, position_ids, mask, session.cache), 0
+            return await compute.run(session.runner, hidden, position_ids, mask, session.cache, timeline), 0
         offset, tokens = session.length, hidden.shape[1]
         head = entry.digests[-1] if entry.tokens else session.prefix_root
         digests = prefixes.chain(head, hidden, position_ids, mask, offset)
@@ -94,9 +95,11 @@ class PrefixReuse:
             parts.append(source.output(offset, offset + reused))  # (batch, reused, hidden)
             store.hits += 1
             store.tokens_reused += hidden.shape[0] * reused
+        if timeline is not None:
+            timeline.mark("reuse")
         if reused < tokens:
             parts.append(await compute.run(session.runner, hidden[:, reused:], position_ids[:, reused:], mask,
-                                           session.cache))
+                                           session.cache, timeline))
         out = parts[0] if len(parts) == 1 else torch.cat(parts, dim=1)  # (batch, t, hidden)
         store.publish(entry, session.cache, digests, hidden, out)
         return out, reused

@@ -55,7 +55,8 @@ def _say(message: str) -> None:
 class Peer:
     def __init__(self, cfg: PeerConfig):
         self.cfg = cfg
-        self._metrics = metrics.registry(self.statistics)  # read at each scrape
+        self._metrics = metrics.registry(  # read at each scrape
+            self.statistics, lambda: [self.handler.phases.registry] if getattr(self, "handler", None) else [])
         try:  # every check that can fail does so here, before the peer joins the swarm
             config = load_config(cfg.model_dir)
             self.device = quant.resolve_device(cfg.device)
@@ -125,6 +126,7 @@ class Peer:
             "loaded_tensors": list(runner.loaded_tensor_names), "relayed": self.relayed, "moves": self.moves,
             "uptime": time.time() - self.started_at, "version": SOFTWARE_VERSION, **self.node.statistics(),
             **self.handler.counters(), **self.sessions.prefixes.statistics(),  # requests_served, errors, ...
+            "phases": self.handler.phases.summary(),  # where its steps' time goes, ms (wire/phases.py)
         }
 
     async def _serve_metrics(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:

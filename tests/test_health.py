@@ -176,6 +176,8 @@ def test_peer_metrics_port(health_swarm):
     assert "# HELP swarmllm_peer_requests_total Steps answered." in text
     assert "# TYPE swarmllm_peer_requests_total counter" in text
     assert "swarmllm_peer_throughput_steps_per_second" in text
+    assert "# TYPE swarmllm_peer_phase_seconds histogram" in text  # where its steps' time goes (wire/phases.py)
+    assert 'swarmllm_peer_phase_seconds_count{phase="compute"}' in text
     with pytest.raises(urllib.error.HTTPError) as e:  # one path
         urllib.request.urlopen(url + "/", timeout=10)
     assert e.value.code == 404

@@ -205,3 +205,27 @@ def test_a_peer_that_pushes_other_bits_than_it_returns_is_caught(tiny_checkpoint
         assert liar_id in model.swarm.core.bans.banned()
     finally:
         model.swarm.shutdown()
+
+
+def test_each_side_times_the_phases_of_its_steps(push_swarm, remote):
+    """Peers and the client keep where each step's time went (wire/phases.py): every phase a pushed decode
+    step goes through is recorded once per step, on every peer of the route and on the client."""
+    from wire.phases import CLIENT_PHASES
+
+    before = {start: s["phases"] for start, s in _stats(remote).items()}
+    client_before = remote.swarm.core.phases.counts()
+    new_tokens = 6
+    remote.generate(_prompt(5, seed=7), max_new_tokens=new_tokens, do_sample=False)
+    after = {start: s["phases"] for start, s in _stats(remote).items()}
+    steps = new_tokens  # the prompt, then a step per new token but the last
+    for start, phases in after.items():
+        count = {name: phases.get(name, {}).get("count", 0) - before[start].get(name, {}).get("count", 0)
+                 for name in ("decode", "queue", "validate", "compute_wait", "compute", "handback", "encode", "sign",
+                              "reply", "push")}
+        expected_push = steps if start < SPANS[-1][0] else 0  # the last peer pushes to nobody
+        assert count == {"decode": steps, "queue": steps, "validate": steps, "compute_wait": steps, "compute": steps,
+                         "handback": steps, "encode": steps, "sign": steps, "reply": steps, "push": expected_push}, start
+        assert phases["compute"]["p50_ms"] > 0
+    client = remote.swarm.core.phases.counts()
+    grew = {name: client[name] - client_before[name] for name in CLIENT_PHASES}
+    assert grew == {"handoff": steps, "prepare": steps, "wait": steps, "decode": steps, "model": steps - 1}

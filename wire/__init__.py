@@ -5,6 +5,7 @@ Files:
 - errors.py    ErrorCode and WireError: how a peer says what was wrong, and how a client reads it back
 - history.py   digests: ``digest`` of one tensor, and the history digest chain that names kept histories
 - receipts.py  what a peer signs for each step it answers (the statement a fraud proof shows wrong)
+- phases.py    the phases of a step each side times (``Phases``: histograms and recent samples; ``Timeline``)
 
 ``import wire`` gives all of it (``wire.RPC_INFERENCE``, ``wire.WireError``, ``wire.history_chain``).
 """
