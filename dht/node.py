@@ -47,9 +47,11 @@ MAX_BOOTSTRAP_BACKOFF = 5.0  # seconds between tries to reach the initial peers,
 
 
 def _unreachable_bootstrap(e: BaseException) -> bool:
-    """Whether a failed start failed only because no initial peer answered: p2pd exits with "failed to
-    connect to bootstrap peers", hivemind's DHT raises "DHTNode bootstrap failed" (measured here)."""
-    return isinstance(e, (P2PDaemonError, RuntimeError)) and "bootstrap" in str(e)
+    """Whether a failed start failed because no initial peer answered (in time): p2pd exits with "failed
+    to connect to bootstrap peers", hivemind's DHT raises "DHTNode bootstrap failed", or the DHT was not
+    ready within the startup timeout (seen in bench.soak: the bootstrap node died between the daemon's
+    connection and the DHT's first ping)."""
+    return (isinstance(e, (P2PDaemonError, RuntimeError)) and "bootstrap" in str(e)) or isinstance(e, TimeoutError)
 
 
 class _DHTProcess(hivemind.DHT):
@@ -112,7 +114,7 @@ class Node:
                 if not _unreachable_bootstrap(e) or left <= 0:
                     raise
                 logger.warning("none of the initial peers answered (%s); trying again for up to %.0f s more",
-                               str(e).strip().splitlines()[-1], left)
+                               (str(e).strip().splitlines() or [type(e).__name__])[-1], left)
                 await asyncio.sleep(min(delay, left))
                 delay = min(2 * delay, MAX_BOOTSTRAP_BACKOFF)
 
