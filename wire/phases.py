@@ -63,21 +63,19 @@ class Phases:
 
     def summary(self) -> dict[str, dict[str, float]]:
         """Per phase with samples: count (all time), and over the last ``keep``: mean, p50, p90 (ms).
-        Computed at most once a second (the info RPC that carries it is also a liveness probe)."""
-        at, out = self._summary
-        if self._clock() - at < 1.0:
-            return out
-        out = {}
-        for name in self.names:
-            recent = sorted(self._recent[name])
-            if not recent:
-                continue
-            out[name] = {"count": self._counts[name],
-                         "mean_ms": 1e3 * sum(recent) / len(recent),
-                         "p50_ms": 1e3 * recent[len(recent) // 2],
-                         "p90_ms": 1e3 * recent[min(len(recent) - 1, (9 * len(recent)) // 10)]}
-        self._summary = (self._clock(), out)
-        return out
+        The percentiles are computed at most once a second (the info RPC that carries them is also a
+        liveness probe), or when a phase got its first sample; the counts are always current."""
+        at, quantiles = self._summary
+        if self._clock() - at >= 1.0 or any(n and name not in quantiles for name, n in self._counts.items()):
+            quantiles = {}
+            for name in self.names:
+                recent = sorted(self._recent[name])
+                if recent:
+                    quantiles[name] = {"mean_ms": 1e3 * sum(recent) / len(recent),
+                                       "p50_ms": 1e3 * recent[len(recent) // 2],
+                                       "p90_ms": 1e3 * recent[min(len(recent) - 1, (9 * len(recent)) // 10)]}
+            self._summary = (self._clock(), quantiles)
+        return {name: {"count": self._counts[name], **q} for name, q in quantiles.items()}
 
 
 class Timeline:
