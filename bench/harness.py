@@ -240,6 +240,7 @@ class FreshPrompts:
             raise ValueError(f"shared_prefix={shared_prefix} tokens: allowed 0 to {_KEPT_PREFIX - 1}")
         self.length, self.tokenizer, self.vocab, self.low = length, tokenizer, vocab, low
         self.shared_prefix = shared_prefix
+        self.widest = shared_prefix  # the largest shared prefix any prompt handed out was allowed
         self.rng = random.Random(seed)
         self.handed_out: list[tuple] = []  # every prompt, in order (row tuples)
         self._prefixes: set[tuple] = set()  # the first 1.._KEPT_PREFIX tokens of each
@@ -262,6 +263,7 @@ class FreshPrompts:
             raise RepeatedPrompt(f"prompt {ids[0, :8].tolist()}... ({ids.shape[1]} tokens) repeats or shares more "
                                  f"than {allowed} leading tokens with an earlier one: peers keep recent histories, so "
                                  f"it would time cache hits; draw another (FreshPrompts.next)")
+        self.widest = max(self.widest, allowed)
         key = _rows(ids)
         self.handed_out.append(key)
         self._whole.add(key)
@@ -333,7 +335,7 @@ class FreshPrompts:
         return {"swarm_generations": self.generations + self.deliberate,
                 "distinct_swarm_prompts": len(self._sent), "fresh_swarm_generations": self.generations,
                 "deliberately_repeated_generations": self.deliberate,
-                "allowed_shared_prefix_tokens": self.shared_prefix, "prompts_handed_out": len(self.handed_out)}
+                "allowed_shared_prefix_tokens": self.widest, "prompts_handed_out": len(self.handed_out)}
 
 
 def chat_opening(tokenizer) -> int:

@@ -109,6 +109,7 @@ def test_verify_liar_part_draws_on_after_the_latency_part():
     planned = _tensors(verify.plan(_args(verify, []), source))
     drawn = [source.next(shared_prefix=1) for _ in range(2000)]
     assert_fresh(planned + drawn, allowed=1)
+    assert source.summary()["allowed_shared_prefix_tokens"] == 1
 
 
 @pytest.mark.parametrize("argv", [[], ["--sessions", "20", "--lengths", "4", "8", "128"]])
