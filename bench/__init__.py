@@ -1,7 +1,8 @@
 """swarmllm bench: the benchmarks (every timing claim of the README comes from here; bench/README.md runs them).
 
 Files:
-- harness.py         what the speed benchmarks share: a local swarm behind optional WAN proxies, clocks, tables, JSON
+- harness.py         what the speed benchmarks share: a local swarm behind optional WAN proxies, fresh prompts, clocks,
+                     tables, JSON
 - wanproxy.py        WAN emulation without netem: a loopback TCP proxy with delay, jitter, loss and upload caps
 - decode.py          per-token latency and time to first token, local transformers vs a 3-peer swarm
 - concurrency.py     aggregate tokens/s of 1, 2, 4, 8 clients at once

@@ -2,9 +2,11 @@
 
 A DHT node and 3 peers of SmolLM2-135M-Instruct (float32) on loopback (or behind ``--delay-ms``
 proxies). Each client is a thread with its own model instance (its own client DHT node and session);
-all start together at a barrier and generate ``--new-tokens`` greedy tokens after a short prompt.
-Aggregate tokens/s = all new tokens / wall time from the barrier until the last client finishes; the
-baseline is one client in the same run, and local transformers (one stream) is shown for scale.
+all start together at a barrier and generate ``--new-tokens`` greedy tokens, each after its own short
+prompt, fresh in every round (peers keep recent histories: a repeated prompt would time cache hits;
+``plan`` lists them all). Aggregate tokens/s = all new tokens / wall time from the barrier until the
+last client finishes; the baseline is one client in the same run, and local transformers (one stream,
+on the prompts the first client had in the baseline rounds) is shown for scale.
 
     .venv/bin/python -m bench.concurrency [--clients 1 2 4 8] [--trials 2] [--new-tokens 32]
 """
@@ -30,11 +32,19 @@ def _say(msg: str) -> None:
     print(f"[concurrency] {msg}", file=sys.stderr, flush=True)
 
 
-def _round(models, ids, new_tokens: int, pad: int) -> dict:
-    """All ``models`` generate at once; returns wall seconds and per-client decode step times."""
+def plan(args, prompts: harness.FreshPrompts) -> dict:
+    """Every prompt the run sends to the swarm: ``warmup``, a 4-token prompt per client; ``rounds``, per trial
+    and per N of ``--clients``, one prompt for each of the N clients. None repeats."""
+    return {"warmup": [prompts.next(4) for _ in range(max(args.clients))],
+            "rounds": [[[prompts.next() for _ in range(n)] for n in args.clients] for _ in range(args.trials)]}
+
+
+def _round(models, prompts: list, new_tokens: int, pad: int) -> dict:
+    """All ``models`` generate at once, model i after ``prompts[i]``; returns wall seconds and per-client
+    decode step times."""
     barrier = threading.Barrier(len(models) + 1)
 
-    def one(model) -> list[float]:
+    def one(model, ids) -> list[float]:
         clock = harness.TokenClock()
         barrier.wait(timeout=60)
         model.generate(ids, max_new_tokens=new_tokens, min_new_tokens=new_tokens, do_sample=False,
@@ -42,7 +52,7 @@ def _round(models, ids, new_tokens: int, pad: int) -> dict:
         return clock.times
 
     with concurrent.futures.ThreadPoolExecutor(len(models)) as pool:
-        futures = [pool.submit(one, m) for m in models]
+        futures = [pool.submit(one, m, ids) for m, ids in zip(models, prompts, strict=True)]
         barrier.wait(timeout=60)
         began = time.perf_counter()
         times = [f.result(timeout=600) for f in futures]
@@ -52,17 +62,23 @@ def _round(models, ids, new_tokens: int, pad: int) -> dict:
             "median_step_s": harness.median(steps)}
 
 
-def main() -> None:
+def arguments() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     harness.add_arguments(parser, trials=2, prompt_tokens=16, delay_ms=None,
                           delay_help="one-way delay per link (default: loopback)")
     parser.add_argument("--clients", type=int, nargs="+", default=[1, 2, 4, 8])
-    args = parser.parse_args()
+    return parser
+
+
+def main() -> None:
+    args = arguments().parse_args()
     work = harness.workload(args, _say)
-    model_dir, spans, ids, pad = work.model_dir, work.spans, work.ids, work.pad
+    model_dir, spans, pad, prompts = work.model_dir, work.spans, work.pad, work.prompts
+    todo = plan(args, prompts)
 
     local = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32).eval()
-    local_rounds = [_round([local], ids, args.new_tokens, pad) for _ in range(args.trials + 1)][1:]
+    _round([local], [prompts.next()], args.new_tokens, pad)  # warm-up (local only)
+    local_rounds = [_round([local], rounds[0][:1], args.new_tokens, pad) for rounds in todo["rounds"]]
     del local
 
     results: dict[int, list[dict]] = {n: [] for n in args.clients}
@@ -71,14 +87,15 @@ def main() -> None:
     with harness.BenchSwarm(model_dir, spans, delay_ms=args.delay_ms, extra=["--num-threads", str(args.threads)]) as swarm:
         models = []
         try:
-            for i in range(max(args.clients)):
+            for warm in todo["warmup"]:
                 models.append(AutoDistributedModelForCausalLM.from_pretrained(
                     model_dir, swarm.initial_peers, reputation_path=None, **opts))
-                _round(models[-1:], ids[:, :4], 2, pad)  # warm-up: RTTs measured, route planned
+                _round(models[-1:], [prompts.sent(warm)], 2, pad)  # warm-up: RTTs measured, route planned
             _say(f"{len(models)} clients ready")
-            for trial in range(args.trials):
-                for n in args.clients:
-                    results[n].append(_round(models[:n], ids, args.new_tokens, pad))
+            for trial, rounds in enumerate(todo["rounds"]):
+                for n, round_prompts in zip(args.clients, rounds):
+                    results[n].append(_round(models[:n], [prompts.sent(ids) for ids in round_prompts],
+                                             args.new_tokens, pad))
                     _say(f"trial {trial + 1}: {n} clients: {results[n][-1]['tokens_per_s']:.1f} tokens/s")
         finally:
             for m in models:
@@ -99,7 +116,8 @@ def main() -> None:
     print(f"\nlocal transformers, one stream: {local_tps:.1f} tokens/s")
     mode = {"push": opts.get("push", False), "wire_dtype": opts.get("wire_dtype")}
     path = harness.write_results(harness.results_name("concurrency", args), {
-        "model_dir": model_dir, "spans": spans, "mode": mode, "summary": rows, "local_tokens_per_s": local_tps,
+        "model_dir": model_dir, "spans": spans, "mode": mode, "prompts": prompts.summary(), "summary": rows,
+        "local_tokens_per_s": local_tps,
         "local_runs": local_rounds, "runs": {str(n): r for n, r in results.items()}}, args)
     print(f"wrote {path}")
 

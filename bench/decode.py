@@ -3,9 +3,11 @@ the same checkpoint, on loopback and with a WAN delay in front of every peer.
 
 For each network (loopback, then ``--delay-ms`` one way per link through bench/wanproxy.py) a fresh
 swarm (DHT + one peer per span) serves SmolLM2-135M-Instruct in float32; each trial generates
-``--new-tokens`` greedy tokens after a ``--prompt-tokens`` prompt locally and through the swarm, once
-per client mode (peers push to each other, or the client relays every hop: both when this client has
-the ``push`` option). Time to first token includes opening the session, as a user sees it.
+``--new-tokens`` greedy tokens through the swarm once per client mode (peers push to each other, or the
+client relays every hop: both when this client has the ``push`` option), each after its own fresh
+``--prompt-tokens`` prompt (peers keep recent histories: a repeated prompt would time cache hits), and
+locally on that same prompt just before (same work). Time to first token includes opening the session,
+as a user sees it. ``plan`` lists every prompt the run sends to the swarm.
 
     .venv/bin/python -m bench.decode [--trials 3] [--new-tokens 32] [--prompt-tokens 256] [--delay-ms 25]
 """
@@ -41,25 +43,46 @@ def _run(kind: str, clock: harness.TokenClock, **extra) -> dict:
     return {"kind": kind, "first_token_s": clock.first_token, "per_token_s": harness.median(clock.per_token), **extra}
 
 
-def measure_network(args, model_dir, spans, ids, pad, local, network: str, delay_ms: float | None) -> list[dict]:
-    """Every trial: local, then the swarm in each client mode; fresh swarm, clients made once."""
-    modes = [True, False] if harness.supports("push") else [None]
+def modes() -> list[bool | None]:
+    """The client modes measured: push (True) and relay (False) when the client has ``push``."""
+    return [True, False] if harness.supports("push") else [None]
+
+
+def networks(args) -> dict[str, float | None]:
+    """Network name -> one-way delay (ms; None: loopback), in the order they run."""
+    nets = {} if args.no_loopback else {"loopback": None}
+    if not args.no_wan:
+        nets[f"{args.delay_ms:g} ms links"] = args.delay_ms
+    return nets
+
+
+def plan(args, prompts: harness.FreshPrompts) -> dict[str, dict]:
+    """Every prompt the run sends to the swarm, per network: ``warmup``, an 8-token prompt per client mode;
+    ``trials``, per trial one ``--prompt-tokens`` prompt per mode (in ``modes()`` order). None repeats."""
+    return {network: {"warmup": [prompts.next(8) for _ in modes()],
+                      "trials": [[prompts.next() for _ in modes()] for _ in range(args.trials)]}
+            for network in networks(args)}
+
+
+def measure_network(args, model_dir, spans, prompts: harness.FreshPrompts, todo: dict, pad, local, network: str,
+                    delay_ms: float | None) -> list[dict]:
+    """Every trial, each client mode: local, then the swarm, on the trial's prompt for that mode (``todo``,
+    this network's part of ``plan``); fresh swarm, clients made once."""
     runs = []
     _say(f"{network}: starting a DHT node and {len(spans)} peers" + (f" behind {delay_ms} ms proxies" if delay_ms else ""))
     with harness.BenchSwarm(model_dir, spans, delay_ms=delay_ms, extra=["--num-threads", str(args.threads)]) as swarm:
         clients = {}
         try:
-            for push in modes:
+            for push, warm in zip(modes(), todo["warmup"]):
                 opts = harness.client_options(push=push, wire_dtype=args.wire_dtype)
                 clients[push] = AutoDistributedModelForCausalLM.from_pretrained(
                     model_dir, swarm.initial_peers, reputation_path=None, **opts)
-                _generate(clients[push], ids[:, :8], 4, pad)  # warm-up: RTTs measured, routes planned
-            reference = None
-            for trial in range(args.trials):
-                clock, reference = _generate(local, ids, args.new_tokens, pad)
-                runs.append(_run("local", clock, network=network, trial=trial))
-                for push, model in clients.items():
-                    clock, out = _generate(model, ids, args.new_tokens, pad,
+                _generate(clients[push], prompts.sent(warm), 4, pad)  # warm-up: RTTs measured, routes planned
+            for trial, trial_prompts in enumerate(todo["trials"]):
+                for (push, model), ids in zip(clients.items(), trial_prompts):
+                    clock, reference = _generate(local, ids, args.new_tokens, pad)
+                    runs.append(_run("local", clock, network=network, trial=trial))
+                    clock, out = _generate(model, prompts.sent(ids), args.new_tokens, pad,
                                            on_first=lambda m=model: list(m._generate_sessions[0].route))
                     hops = len(clock.seen)
                     used_push = bool(model.swarm.cfg.push) if harness.supports("push") else False
@@ -107,22 +130,25 @@ def summarize(runs: list[dict]) -> list[dict]:
     return rows
 
 
-def main() -> None:
+def arguments() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     harness.add_arguments(parser, trials=3, prompt_tokens=256, delay_ms=25.0,
                           delay_help="one-way delay per link for the WAN run")
     parser.add_argument("--no-loopback", action="store_true")
     parser.add_argument("--no-wan", action="store_true")
-    args = parser.parse_args()
+    return parser
+
+
+def main() -> None:
+    args = arguments().parse_args()
     work = harness.workload(args, _say)
-    model_dir, spans, ids, pad = work.model_dir, work.spans, work.ids, work.pad
+    model_dir, spans, pad = work.model_dir, work.spans, work.pad
+    todo = plan(args, work.prompts)
     local = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32).eval()
-    _generate(local, ids[:, :8], 4, pad)  # warm-up
+    _generate(local, work.prompts.next(8), 4, pad)  # warm-up (local only)
     runs = []
-    if not args.no_loopback:
-        runs += measure_network(args, model_dir, spans, ids, pad, local, "loopback", None)
-    if not args.no_wan:
-        runs += measure_network(args, model_dir, spans, ids, pad, local, f"{args.delay_ms:g} ms links", args.delay_ms)
+    for network, delay_ms in networks(args).items():
+        runs += measure_network(args, model_dir, spans, work.prompts, todo[network], pad, local, network, delay_ms)
     rows = summarize(runs)
 
     print(harness.table(
@@ -137,7 +163,8 @@ def main() -> None:
                                             f" (<= {TARGET_TTFT} {'met' if r['first_token_met'] else 'MISSED'})"),
           r["identical"]] for r in rows]))
     path = harness.write_results(harness.results_name("decode", args),
-                                 {"model_dir": model_dir, "spans": spans, "summary": rows, "runs": runs}, args)
+                                 {"model_dir": model_dir, "spans": spans, "prompts": work.prompts.summary(),
+                                  "summary": rows, "runs": runs}, args)
     print(f"\nwrote {path}")
 
 

@@ -3,6 +3,7 @@
 Runs a local swarm (DHT + 2 peers for each half of a tiny 6-block Llama), generates 24 tokens per seed,
 kills whichever peer serves a randomly chosen hop at a random step, and reports the recovery time
 next to the median ordinary token time measured in the same run (the machine is shared and noisy).
+Each seed's generation has a prompt of its own (peers keep recent histories); ``plan`` lists them.
 
     .venv/bin/python -m bench.failover [--seeds 10] [--signal kill|stop]
 """
@@ -19,10 +20,22 @@ import time
 import torch
 from transformers import AutoModelForCausalLM, LogitsProcessor, LogitsProcessorList
 
+from bench import harness
 from client import AutoDistributedModelForCausalLM
 from swarmllm import checkpoints, launch
 
 SPANS = [(0, 3), (3, 6)]
+PROMPT_TOKENS = 6
+VOCAB = 250  # prompts are random ids in [3, VOCAB)
+
+
+def prompt_source() -> harness.FreshPrompts:
+    return harness.FreshPrompts(PROMPT_TOKENS, vocab=VOCAB)
+
+
+def plan(args, prompts: harness.FreshPrompts) -> list:
+    """Every prompt the run sends to the swarm: one per seed, in order. None repeats."""
+    return [prompts.next() for _ in range(args.seeds)]
 
 
 class OnStep(LogitsProcessor):
@@ -36,13 +49,19 @@ class OnStep(LogitsProcessor):
         return scores
 
 
-def main() -> None:
-    # Long on purpose: a benchmark script, its phases in the order the README reports them.
+def arguments() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--seeds", type=int, default=10)
     parser.add_argument("--step-timeout", type=float, default=3.0)
     parser.add_argument("--signal", choices=["kill", "stop"], default="kill")
-    args = parser.parse_args()
+    return parser
+
+
+def main() -> None:
+    # Long on purpose: a benchmark script, its phases in the order the README reports them.
+    args = arguments().parse_args()
+    prompts = prompt_source()
+    todo = plan(args, prompts)
     path = checkpoints.tiny("llama", tempfile.mkdtemp(prefix="bench-failover-"))
     local = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).eval()
     procs: list[launch.SwarmProcess] = []
@@ -63,7 +82,7 @@ def main() -> None:
                                                                 refresh_period=1.0, ban_base=1.0)
         recoveries, normal, identical = [], [], 0
         try:
-            for seed in range(args.seeds):
+            for seed, ids in enumerate(todo):
                 rng = random.Random(seed)
                 kill_step, hop = rng.randint(2, 16), rng.randint(0, 1)
                 killed = {}
@@ -74,9 +93,8 @@ def main() -> None:
                         victim.signal(signal.SIGKILL if args.signal == "kill" else signal.SIGSTOP)
                         killed["at"], killed["victim"] = time.monotonic(), victim
 
-                ids = torch.randint(3, 250, (1, 6), generator=torch.Generator().manual_seed(seed))
                 watcher = OnStep(kill)
-                out = model.generate(ids, max_new_tokens=24, do_sample=False, pad_token_id=0,
+                out = model.generate(prompts.sent(ids), max_new_tokens=24, do_sample=False, pad_token_id=0,
                                      logits_processor=LogitsProcessorList([watcher]))
                 identical += out.tolist() == local.generate(ids, max_new_tokens=24, do_sample=False,
                                                             pad_token_id=0).tolist()
@@ -97,6 +115,7 @@ def main() -> None:
     median = statistics.median(recoveries)
     print("recoveries (ms):", [round(r * 1000) for r in recoveries])
     print(f"seeds: {args.seeds}, identical to local: {identical}/{args.seeds}, failovers: {retries}")
+    print(f"prompts: {prompts.summary()}")
     print(f"ordinary token (median): {token * 1000:.1f} ms")
     print(f"recovery, SIG{args.signal.upper()} -> next token: median {median * 1000:.0f} ms, max {max(recoveries) * 1000:.0f} ms "
           f"({median / token:.1f}x an ordinary token)")

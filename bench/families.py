@@ -6,7 +6,8 @@ Per family: a random checkpoint written by transformers' ``save_pretrained`` (fp
 two peers serving [0, 2) and [2, 6) (a split inside the stack), then
 - loads: both peers reached READY;
 - exact: greedy tokens of a prompt equal local ``generate()`` (push on, as by default);
-- batched exact: a left-padded batch of 3 prompts equals local;
+- batched exact: a left-padded batch of 3 prompts equals local (each prompt of the run new to the
+  peers, who keep recent histories: ``plan`` lists them);
 - bytes per block: parameter bytes of one block, loaded by ``BlockRunner`` (mean over the 6 blocks;
   MoE families have dense and sparse blocks);
 - RSS per block: (VmRSS of the 4-block peer - VmRSS of the 2-block peer) / 2, so the runtime cancels out,
@@ -57,19 +58,28 @@ def _sizes(family: str, hidden: int) -> dict:
     return sizes
 
 
-def _prompts(batch: int = 3):
-    g = torch.Generator().manual_seed(0)
-    lengths = [5, 9, 7][:batch]
-    width = max(lengths)
-    ids = torch.zeros(batch, width, dtype=torch.long)
-    mask = torch.zeros(batch, width, dtype=torch.long)
-    for row, n in enumerate(lengths):
-        ids[row, width - n:] = torch.randint(3, 250, (n,), generator=g)
-        mask[row, width - n:] = 1
-    return ids, mask
+BATCH_LENGTHS = [5, 9, 7]  # prompt tokens of the batched check's rows
 
 
-def measure(family: str, hidden: int, workdir: str) -> dict:
+def prompt_source() -> harness.FreshPrompts:
+    return harness.FreshPrompts(BATCH_LENGTHS[0], vocab=250)
+
+
+def _batch(prompts: harness.FreshPrompts) -> torch.Tensor:
+    """Fresh rows of ``BATCH_LENGTHS`` tokens, left-padded with 0 (no prompt id is 0), (3, 9)."""
+    width = max(BATCH_LENGTHS)
+    ids = torch.zeros(len(BATCH_LENGTHS), width, dtype=torch.long)
+    for row, n in enumerate(BATCH_LENGTHS):
+        ids[row, width - n:] = prompts.next(n)[0]
+    return prompts.take(ids)
+
+
+def plan(args, prompts: harness.FreshPrompts) -> dict[str, dict]:
+    """Every prompt the run sends to the swarm, per family: ``single`` (1, 5) and ``batch`` (3, 9)."""
+    return {family: {"single": prompts.next(), "batch": _batch(prompts)} for family in args.families}
+
+
+def measure(family: str, hidden: int, workdir: str, prompts: harness.FreshPrompts, todo: dict) -> dict:
     row = {"family": family, "loads": False, "exact": False, "batched_exact": False,
            "bytes_per_block": None, "rss_per_block_bytes": None, "rss_per_weight_byte": None, "error": None}
     sizes = _sizes(family, hidden)
@@ -90,10 +100,12 @@ def measure(family: str, hidden: int, workdir: str) -> dict:
             row["rss_per_weight_byte"] = (big - small) / (sum(per_block[a1:b1]) - sum(per_block[a0:b0]))
             model = AutoDistributedModelForCausalLM.from_pretrained(path, swarm.initial_peers, reputation_path=None)
             try:
-                ids, mask = _prompts(1)
+                ids = todo["single"]
                 kwargs = dict(max_new_tokens=12, do_sample=False, pad_token_id=0)
-                row["exact"] = model.generate(ids, **kwargs).tolist() == local.generate(ids, **kwargs).tolist()
-                ids, mask = _prompts(3)
+                row["exact"] = (model.generate(prompts.sent(ids), **kwargs).tolist()
+                                == local.generate(ids, **kwargs).tolist())
+                ids = prompts.sent(todo["batch"])
+                mask = (ids != 0).long()  # (3, 9): left padding
                 kwargs = dict(attention_mask=mask, max_new_tokens=8, do_sample=False, pad_token_id=0)
                 row["batched_exact"] = model.generate(ids, **kwargs).tolist() == local.generate(ids, **kwargs).tolist()
             finally:
@@ -104,20 +116,26 @@ def measure(family: str, hidden: int, workdir: str) -> dict:
     return row
 
 
-def main() -> None:
+def arguments() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--families", nargs="+", default=sorted(checkpoints.FAMILIES),
                         choices=sorted(checkpoints.FAMILIES))
     parser.add_argument("--hidden", type=int, default=512, help="hidden size of the random checkpoints")
     parser.add_argument("--threads", type=int, default=1, help="torch threads in this process")
-    args = parser.parse_args()
+    return parser
+
+
+def main() -> None:
+    args = arguments().parse_args()
+    prompts = prompt_source()
+    todo = plan(args, prompts)
     torch.set_num_threads(args.threads)
     rows = []
     began = time.monotonic()
     with tempfile.TemporaryDirectory(prefix="swarmllm-families-") as workdir:
         for family in args.families:
             _say(f"{family}: building a checkpoint and a 2-peer swarm")
-            rows.append(measure(family, args.hidden, workdir))
+            rows.append(measure(family, args.hidden, workdir, prompts, todo[family]))
             _say(f"{family}: {rows[-1]}")
     mib = 2**20
     yes = lambda v: "yes" if v else "NO"
@@ -130,7 +148,7 @@ def main() -> None:
           "—" if r["rss_per_weight_byte"] is None else f"{r['rss_per_weight_byte']:.2f}", r["error"] or ""]
          for r in rows]))
     print(f"\n{len(rows)} families in {time.monotonic() - began:.0f} s")
-    path = harness.write_results("families", {"spans": SPANS, "families": rows}, args)
+    path = harness.write_results("families", {"spans": SPANS, "families": rows, "prompts": prompts.summary()}, args)
     print(f"wrote {path}")
 
 

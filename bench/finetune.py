@@ -59,7 +59,10 @@ def main() -> None:
     args = parser.parse_args()
     work = harness.workload(argparse.Namespace(model_dir=args.model_dir, peers=args.peers, threads=args.threads,
                                                prompt_tokens=args.tokens), _say)
-    ids = work.ids
+    # One text for every step, locally and through the swarm: that is training. No step hits a peer's kept
+    # histories: a training forward is stateless (no session keeps a prefix), and the soft prompt before the
+    # text changes at every step.
+    ids = work.prompts.next()
     local = AutoModelForCausalLM.from_pretrained(work.model_dir, dtype=torch.float32)
     _say(f"local: {args.steps} steps on {ids.shape[1]} tokens")
     local_s, local_loss = step_seconds(local, ids, args.steps, args.prompt_tokens)

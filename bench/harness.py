@@ -1,5 +1,13 @@
 """What the speed benchmarks share: a local swarm whose peers may sit behind WAN proxies, client options
-that exist only in newer clients, a clock on generate()'s tokens, tables, and the JSON they write.
+that exist only in newer clients, prompts no peer has seen, a clock on generate()'s tokens, tables, and
+the JSON they write.
+
+Peers keep recent histories (prefix reuse): a prompt sent twice, or two prompts that open with the same
+tokens, is served from a kept cache for that shared part, and a benchmark would time cache hits instead
+of compute. So every benchmark draws its prompts from a ``FreshPrompts`` source, which refuses a prompt
+that shares more than an allowed number of leading tokens with one it handed out before, refuses to
+count a prompt sent to the swarm twice, and reports how many generations and distinct prompts went to
+the swarm (each benchmark writes that into its results JSON).
 
 A proxied peer listens on port A and announces the proxy's port B, so everyone who dials it (the
 client, and peers pushing to it) pays the proxy's one-way delay each way; the DHT bootstrap node and
@@ -14,6 +22,7 @@ import datetime
 import json
 import os
 import platform
+import random
 import socket
 import statistics
 import subprocess
@@ -30,7 +39,8 @@ from swarmllm.demo import _spans as split_blocks
 RESULTS_DIR = os.path.join(os.path.dirname(os.path.abspath(__file__)), "results")
 READY_TIMEOUT = 300.0  # seconds a SmolLM2 peer may take to load on a busy 2-core machine
 
-__all__ = ["BenchSwarm", "TokenClock", "Workload", "add_arguments", "workload", "client_options", "supports",
+__all__ = ["BenchSwarm", "FreshPrompts", "RepeatedPrompt", "TokenClock", "Workload", "chat_opening",
+           "add_arguments", "workload", "client_options", "supports",
            "split_blocks", "prompt_ids", "table", "results_name", "write_results", "critical_path_messages", "median",
            "RESULTS_DIR"]
 
@@ -56,13 +66,13 @@ class Workload:
     model_dir: str
     spans: list[tuple[int, int]]  # one peer per span
     tokenizer: object  # None for a checkpoint without tokenizer files (the prompt is seeded ids)
-    ids: torch.Tensor  # (1, prompt_tokens)
+    prompts: "FreshPrompts"  # of --prompt-tokens tokens each, never repeated
     pad: int  # token id generate() pads with
 
 
 def workload(args: argparse.Namespace, log) -> Workload:
-    """The checkpoint (SmolLM2 unless --model-dir), its split into --peers spans, and the prompt; sets
-    this process's torch threads to --threads when given."""
+    """The checkpoint (SmolLM2 unless --model-dir), its split into --peers spans, and a source of fresh
+    prompts; sets this process's torch threads to --threads when given."""
     if getattr(args, "threads", None):
         torch.set_num_threads(args.threads)
     model_dir = args.model_dir or checkpoints.smollm2(log=log)
@@ -71,11 +81,12 @@ def workload(args: argparse.Namespace, log) -> Workload:
     try:
         tokenizer = AutoTokenizer.from_pretrained(model_dir)
     except (OSError, ValueError, TypeError) as e:  # a checkpoint without tokenizer files: ids are all we need
-        log(f"no tokenizer in {model_dir} ({type(e).__name__}); the prompt is {args.prompt_tokens} seeded random ids")
-        ids = torch.randint(3, config.vocab_size, (1, args.prompt_tokens), generator=torch.Generator().manual_seed(0))
+        log(f"no tokenizer in {model_dir} ({type(e).__name__}); prompts are {args.prompt_tokens} seeded random ids")
         eos = config.eos_token_id
-        return Workload(model_dir, spans, None, ids, (eos[0] if isinstance(eos, list) else eos) or 0)
-    return Workload(model_dir, spans, tokenizer, prompt_ids(tokenizer, args.prompt_tokens), tokenizer.eos_token_id)
+        return Workload(model_dir, spans, None, FreshPrompts(args.prompt_tokens, vocab=config.vocab_size),
+                        (eos[0] if isinstance(eos, list) else eos) or 0)
+    return Workload(model_dir, spans, tokenizer, FreshPrompts(args.prompt_tokens, tokenizer=tokenizer),
+                    tokenizer.eos_token_id)
 
 
 def supports(field: str) -> bool:
@@ -168,14 +179,172 @@ class TokenClock(LogitsProcessor):
         return [b - a for a, b in zip(self.times, self.times[1:])]
 
 
-def prompt_ids(tokenizer, tokens: int) -> torch.Tensor:
-    """Exactly ``tokens`` tokens of ordinary English text, (1, tokens)."""
-    text = ("The history of the printing press begins in the fifteenth century, when movable type made books "
-            "cheaper and faster to produce than ever before. ") * (tokens // 8 + 8)
-    ids = tokenizer(text, return_tensors="pt")["input_ids"][:, :tokens]
+SENTENCES = [
+    "The history of the printing press begins in the fifteenth century.",
+    "Movable type made books cheaper and faster to produce than ever before.",
+    "Printers spread across Europe within a few decades of the first press.",
+    "With them came pamphlets, newspapers and a public that could read and argue about ideas.",
+    "Rivers carried timber, grain and salt to the market towns of the plain.",
+    "The observatory on the hill recorded the weather every morning for ninety years.",
+    "A good bridge is designed for the heaviest load it will ever carry, and then some.",
+    "Bees find their way home by the angle of the sun, even when clouds hide it.",
+    "The orchestra tuned to the oboe, whose single note filled the quiet hall.",
+    "Early railways ran on wooden rails long before anyone thought of steam.",
+    "Glaciers grind the rock beneath them into a flour fine enough to colour a lake.",
+    "The harbour master kept a ledger of every ship, its cargo and its captain.",
+]
+
+
+def prompt_ids(tokenizer, tokens: int, seed: int = 0, lead: str = "") -> torch.Tensor:
+    """Exactly ``tokens`` tokens of ordinary English text, (1, tokens): ``lead``, then ``SENTENCES`` in a
+    seeded order, repeated as needed (no special tokens)."""
+    order = list(SENTENCES)
+    random.Random(seed).shuffle(order)
+    text = lead + " ".join(order * (tokens // 100 + 1))
+    ids = tokenizer(text, return_tensors="pt", add_special_tokens=False)["input_ids"][:, :tokens]
     if ids.shape[1] != tokens:
         raise ValueError(f"the filler text gave only {ids.shape[1]} tokens, {tokens} were asked for")
     return ids
+
+
+class RepeatedPrompt(ValueError):
+    """A prompt that peers may already keep (sent before, or opening like an earlier one)."""
+
+
+_KEPT_PREFIX = 32  # leading tokens of each prompt remembered for the shared-prefix check (allowances stay below)
+
+
+def _rows(ids: torch.Tensor, end: int | None = None) -> tuple:
+    """A (batch, tokens) prompt, or its first ``end`` tokens, as a hashable key (the batch size is part of
+    it, as it is of a kept history's digest chain)."""
+    return tuple(map(tuple, ids[:, :end].tolist()))
+
+
+class FreshPrompts:
+    """Seeded prompts no peer has seen: of ``length`` tokens, English text (``tokenizer``) or random ids
+    in [low, vocab), each opening with a token no earlier one opened with (a text prompt's first token is
+    a word of the vocabulary, drawn, then ``prompt_ids`` text in a seeded order).
+
+    Refuses (``RepeatedPrompt``) any prompt sharing more than ``shared_prefix`` leading tokens with one
+    handed out before (0: not even the first token; a chat template's fixed opening needs more, see
+    ``chat_opening``); ``take`` checks and records a prompt built elsewhere (a chat). ``sent`` counts a
+    generation sent to the swarm and refuses a prompt sent before or never handed out; ``reused`` counts
+    one repeated on purpose (a benchmark of prefix reuse itself). Deterministic: the same arguments
+    hand out the same prompts, so a benchmark's prompts can be listed without running it."""
+
+    def __init__(self, length: int, *, tokenizer=None, vocab: int | None = None, low: int = 3, seed: int = 0,
+                 shared_prefix: int = 0):
+        if (tokenizer is None) == (vocab is None):
+            raise ValueError("FreshPrompts needs a tokenizer (English text) or a vocab size (random ids), one of them")
+        if not 0 <= shared_prefix < _KEPT_PREFIX:
+            raise ValueError(f"shared_prefix={shared_prefix} tokens: allowed 0 to {_KEPT_PREFIX - 1}")
+        self.length, self.tokenizer, self.vocab, self.low = length, tokenizer, vocab, low
+        self.shared_prefix = shared_prefix
+        self.widest = shared_prefix  # the largest shared prefix any prompt handed out was allowed
+        self.rng = random.Random(seed)
+        self.handed_out: list[tuple] = []  # every prompt, in order (row tuples)
+        self._prefixes: set[tuple] = set()  # the first 1.._KEPT_PREFIX tokens of each
+        self._whole: set[tuple] = set()
+        self._sent: set[tuple] = set()
+        self.generations = 0  # sent to the swarm, fresh
+        self.deliberate = 0  # sent to the swarm again on purpose
+        self._words = None  # token ids that are words (text prompts open with one)
+        self._words_used: set[int] = set()
+        self._firsts: set[int] = set()  # first tokens of the one-row prompts handed out
+
+    def _fresh(self, ids: torch.Tensor, shared_prefix: int) -> bool:
+        return _rows(ids) not in self._whole and (ids.shape[1] <= shared_prefix
+                                                  or _rows(ids, shared_prefix + 1) not in self._prefixes)
+
+    def take(self, ids: torch.Tensor, shared_prefix: int | None = None) -> torch.Tensor:
+        """Records ``ids`` (batch, tokens) as handed out; RepeatedPrompt if peers may keep part of it."""
+        allowed = self.shared_prefix if shared_prefix is None else shared_prefix
+        if not self._fresh(ids, allowed):
+            raise RepeatedPrompt(f"prompt {ids[0, :8].tolist()}... ({ids.shape[1]} tokens) repeats or shares more "
+                                 f"than {allowed} leading tokens with an earlier one: peers keep recent histories, so "
+                                 f"it would time cache hits; draw another (FreshPrompts.next)")
+        self.widest = max(self.widest, allowed)
+        key = _rows(ids)
+        self.handed_out.append(key)
+        self._whole.add(key)
+        self._prefixes.update(_rows(ids, n) for n in range(1, min(ids.shape[1], _KEPT_PREFIX) + 1))
+        if ids.shape[0] == 1 and ids.shape[1]:
+            self._firsts.add(int(ids[0, 0]))
+        return ids
+
+    def _word_ids(self) -> list[int]:
+        if self._words is None:  # vocabulary entries that are a word of letters (no leading-space marker)
+            self._words = sorted(i for t, i in self.tokenizer.get_vocab().items()
+                                 if t.isascii() and t.isalpha() and len(t) >= 4)
+        return self._words
+
+    def _pick(self, choices: list[int], used: set[int]) -> int:
+        for _ in range(1000):
+            pick = self.rng.choice(choices)
+            if pick not in used:
+                return pick
+        raise RepeatedPrompt(f"no unused opening token left after {len(self.handed_out)} prompts: use a larger "
+                             "vocabulary or allow a shared prefix (FreshPrompts(shared_prefix=1))")
+
+    def word(self) -> str:
+        """A vocabulary word this source has not handed out, to open text built elsewhere (a chat's system message)."""
+        pick = self._pick(self._word_ids(), self._words_used)
+        self._words_used.add(pick)
+        return self.tokenizer.decode([pick])
+
+    def next(self, length: int | None = None, shared_prefix: int | None = None) -> torch.Tensor:
+        """A new prompt, (1, length or self.length), recorded as handed out."""
+        length = length or self.length
+        allowed = self.shared_prefix if shared_prefix is None else shared_prefix
+        for _ in range(1000):
+            seed = self.rng.randrange(2**31)
+            if self.tokenizer is None:
+                ids = torch.randint(self.low, self.vocab, (1, length), generator=torch.Generator().manual_seed(seed))
+                if allowed == 0:
+                    ids[0, 0] = self._pick(range(self.low, self.vocab), self._firsts)
+            else:
+                first = self._pick(self._word_ids(), self._firsts)
+                body = (prompt_ids(self.tokenizer, length - 1, seed, lead=" ") if length > 1
+                        else torch.empty(1, 0, dtype=torch.long))
+                ids = torch.cat([torch.tensor([[first]]), body], dim=1)
+            if self._fresh(ids, allowed):
+                return self.take(ids, allowed)
+        raise RepeatedPrompt(f"1000 draws of {length}-token prompts all repeated an earlier one's opening: "
+                             "use a larger vocabulary or allow a longer shared prefix")
+
+    def sent(self, ids: torch.Tensor) -> torch.Tensor:
+        """Counts a generation sent to the swarm; RepeatedPrompt if ``ids`` was sent before or never handed out."""
+        key = _rows(ids)
+        if key not in self._whole:
+            raise RepeatedPrompt("a prompt sent to the swarm that this source never handed out: draw it with "
+                                 "FreshPrompts.next or record it with take")
+        if key in self._sent:
+            raise RepeatedPrompt(f"prompt {ids[0, :8].tolist()}... was sent to the swarm before: peers keep it, "
+                                 "so this generation would time cache hits; draw another (FreshPrompts.next)")
+        self._sent.add(key)
+        self.generations += 1
+        return ids
+
+    def reused(self, ids: torch.Tensor) -> torch.Tensor:
+        """Counts a generation that repeats (part of) an earlier prompt on purpose (prefix reuse measured)."""
+        self.deliberate += 1
+        return ids
+
+    def summary(self) -> dict:
+        """What went to the swarm, for a benchmark's results JSON."""
+        return {"swarm_generations": self.generations + self.deliberate,
+                "distinct_swarm_prompts": len(self._sent), "fresh_swarm_generations": self.generations,
+                "deliberately_repeated_generations": self.deliberate,
+                "allowed_shared_prefix_tokens": self.widest, "prompts_handed_out": len(self.handed_out)}
+
+
+def chat_opening(tokenizer) -> int:
+    """Tokens every chat of this tokenizer's template opens with (two chats whose system messages differ
+    from their first letter share exactly these): the shared prefix a chat benchmark must allow."""
+    a, b = (tokenizer(tokenizer.apply_chat_template([{"role": "system", "content": c}, {"role": "user", "content": "?"}],
+                                                    tokenize=False, add_generation_prompt=True))["input_ids"]
+            for c in ("Apple", "Zebra"))
+    return next((i for i, (x, y) in enumerate(zip(a, b)) if x != y), min(len(a), len(b)))
 
 
 def median(values) -> float:

@@ -9,7 +9,8 @@ A DHT node and 3 peers of SmolLM2-135M-Instruct on loopback, once per ``--dtypes
 from /proc/<pid>/status (VmRSS) for the peer's own process, and summed over its process group (its
 hivemind DHT child and p2pd daemon) for the whole footprint; once when the peers are ready, and again
 after a generation (``--prompt-tokens`` + ``--new-tokens``, so the KV caches have been used). The
-runtime baseline is a fresh interpreter that imported what a peer imports, with no weights.
+runtime baseline is a fresh interpreter that imported what a peer imports, with no weights. Each
+swarm's generation has a prompt of its own (peers keep recent histories); ``plan`` lists them.
 
     .venv/bin/python -m bench.memory [--dtypes float32 bfloat16]
     .venv/bin/python -m bench.memory --quant none,int8,nf4
@@ -86,14 +87,20 @@ def block_weight_bytes(model_dir: str, start: int, end: int, dtype: torch.dtype)
     return total
 
 
-def measure(args, model_dir, spans, ids, pad, dtype: str, runtime: int) -> list[dict]:
+def plan(args, prompts: harness.FreshPrompts) -> dict[str, torch.Tensor]:
+    """Every prompt the run sends to the swarm: one per dtype (or, with --quant, per weight format), each
+    generated once locally (--quant) and once through that format's swarm. None repeats."""
+    return {name: prompts.next() for name in (args.quant.split(",") if args.quant else args.dtypes)}
+
+
+def measure(args, model_dir, spans, prompts: harness.FreshPrompts, ids, pad, dtype: str, runtime: int) -> list[dict]:
     rows = []
     with harness.BenchSwarm(model_dir, spans, extra=["--dtype", dtype]) as swarm:
         ready = {p.pid: (rss_bytes(p.pid), group_rss_bytes(p.pid)) for p in swarm.peers}
         model = AutoDistributedModelForCausalLM.from_pretrained(model_dir, swarm.initial_peers, reputation_path=None)
         try:
-            model.generate(ids, max_new_tokens=args.new_tokens, min_new_tokens=args.new_tokens, do_sample=False,
-                           pad_token_id=pad)
+            model.generate(prompts.sent(ids), max_new_tokens=args.new_tokens, min_new_tokens=args.new_tokens,
+                           do_sample=False, pad_token_id=pad)
         finally:
             model.swarm.shutdown()
         for p, (a, b) in zip(swarm.peers, spans):
@@ -149,7 +156,8 @@ def resident_per_block(model_dir: str, q: str, blocks: int) -> tuple[float, int]
     return (rss_n - rss_1) / (blocks - 1), (w_n - w_1) // (blocks - 1)
 
 
-def measure_quant(args, model_dir: str, spans, ids: torch.Tensor, q: str, runtime: int) -> list[dict]:
+def measure_quant(args, model_dir: str, spans, prompts: harness.FreshPrompts, ids: torch.Tensor, q: str,
+                  runtime: int) -> list[dict]:
     """One swarm of peers in format ``q``: memory per peer, and per-token latency against local."""
     from transformers import AutoModelForCausalLM
 
@@ -167,7 +175,7 @@ def measure_quant(args, model_dir: str, spans, ids: torch.Tensor, q: str, runtim
                                                                 formats=[f"float32/{q}"])
         try:
             clock = harness.TokenClock()
-            model.generate(ids, logits_processor=[clock], **gen)
+            model.generate(prompts.sent(ids), logits_processor=[clock], **gen)
             swarm_ms = 1000 * harness.median(clock.per_token)
             route = model.swarm.route()
             stats = [model.swarm.loop.run(model.swarm.core.transport.info(h.peer_id, timeout=10))[0] for h in route]
@@ -198,7 +206,8 @@ def quant_main(args) -> None:
     model_dir = args.model_dir or quant_model(_say)
     config = layout.load_config(model_dir)
     spans = harness.split_blocks(config.num_hidden_layers, args.peers)
-    ids = torch.randint(3, config.vocab_size, (1, args.prompt_tokens), generator=torch.Generator().manual_seed(0))
+    prompts = harness.FreshPrompts(args.prompt_tokens, vocab=config.vocab_size)
+    todo = plan(args, prompts)
     runtime = runtime_rss_bytes()
     rows, marginal = [], []
     fp16_block = 2 * sum(p.numel() for p in _one_block(config).parameters())
@@ -208,7 +217,7 @@ def quant_main(args) -> None:
         marginal.append({"quant": q, "resident_per_block_bytes": per_block, "weight_bytes_per_block": weights,
                          "fp16_bytes_per_block": fp16_block, "resident_over_fp16": per_block / fp16_block})
         _say(f"{q}: local transformers, then a DHT node and {len(spans)} peers")
-        rows += measure_quant(args, model_dir, spans, ids, q, runtime)
+        rows += measure_quant(args, model_dir, spans, prompts, todo[q], q, runtime)
     mib = 2**20
     print(harness.table(
         ["quant", "fp16 MiB per block", "weights MiB per block", "resident MiB per block", "resident / fp16"],
@@ -225,11 +234,12 @@ def quant_main(args) -> None:
     print(f"\nruntime: a fresh interpreter that imported the peer's modules holds {runtime / mib:.0f} MiB with no "
           f"weights; targets: NF4 weights <= 0.30 x fp16, int8 <= 0.55 x fp16")
     path = harness.write_results("memory_quant", {"model_dir": model_dir, "spans": spans, "runtime_rss_bytes": runtime,
-                                                  "per_block": marginal, "peers": rows}, args)
+                                                  "per_block": marginal, "peers": rows,
+                                                  "prompts": prompts.summary()}, args)
     print(f"\nwrote {path}")
 
 
-def main() -> None:
+def arguments() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--model-dir", default=None, help="checkpoint (default: SmolLM2-135M-Instruct; with "
                                                           "--quant, a random ~330M-parameter Llama)")
@@ -242,21 +252,34 @@ def main() -> None:
     parser.add_argument("--dtypes", nargs="+", default=["float32"], choices=["float32", "bfloat16", "float16"])
     parser.add_argument("--prompt-tokens", type=int, default=256)
     parser.add_argument("--new-tokens", type=int, default=32)
-    args = parser.parse_args()
+    return parser
+
+
+def parse(argv=None) -> argparse.Namespace:
+    """The options; with --quant, prompt and new tokens default to 32 and 16."""
+    parser = arguments()
+    args = parser.parse_args(argv)
     if args.quant:
         if args.prompt_tokens == parser.get_default("prompt_tokens"):
             args.prompt_tokens = 32
         if args.new_tokens == parser.get_default("new_tokens"):
             args.new_tokens = 16
+    return args
+
+
+def main() -> None:
+    args = parse()
+    if args.quant:
         return quant_main(args)
 
     work = harness.workload(args, _say)
-    model_dir, spans, ids = work.model_dir, work.spans, work.ids
+    model_dir, spans = work.model_dir, work.spans
+    todo = plan(args, work.prompts)
     runtime = runtime_rss_bytes()
     rows = []
     for dtype in args.dtypes:
         _say(f"{dtype}: starting a DHT node and {len(spans)} peers")
-        rows += measure(args, model_dir, spans, ids, work.pad, dtype, runtime)
+        rows += measure(args, model_dir, spans, work.prompts, todo[dtype], work.pad, dtype, runtime)
 
     mib = 2**20
     print(harness.table(
@@ -268,7 +291,7 @@ def main() -> None:
     print(f"\nruntime: a fresh interpreter that imported the peer's modules (torch, transformers, hivemind) "
           f"holds {runtime / mib:.0f} MiB with no weights")
     path = harness.write_results("memory", {"model_dir": model_dir, "spans": spans, "runtime_rss_bytes": runtime,
-                                            "peers": rows}, args)
+                                            "peers": rows, "prompts": work.prompts.summary()}, args)
     print(f"\nwrote {path}")
 
 

@@ -17,14 +17,26 @@ import statistics
 import tempfile
 import time
 
-import torch
-
 from bench import harness
 from client import AutoDistributedModelForCausalLM
 from swarmllm import checkpoints, launch
 
 SPANS = [(0, 6, 5), (0, 3, 10), (3, 6, 10), (3, 6, 10)]  # (start, end, announced throughput): as bench.verify
 PROMPT_TOKENS = 8
+VOCAB = 250  # prompts are random ids in [3, VOCAB)
+MODES = ("background", "strict")
+WARMUP = 2  # generations per client and length before the timed ones
+
+
+def prompt_source() -> harness.FreshPrompts:
+    return harness.FreshPrompts(PROMPT_TOKENS, vocab=VOCAB)
+
+
+def plan(args, prompts: harness.FreshPrompts) -> dict[int, list[dict]]:
+    """Every prompt the run sends to the swarm: per length of ``--lengths``, ``WARMUP`` + ``--sessions``
+    rounds, each one prompt per client mode of ``MODES``. None repeats."""
+    return {tokens: [{mode: prompts.next() for mode in MODES} for _ in range(args.sessions + WARMUP)]
+            for tokens in args.lengths}
 
 
 def _peer_steps(model, peer_ids) -> int:
@@ -33,13 +45,18 @@ def _peer_steps(model, peer_ids) -> int:
     return sum(model.swarm.loop.run(core.transport.info(p), timeout=60)[0]["tokens_computed"] for p in peer_ids)
 
 
-def main() -> None:
+def arguments() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--sessions", type=int, default=6, help="generations per client and length (after 2 warm-up)")
     parser.add_argument("--lengths", type=int, nargs="+", default=[8, 128], help="new tokens per generation")
-    args = parser.parse_args()
+    return parser
+
+
+def main() -> None:
+    args = arguments().parse_args()
     path = checkpoints.tiny("llama", tempfile.mkdtemp(prefix="bench-strict-"))
-    seeds = iter(range(10**6))  # one fresh prompt per generation, never repeated
+    prompts = prompt_source()
+    todo = plan(args, prompts)  # one fresh prompt per generation, never repeated
     procs, rows, results = [], [], {}
     try:
         dht = launch.start_dht()
@@ -52,22 +69,22 @@ def main() -> None:
         peer_ids = [p.ready["peer_id"] for p in peers]
         clients = {mode: AutoDistributedModelForCausalLM.from_pretrained(path, dht.maddrs, verify_mode=mode,
                                                                         reputation_path=None)
-                   for mode in ("background", "strict")}
+                   for mode in MODES}
         try:
             for tokens in args.lengths:
                 latency = {mode: [] for mode in clients}
                 steps = {mode: [] for mode in clients}
                 order = list(clients)
-                for n in range(args.sessions + 2):
+                for n, round_prompts in enumerate(todo[tokens]):
                     for mode in (order if n % 2 == 0 else order[::-1]):
                         model = clients[mode]
-                        ids = torch.randint(3, 250, (1, PROMPT_TOKENS), generator=torch.Generator().manual_seed(next(seeds)))
+                        ids = prompts.sent(round_prompts[mode])
                         before = _peer_steps(model, peer_ids)
                         began = time.perf_counter()
                         model.generate(ids, max_new_tokens=tokens, do_sample=False, pad_token_id=0)
                         seconds = time.perf_counter() - began
                         model.swarm.wait_audits()
-                        if n >= 2:  # the first two: warm-up (routes, timings)
+                        if n >= WARMUP:  # the first rounds: warm-up (routes, timings)
                             latency[mode].append(seconds / tokens)
                             steps[mode].append((_peer_steps(model, peer_ids) - before) / tokens)
                 med = {mode: statistics.median(v) for mode, v in latency.items()}
@@ -84,7 +101,7 @@ def main() -> None:
     print(harness.table(["new tokens", "default ms/token", "strict ms/token", "strict / default",
                          "default peer steps/token", "strict peer steps/token", "compute ratio"], rows))
     print("\ntarget: strict <= 1.3x default at 128 tokens")
-    print(f"wrote {harness.write_results('strict', {'lengths': results}, args)}")
+    print(f"wrote {harness.write_results('strict', {'lengths': results, 'prompts': prompts.summary()}, args)}")
 
 
 if __name__ == "__main__":

@@ -10,6 +10,8 @@ client with an empty reputation book and default audit rates (a new identity's f
 all audited, then 25 % while on probation); "default" is verify_mode="background" (text is never
 delayed, audits run after it), "strict" waits for every span, whoever served it, to be re-run
 elsewhere and match. A generation is wrong if its tokens differ from local transformers' greedy ones.
+Every generation has a prompt of its own (peers keep recent histories: a prompt the three latency
+clients shared would be computed once and served twice from the cache); ``plan`` lists the latency part's.
 
     .venv/bin/python -m bench.verify [--trials 5]
 """
@@ -33,6 +35,10 @@ from verify.reputation import Status, Verdict
 MODES = ["noise", "identity", "skip", "wrong_weights", "low_precision", "noise:0.1", "wrong_weights:0.3"]
 NO_AUDITS = AuditRates.never()
 TOKENS = 8
+PROMPT_TOKENS = 8
+VOCAB = 250  # prompts are random ids in [3, VOCAB)
+OVERHEAD = ["no audits", "default", "strict"]  # the latency part's clients
+WARMUP = 3  # sessions per latency client before the timed ones
 
 
 def _client(path, peers, rates=AuditRates(), verify_mode="background"):
@@ -40,24 +46,33 @@ def _client(path, peers, rates=AuditRates(), verify_mode="background"):
                                                            reputation_path=None)
 
 
-def _prompt(seed: int) -> torch.Tensor:
-    return torch.randint(3, 250, (1, 8), generator=torch.Generator().manual_seed(seed))
+def prompt_source() -> harness.FreshPrompts:
+    return harness.FreshPrompts(PROMPT_TOKENS, vocab=VOCAB)
 
 
-def _session(model, seed, tokens=TOKENS) -> tuple[float, list[int]]:
+def plan(args, prompts: harness.FreshPrompts) -> dict:
+    """The latency part's prompts: ``warmup``, ``WARMUP`` rounds and ``sessions``, ``--overhead-sessions``
+    rounds, each round one prompt per client of ``OVERHEAD`` (in that order). None repeats; the liar part
+    then draws its prompts from the same source as it goes (sessions until a ban are not known ahead)."""
+    return {"warmup": [[prompts.next() for _ in OVERHEAD] for _ in range(WARMUP)],
+            "sessions": [[prompts.next() for _ in OVERHEAD] for _ in range(args.overhead_sessions)]}
+
+
+def _session(model, ids, tokens=TOKENS) -> tuple[float, list[int]]:
     """(seconds per token, the tokens)."""
     began = time.perf_counter()
-    out = model.generate(_prompt(seed), max_new_tokens=tokens, do_sample=False, pad_token_id=0)
+    out = model.generate(ids, max_new_tokens=tokens, do_sample=False, pad_token_id=0)
     return (time.perf_counter() - began) / tokens, out[0].tolist()
 
 
-def _until_banned(model, liar_id: str, reference, seeds, max_sessions: int) -> tuple[int | None, int]:
-    """Sessions until the liar is banned (None: not within max_sessions) and wrong generations handed over."""
+def _until_banned(model, liar_id: str, reference, draw, max_sessions: int) -> tuple[int | None, int]:
+    """Sessions until the liar is banned (None: not within max_sessions) and wrong generations handed over;
+    ``draw()`` gives each session's prompt."""
     book, wrong = model.swarm.core.book, 0
     for n in range(1, max_sessions + 1):
-        seed = next(seeds)
-        _, tokens = _session(model, seed)
-        wrong += tokens != reference(seed)
+        ids = draw()
+        _, tokens = _session(model, ids)
+        wrong += tokens != reference(ids)
         model.swarm.wait_audits()
         if book.status(liar_id) == Status.BANNED:
             return n, wrong
@@ -70,22 +85,31 @@ def _false_bans(model, honest_ids) -> int:
             + sum(r.peer_id in honest_ids and r.verdict in (Verdict.FAIL, Verdict.GROSS_FAIL) for r in results))
 
 
-def main() -> None:
-    # Long on purpose: a benchmark script, its phases in the order the README reports them.
+def arguments() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--trials", type=int, default=5)
     parser.add_argument("--max-sessions", type=int, default=100)
     parser.add_argument("--overhead-sessions", type=int, default=30)
-    args = parser.parse_args()
+    return parser
+
+
+def main() -> None:
+    # Long on purpose: a benchmark script, its phases in the order the README reports them.
+    args = arguments().parse_args()
     path = checkpoints.tiny("llama", tempfile.mkdtemp(prefix="bench-verify-"))
     local = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).eval()
-    references: dict[int, list[int]] = {}
+    references: dict[tuple, list[int]] = {}
+    prompts = prompt_source()
+    todo = plan(args, prompts)
 
-    def reference(seed: int) -> list[int]:
-        if seed not in references:
-            references[seed] = local.generate(_prompt(seed), max_new_tokens=TOKENS, do_sample=False,
-                                              pad_token_id=0)[0].tolist()
-        return references[seed]
+    def reference(ids) -> list[int]:
+        key = tuple(ids[0].tolist())
+        if key not in references:
+            references[key] = local.generate(ids, max_new_tokens=TOKENS, do_sample=False, pad_token_id=0)[0].tolist()
+        return references[key]
+
+    def draw() -> torch.Tensor:  # the liar part: 8 random ids, at most the first one shared (a 247-id vocabulary)
+        return prompts.sent(prompts.next(shared_prefix=1))
 
     procs = []
     try:
@@ -99,19 +123,20 @@ def main() -> None:
         honest_ids = {p.ready["peer_id"] for p in honest}
 
         # what verification costs: the same sessions with no audits, default audits and strict, interleaved
-        modes = {"no audits": _client(path, dht.maddrs, NO_AUDITS), "default": _client(path, dht.maddrs),
-                 "strict": _client(path, dht.maddrs, verify_mode="strict")}
+        modes = dict(zip(OVERHEAD, [_client(path, dht.maddrs, NO_AUDITS), _client(path, dht.maddrs),
+                                    _client(path, dht.maddrs, verify_mode="strict")], strict=True))
         latency: dict[str, list[float]] = {name: [] for name in modes}
         try:
-            for s in range(3):  # warm-up: each client measures the peers and settles on its routes
-                for model in modes.values():
-                    _session(model, 10**5 + s)
+            for warm in todo["warmup"]:  # warm-up: each client measures the peers and settles on its routes
+                for model, ids in zip(modes.values(), warm):
+                    _session(model, prompts.sent(ids))
                     model.swarm.wait_audits()
             audits_before = {name: len(model.swarm.core.audits.auditor.results) for name, model in modes.items()}
             order = list(modes)
-            for s in range(args.overhead_sessions):
+            for s, round_prompts in enumerate(todo["sessions"]):
+                mine = dict(zip(OVERHEAD, round_prompts, strict=True))
                 for name in order[s % 3:] + order[:s % 3]:  # rotated: no client always follows the same one
-                    latency[name].append(_session(modes[name], s)[0])
+                    latency[name].append(_session(modes[name], prompts.sent(mine[name]))[0])
             for model in modes.values():
                 model.swarm.wait_audits()
             replays = {name: len(model.swarm.core.audits.auditor.results) - audits_before[name]
@@ -121,7 +146,7 @@ def main() -> None:
                 model.swarm.shutdown()
         medians = {name: statistics.median(v) for name, v in latency.items()}
 
-        rows, false_bans, seeds = [], 0, iter(range(10**6))
+        rows, false_bans = [], 0
         for mode in MODES:
             liar = launch.start_peer(path, dht.maddrs, 3, 6, extra=["--adversary", mode, "--throughput", "10000"])
             procs.append(liar)
@@ -131,7 +156,7 @@ def main() -> None:
                 for name, verify_mode in (("default", "background"), ("strict", "strict")):
                     model = _client(path, dht.maddrs, verify_mode=verify_mode)
                     try:
-                        sessions, wrong = _until_banned(model, liar_id, reference, seeds, args.max_sessions)
+                        sessions, wrong = _until_banned(model, liar_id, reference, draw, args.max_sessions)
                         if sessions is not None:
                             result[name][0].append(sessions)
                         result[name][1].append(wrong)
@@ -163,7 +188,8 @@ def main() -> None:
     path_out = harness.write_results("verify", {
         "modes": {mode: r for mode, r in rows}, "false_bans": false_bans,
         "latency_ms": {k: 1000 * v for k, v in medians.items()},
-        "audits_per_session": {k: v / args.overhead_sessions for k, v in replays.items()}}, args)
+        "audits_per_session": {k: v / args.overhead_sessions for k, v in replays.items()},
+        "prompts": prompts.summary()}, args)
     print(f"\nwrote {path_out}")
 
 
