@@ -62,9 +62,20 @@ def random_llama(size: str) -> str:
     return path
 
 
-def prompt(i: int, tokens: int, vocab: int) -> torch.Tensor:
-    """Prompt ``i``: seeded random ids, a different one for every i."""
-    return torch.randint(3, vocab, (1, tokens), generator=torch.Generator().manual_seed(1_000_003 + i))
+def plan(args: argparse.Namespace, prompts: harness.FreshPrompts) -> dict:
+    """Every prompt the run uses: a short warm-up for local and one for the swarm, then per trial one
+    prompt that local transformers and then the swarm generate from (the swarm sees each once)."""
+    warm = harness.FreshPrompts(8, vocab=prompts.vocab, seed=prompts_seed(args) + 1)
+    return {"local_warmup": warm.next(), "swarm_warmup": warm.next(),
+            "trials": [prompts.next() for _ in range(args.trials)]}
+
+
+def prompts_seed(args: argparse.Namespace) -> int:
+    return 25 + args.trials
+
+
+def prompt_source(args: argparse.Namespace, vocab: int) -> harness.FreshPrompts:
+    return harness.FreshPrompts(args.prompt_tokens, vocab=vocab, seed=prompts_seed(args))
 
 
 # ---- the bare transport -------------------------------------------------------------------------------
@@ -168,7 +179,7 @@ def _p50(phases: dict, name: str) -> float:
     return phases.get(name, {}).get("p50_ms", 0.0)
 
 
-def main() -> None:
+def arguments() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--serve-echo", action="store_true", help=argparse.SUPPRESS)
     parser.add_argument("--model-dir", default=None)
@@ -179,7 +190,11 @@ def main() -> None:
     parser.add_argument("--prompt-tokens", type=int, default=16)
     parser.add_argument("--threads", type=int, default=0, help="torch threads per process (0: torch's default)")
     parser.add_argument("--echo-messages", type=int, default=400)
-    args = parser.parse_args()
+    return parser
+
+
+def main() -> None:
+    args = arguments().parse_args()
     if args.serve_echo:
         asyncio.run(_serve_echo())
         return
@@ -189,18 +204,20 @@ def main() -> None:
     local = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32).eval()
     config = local.config
     spans = harness.split_blocks(config.num_hidden_layers, args.peers)
-    _generate(local, prompt(-1, 8, config.vocab_size), 4)
+    prompts = prompt_source(args, config.vocab_size)
+    todo = plan(args, prompts)  # fresh prompts: peers keep recent histories, a repeated prompt is a cache hit
+    _generate(local, todo["local_warmup"], 4)
     extra = ["--num-threads", str(args.threads)] if args.threads else []
     rows = []
     _say(f"{model_dir}: {len(spans)} peers {spans}, {args.trials} trials of {args.new_tokens} tokens")
     with harness.BenchSwarm(model_dir, spans, extra=extra) as swarm:
         model = AutoDistributedModelForCausalLM.from_pretrained(model_dir, swarm.initial_peers, reputation_path=None)
         try:
-            _generate(model, prompt(-2, 8, config.vocab_size), 4)  # warm-up: routes planned, RTTs measured
+            _generate(model, todo["swarm_warmup"], 4)  # warm-up: routes planned, RTTs measured
             for trial in range(args.trials):
-                ids = prompt(trial, args.prompt_tokens, config.vocab_size)
+                ids = todo["trials"][trial]
                 local_s, reference, _ = _generate(local, ids, args.new_tokens)
-                swarm_s, out, route = _generate(model, ids, args.new_tokens,
+                swarm_s, out, route = _generate(model, prompts.sent(ids), args.new_tokens,
                                                 on_first=lambda: list(model._generate_sessions[0].route))
                 hops = len(route)
                 rows.append({"trial": trial, "local_ms": 1e3 * local_s, "swarm_ms": 1e3 * swarm_s, "hops": hops,
@@ -248,6 +265,7 @@ def main() -> None:
           f"per token; same tokens as local: {summary['identical']}")
     name = f"overhead-{args.size}" if not args.model_dir else "overhead"
     path = harness.write_results(name, {"model_dir": model_dir, "spans": spans, "summary": summary, "trials": rows,
+                                        "prompts": prompts.summary(),
                                         "peers": peer_rows, "client_phases": client, "bare": bare}, args)
     print(f"wrote {path}")
 

@@ -13,7 +13,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from bench import concurrency, decode, failover, families, harness, memory, speculative, strict, verify
+from bench import concurrency, decode, failover, families, harness, memory, overhead, speculative, strict, verify
 from swarmllm import checkpoints
 
 
@@ -118,6 +118,14 @@ def test_strict_prompts_are_fresh(argv):
     plan = strict.plan(args, strict.prompt_source())
     assert len(_tensors(plan)) == len(strict.MODES) * (args.sessions + strict.WARMUP) * len(args.lengths)
     assert_fresh(_tensors(plan))
+
+
+@pytest.mark.parametrize("argv", [[], ["--trials", "30", "--prompt-tokens", "64"]])
+def test_overhead_prompts_are_fresh(argv):
+    args = overhead.arguments().parse_args(argv)
+    plan = overhead.plan(args, overhead.prompt_source(args, 32000))
+    assert len(plan["trials"]) == args.trials
+    assert_fresh(plan["trials"] + [plan["swarm_warmup"]])
 
 
 @pytest.mark.parametrize("argv", [[], ["--seeds", "100"]])
