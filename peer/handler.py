@@ -335,8 +335,9 @@ class PeerHandler:
                          lazy=fields.lazy_outputs)
         return session
 
-    async def _step(self, session: Session, meta: dict, tensors: list[torch.Tensor], timeline: Timeline
+    async def _step(self, session: Session, meta: dict, tensors: list[torch.Tensor], timeline: Timeline | None = None
                     ) -> runtime_pb2.ExpertResponse:
+        timeline = timeline or Timeline(self.phases)
         rewrite = meta.get("rewrite") is True
         if not rewrite and (duplicate := steps.duplicate(session, meta, tensors)) is not None:
             return wire.response(duplicate)

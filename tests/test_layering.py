@@ -34,6 +34,15 @@ ALLOWED = {
 }
 
 
+
+def _parse(source: str) -> ast.Module:
+    """ast.parse, once more on CPython 3.11.7's spurious "AST constructor recursion depth mismatch"
+    (a SystemError seen once in a full CI run, gh-106905: its depth bookkeeping, not our source)."""
+    try:
+        return ast.parse(source)
+    except SystemError:
+        return ast.parse(source)
+
 def _module_name(path: pathlib.Path) -> str:
     parts = path.relative_to(ROOT).with_suffix("").parts
     return ".".join(parts[:-1] if parts[-1] == "__init__" else parts)
@@ -61,7 +70,7 @@ def _edges(path: pathlib.Path, *, runtime_only: bool = False) -> list[tuple[str,
     """(module imported from, names) for every import of ours in the file; names empty for ``import x``.
     ``runtime_only``: leave out the imports under ``if TYPE_CHECKING:``."""
     out = []
-    tree = ast.parse(path.read_text())
+    tree = _parse(path.read_text())
     skip = _type_only(tree) if runtime_only else set()
     for node in ast.walk(tree):
         if node in skip:
@@ -89,7 +98,7 @@ def _allowed(target: str, allowed: set[str]) -> bool:
 
 
 def _public(package: str) -> set[str]:
-    tree = ast.parse((ROOT / package / "__init__.py").read_text())
+    tree = _parse((ROOT / package / "__init__.py").read_text())
     for node in tree.body:
         if isinstance(node, ast.Assign) and any(getattr(t, "id", "") == "__all__" for t in node.targets):
             return set(ast.literal_eval(node.value))
