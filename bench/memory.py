@@ -1,9 +1,10 @@
 """Memory benchmark: each peer's resident memory next to the bytes of the block weights it serves.
 
-With ``--quant none,int8,nf4``: the same blocks served in each weight format (a random Llama of ~330M
-parameters unless --model-dir), each peer's resident memory and weight bytes against the float16 size
-of its blocks, and per-token latency through the swarm against local transformers loaded with the
-same quantization, measured in the same run.
+With ``--quant none,int8,nf4``: per weight format, a peer of 1 block and a peer of 5 blocks of a random
+6-block Llama with 64 MiB float32 blocks (unless --model-dir), both after serving a generation (a fresh
+prompt per format): what one more block costs in resident memory, (RSS of 5 blocks - RSS of 1) / 4,
+against its weight bytes in that format, and per-token latency through the swarm against local
+transformers loaded with the same quantization, measured in the same run.
 
 A DHT node and 3 peers of SmolLM2-135M-Instruct on loopback, once per ``--dtypes`` entry. RSS is read
 from /proc/<pid>/status (VmRSS) for the peer's own process, and summed over its process group (its
@@ -110,13 +111,15 @@ def measure(args, model_dir, spans, ids, pad, dtype: str, runtime: int) -> list[
     return rows
 
 
-QUANT_MODEL = dict(vocab_size=32000, hidden_size=1024, intermediate_size=4096, num_hidden_layers=16,
-                   num_attention_heads=16, num_key_value_heads=16, max_position_embeddings=2048)
+QUANT_MODEL = dict(vocab_size=32000, hidden_size=1024, intermediate_size=4096, num_hidden_layers=6,
+                   num_attention_heads=16, num_key_value_heads=16, max_position_embeddings=4096)
+QUANT_SPANS = [(0, 1), (1, 6)]  # a peer of 1 block and one of 5: their difference / 4 is one more block's cost
 
 
 def quant_model(log) -> str:
-    """A random Llama of ~330M parameters (268M in its 16 blocks), built once into the swarmllm cache."""
-    path = os.path.join(checkpoints.DEFAULT_CACHE, "bench-llama-330m")
+    """A random 6-block Llama with 64 MiB float32 blocks (16.8M parameters each), built once into the
+    swarmllm cache."""
+    path = os.path.join(checkpoints.DEFAULT_CACHE, "bench-llama-6x64m")
     if not os.path.isfile(os.path.join(path, "config.json")):
         log(f"building a random {QUANT_MODEL['num_hidden_layers']}-block Llama in {path} (once)")
         checkpoints.tiny("llama", path + ".tmp", seed=0, **QUANT_MODEL)
@@ -124,108 +127,76 @@ def quant_model(log) -> str:
     return path
 
 
-_LOAD_CODE = """
-import sys, torch
-torch.set_num_threads(1)
-from peer.blocks import BlockRunner
-def rss():
-    return sum(int(l.split()[1]) for l in open('/proc/self/status') if l.startswith(('RssAnon:', 'RssFile:'))) * 1024
-before = rss()
-runner = BlockRunner(sys.argv[1], 0, int(sys.argv[3]), quant=sys.argv[2])
-print(rss() - before, runner.weight_bytes)
-"""
+def fresh_prompt(vocab_size: int, tokens: int, seed: int) -> torch.Tensor:
+    """(1, tokens) random ids, a different prompt per ``seed`` (no peer has kept its prefix)."""
+    return torch.randint(3, vocab_size, (1, tokens), generator=torch.Generator().manual_seed(seed))
 
 
-def resident_per_block(model_dir: str, q: str, blocks: int) -> tuple[float, int]:
-    """(resident bytes one more block costs, its weight bytes): RSS growth of a fresh process loading
-    1 block and ``blocks`` blocks in format ``q``; the difference over ``blocks - 1`` leaves out what
-    does not grow with blocks (the loading machinery)."""
-    grown = []
-    for n in (1, blocks):
-        done = subprocess.run([sys.executable, "-c", _LOAD_CODE, model_dir, q, str(n)], capture_output=True,
-                              text=True, timeout=600, check=True)
-        grown.append([int(x) for x in done.stdout.split()[-2:]])
-    (rss_1, w_1), (rss_n, w_n) = grown
-    return (rss_n - rss_1) / (blocks - 1), (w_n - w_1) // (blocks - 1)
-
-
-def measure_quant(args, model_dir: str, spans, ids: torch.Tensor, q: str, runtime: int) -> list[dict]:
-    """One swarm of peers in format ``q``: memory per peer, and per-token latency against local."""
+def measure_quant(args, model_dir: str, q: str, seed: int) -> dict:
+    """Peers of 1 and 5 blocks in format ``q``, after serving a generation: what one more block costs
+    in resident memory against its weight bytes, and per-token latency against local transformers."""
     from transformers import AutoModelForCausalLM
 
+    config = layout.load_config(model_dir)
+    ids = fresh_prompt(config.vocab_size, args.prompt_tokens, seed)
     gen = dict(max_new_tokens=args.new_tokens, min_new_tokens=args.new_tokens, do_sample=False, pad_token_id=0)
     local = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32,
                                                  quantization_config=quant.quantization_config(q, torch.float32))
     clock = harness.TokenClock()
-    local.generate(ids, logits_processor=[clock], **gen)
+    expected = local.generate(ids, logits_processor=[clock], **gen)
     local_ms = 1000 * harness.median(clock.per_token)
     del local
-    rows = []
     extra = ["--quant", q, "--num-threads", str(args.threads)]
-    with harness.BenchSwarm(model_dir, spans, extra=extra) as swarm:
+    with harness.BenchSwarm(model_dir, QUANT_SPANS, extra=extra) as swarm:
         model = AutoDistributedModelForCausalLM.from_pretrained(model_dir, swarm.initial_peers, reputation_path=None,
                                                                 formats=[f"float32/{q}"])
         try:
             clock = harness.TokenClock()
-            model.generate(ids, logits_processor=[clock], **gen)
+            got = model.generate(ids, logits_processor=[clock], **gen)
             swarm_ms = 1000 * harness.median(clock.per_token)
-            route = model.swarm.route()
-            stats = [model.swarm.loop.run(model.swarm.core.transport.info(h.peer_id, timeout=10))[0] for h in route]
+            stats = {st["start"]: st for st in (model.swarm.loop.run(model.swarm.core.transport.info(h.peer_id,
+                                                                                                    timeout=10))[0]
+                                                for h in model.swarm.route())}
         finally:
             model.swarm.shutdown()
-        for p, (a, b), st in zip(swarm.peers, spans, sorted(stats, key=lambda st: st["start"])):
-            rss = rss_bytes(p.pid)
-            fp16 = 2 * st["num_parameters"]
-            rows.append({"quant": q, "blocks": [a, b], "num_parameters": st["num_parameters"],
-                         "fp16_bytes": fp16, "weight_bytes": st["weight_bytes"], "rss_bytes": rss,
-                         "rss_anon_bytes": rss_bytes(p.pid, "RssAnon"), "rss_file_bytes": rss_bytes(p.pid, "RssFile"),
-                         "resident_bytes": rss - runtime, "weights_over_fp16": st["weight_bytes"] / fp16,
-                         "resident_over_fp16": (rss - runtime) / fp16,
-                         "swarm_ms_per_token": swarm_ms, "local_ms_per_token": local_ms})
-    return rows
+        peers = []
+        for p, (a, b) in zip(swarm.peers, QUANT_SPANS):
+            peers.append({"blocks": [a, b], "weight_bytes": stats[a]["weight_bytes"], "rss_bytes": rss_bytes(p.pid),
+                          "rss_anon_bytes": rss_bytes(p.pid, "RssAnon"), "rss_file_bytes": rss_bytes(p.pid, "RssFile"),
+                          "peak_rss_bytes": rss_bytes(p.pid, "VmHWM")})
+    small, big = peers
+    more = (big["blocks"][1] - big["blocks"][0]) - (small["blocks"][1] - small["blocks"][0])
+    per_block = (big["rss_bytes"] - small["rss_bytes"]) / more
+    weights = (big["weight_bytes"] - small["weight_bytes"]) / more
+    return {"quant": q, "peers": peers, "resident_per_block_bytes": per_block, "weight_bytes_per_block": weights,
+            "resident_over_weights": per_block / weights, "target": TARGETS[q],
+            "anon_per_block_bytes": (big["rss_anon_bytes"] - small["rss_anon_bytes"]) / more,
+            "file_per_block_bytes": (big["rss_file_bytes"] - small["rss_file_bytes"]) / more,
+            "swarm_ms_per_token": swarm_ms, "local_ms_per_token": local_ms,
+            "equals_local": bool(torch.equal(got, expected))}
 
 
-def _one_block(config):
-    """Block 0 of the model, built on the meta device (for its parameter count)."""
-    from transformers import AutoModel
-
-    with torch.device("meta"):
-        return layout.find_blocks(AutoModel.from_config(config))[1][0]
+TARGETS = {"none": 1.05, "int8": 1.3, "nf4": 1.3}  # resident per block / its weight bytes, after serving
 
 
 def quant_main(args) -> None:
     torch.set_num_threads(args.threads)
     model_dir = args.model_dir or quant_model(_say)
-    config = layout.load_config(model_dir)
-    spans = harness.split_blocks(config.num_hidden_layers, args.peers)
-    ids = torch.randint(3, config.vocab_size, (1, args.prompt_tokens), generator=torch.Generator().manual_seed(0))
-    runtime = runtime_rss_bytes()
-    rows, marginal = [], []
-    fp16_block = 2 * sum(p.numel() for p in _one_block(config).parameters())
-    for q in args.quant.split(","):
-        _say(f"{q}: resident memory per block (1 and {args.marginal_blocks} blocks loaded in fresh processes)")
-        per_block, weights = resident_per_block(model_dir, q, args.marginal_blocks)
-        marginal.append({"quant": q, "resident_per_block_bytes": per_block, "weight_bytes_per_block": weights,
-                         "fp16_bytes_per_block": fp16_block, "resident_over_fp16": per_block / fp16_block})
-        _say(f"{q}: local transformers, then a DHT node and {len(spans)} peers")
-        rows += measure_quant(args, model_dir, spans, ids, q, runtime)
+    rows = []
+    for i, q in enumerate(args.quant.split(",")):
+        _say(f"{q}: local transformers, then a DHT node and peers of blocks {QUANT_SPANS}")
+        rows.append(measure_quant(args, model_dir, q, seed=i))
     mib = 2**20
     print(harness.table(
-        ["quant", "fp16 MiB per block", "weights MiB per block", "resident MiB per block", "resident / fp16"],
-        [[m["quant"], m["fp16_bytes_per_block"] / mib, m["weight_bytes_per_block"] / mib,
-          m["resident_per_block_bytes"] / mib, f"{m['resident_over_fp16']:.3f}"] for m in marginal]))
-    print()
-    print(harness.table(
-        ["quant", "blocks", "params (M)", "fp16 MiB", "weights MiB", "weights / fp16", "RSS MiB",
-         "RSS - runtime MiB", "(RSS - runtime) / fp16", "swarm ms/token", "local ms/token", "swarm / local"],
-        [[r["quant"], f"[{r['blocks'][0]}, {r['blocks'][1]})", r["num_parameters"] / 1e6, r["fp16_bytes"] / mib,
-          r["weight_bytes"] / mib, f"{r['weights_over_fp16']:.3f}", r["rss_bytes"] / mib, r["resident_bytes"] / mib,
-          f"{r['resident_over_fp16']:.3f}", r["swarm_ms_per_token"], r["local_ms_per_token"],
-          f"{r['swarm_ms_per_token'] / r['local_ms_per_token']:.2f}"] for r in rows]))
-    print(f"\nruntime: a fresh interpreter that imported the peer's modules holds {runtime / mib:.0f} MiB with no "
-          f"weights; targets: NF4 weights <= 0.30 x fp16, int8 <= 0.55 x fp16")
-    path = harness.write_results("memory_quant", {"model_dir": model_dir, "spans": spans, "runtime_rss_bytes": runtime,
-                                                  "per_block": marginal, "peers": rows}, args)
+        ["quant", "weights MiB per block", "resident MiB per block", "resident / weights", "target",
+         "anon MiB per block", "file MiB per block", "RSS 1 block MiB", "RSS 5 blocks MiB", "peak RSS 5 blocks MiB",
+         "swarm ms/token", "local ms/token", "equals local"],
+        [[r["quant"], r["weight_bytes_per_block"] / mib, r["resident_per_block_bytes"] / mib,
+          f"{r['resident_over_weights']:.3f}", f"<= {r['target']}", r["anon_per_block_bytes"] / mib,
+          r["file_per_block_bytes"] / mib, r["peers"][0]["rss_bytes"] / mib, r["peers"][1]["rss_bytes"] / mib,
+          r["peers"][1]["peak_rss_bytes"] / mib, r["swarm_ms_per_token"], r["local_ms_per_token"],
+          "yes" if r["equals_local"] else "NO"] for r in rows]))
+    path = harness.write_results("memory_quant", {"model_dir": model_dir, "spans": QUANT_SPANS, "formats": rows}, args)
     print(f"\nwrote {path}")
 
 
@@ -236,8 +207,6 @@ def main() -> None:
     parser.add_argument("--quant", default=None, metavar="Q[,Q...]",
                         help="compare weight formats (none, int8, nf4) on the same blocks instead of dtypes")
     parser.add_argument("--threads", type=int, default=1, help="torch threads here and in each peer")
-    parser.add_argument("--marginal-blocks", type=int, default=6,
-                        help="with --quant: resident memory per block = RSS(this many blocks) - RSS(1), divided")
     parser.add_argument("--peers", type=int, default=3)
     parser.add_argument("--dtypes", nargs="+", default=["float32"], choices=["float32", "bfloat16", "float16"])
     parser.add_argument("--prompt-tokens", type=int, default=256)
