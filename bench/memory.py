@@ -14,6 +14,10 @@ runtime baseline is a fresh interpreter that imported what a peer imports, with 
 
     .venv/bin/python -m bench.memory [--dtypes float32 bfloat16]
     .venv/bin/python -m bench.memory --quant none,int8,nf4
+    .venv/bin/python -m bench.memory --self-sized [--quant nf4 --max-memory 1GiB --cache-tokens 8192]
+
+With ``--self-sized``: a peer started with ``--max-memory`` and no ``--blocks`` (it takes as many blocks
+as fit) serves generations with long fresh prompts; its peak RSS (VmHWM) must stay under --max-memory.
 """
 
 from __future__ import annotations
@@ -30,7 +34,7 @@ from bench import harness
 from client import AutoDistributedModelForCausalLM
 import layout
 from peer import quant
-from swarmllm import checkpoints
+from swarmllm import checkpoints, launch
 
 BLOCK_PREFIX = "model.layers."  # Llama-style checkpoints name block i's tensors model.layers.<i>.*
 
@@ -113,7 +117,9 @@ def measure(args, model_dir, spans, ids, pad, dtype: str, runtime: int) -> list[
 
 QUANT_MODEL = dict(vocab_size=32000, hidden_size=1024, intermediate_size=4096, num_hidden_layers=6,
                    num_attention_heads=16, num_key_value_heads=16, max_position_embeddings=4096)
-QUANT_SPANS = [(0, 1), (1, 6)]  # a peer of 1 block and one of 5: their difference / 4 is one more block's cost
+# Per format, a peer of 1 block and one of 5, in both orders (the first hop's and the last hop's own
+# overheads differ by a few MiB, which the two orders cancel): one more block = (RSS5 - RSS1) / 4.
+QUANT_LAYOUTS = [[(0, 1), (1, 6)], [(0, 5), (5, 6)]]
 
 
 def quant_model(log) -> str:
@@ -132,48 +138,62 @@ def fresh_prompt(vocab_size: int, tokens: int, seed: int) -> torch.Tensor:
     return torch.randint(3, vocab_size, (1, tokens), generator=torch.Generator().manual_seed(seed))
 
 
-def measure_quant(args, model_dir: str, q: str, seed: int) -> dict:
-    """Peers of 1 and 5 blocks in format ``q``, after serving a generation: what one more block costs
-    in resident memory against its weight bytes, and per-token latency against local transformers."""
-    from transformers import AutoModelForCausalLM
-
-    config = layout.load_config(model_dir)
-    ids = fresh_prompt(config.vocab_size, args.prompt_tokens, seed)
-    gen = dict(max_new_tokens=args.new_tokens, min_new_tokens=args.new_tokens, do_sample=False, pad_token_id=0)
-    local = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32,
-                                                 quantization_config=quant.quantization_config(q, torch.float32))
-    clock = harness.TokenClock()
-    expected = local.generate(ids, logits_processor=[clock], **gen)
-    local_ms = 1000 * harness.median(clock.per_token)
-    del local
-    extra = ["--quant", q, "--num-threads", str(args.threads)]
-    with harness.BenchSwarm(model_dir, QUANT_SPANS, extra=extra) as swarm:
+def serve_and_read(model_dir: str, spans, q: str, ids: torch.Tensor, gen: dict, threads: int) -> tuple[dict, list]:
+    """A DHT node and one peer per span in format ``q``; after one generation of ``ids``: each peer's
+    memory, the tokens and the per-token times."""
+    extra = ["--quant", q, "--num-threads", str(threads)]
+    with harness.BenchSwarm(model_dir, spans, extra=extra) as swarm:
         model = AutoDistributedModelForCausalLM.from_pretrained(model_dir, swarm.initial_peers, reputation_path=None,
                                                                 formats=[f"float32/{q}"])
         try:
             clock = harness.TokenClock()
-            got = model.generate(ids, logits_processor=[clock], **gen)
-            swarm_ms = 1000 * harness.median(clock.per_token)
+            out = model.generate(ids, logits_processor=[clock], **gen)
             stats = {st["start"]: st for st in (model.swarm.loop.run(model.swarm.core.transport.info(h.peer_id,
                                                                                                     timeout=10))[0]
                                                 for h in model.swarm.route())}
         finally:
             model.swarm.shutdown()
-        peers = []
-        for p, (a, b) in zip(swarm.peers, QUANT_SPANS):
-            peers.append({"blocks": [a, b], "weight_bytes": stats[a]["weight_bytes"], "rss_bytes": rss_bytes(p.pid),
-                          "rss_anon_bytes": rss_bytes(p.pid, "RssAnon"), "rss_file_bytes": rss_bytes(p.pid, "RssFile"),
-                          "peak_rss_bytes": rss_bytes(p.pid, "VmHWM")})
-    small, big = peers
-    more = (big["blocks"][1] - big["blocks"][0]) - (small["blocks"][1] - small["blocks"][0])
-    per_block = (big["rss_bytes"] - small["rss_bytes"]) / more
-    weights = (big["weight_bytes"] - small["weight_bytes"]) / more
-    return {"quant": q, "peers": peers, "resident_per_block_bytes": per_block, "weight_bytes_per_block": weights,
+        peers = {b - a: {"blocks": [a, b], "weight_bytes": stats[a]["weight_bytes"], "rss_bytes": rss_bytes(p.pid),
+                         "rss_anon_bytes": rss_bytes(p.pid, "RssAnon"), "rss_file_bytes": rss_bytes(p.pid, "RssFile"),
+                         "peak_rss_bytes": rss_bytes(p.pid, "VmHWM")}
+                 for p, (a, b) in zip(swarm.peers, spans)}
+    return peers, {"tokens": out, "per_token": clock.per_token}
+
+
+def measure_quant(args, model_dir: str, q: str, seed: int) -> dict:
+    """Peers of 1 and 5 blocks in format ``q``, after serving a generation (a fresh prompt each): what one
+    more block costs in resident memory against its weight bytes, and per-token latency against local
+    transformers."""
+    from transformers import AutoModelForCausalLM
+
+    config = layout.load_config(model_dir)
+    gen = dict(max_new_tokens=args.new_tokens, min_new_tokens=args.new_tokens, do_sample=False, pad_token_id=0)
+    prompts = [fresh_prompt(config.vocab_size, args.prompt_tokens, 1000 * seed + i)
+               for i in range(args.repeats * len(QUANT_LAYOUTS))]
+    local = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32,
+                                                 quantization_config=quant.quantization_config(q, torch.float32))
+    clock = harness.TokenClock()
+    expected = [local.generate(ids, logits_processor=[clock], **gen) for ids in prompts]
+    local_ms = 1000 * harness.median(clock.per_token)
+    del local
+    runs, per_token, equal = [], [], True
+    for i, ids in enumerate(prompts):
+        spans = QUANT_LAYOUTS[i % len(QUANT_LAYOUTS)]
+        peers, generated = serve_and_read(model_dir, spans, q, ids, gen, args.threads)
+        per_token += generated["per_token"]
+        equal = equal and torch.equal(generated["tokens"], expected[i])
+        small, big = peers[1], peers[5]
+        runs.append({"spans": spans, "peers": [small, big],
+                     **{f"{k}_per_block_bytes": (big[f"{k}_bytes"] - small[f"{k}_bytes"]) / 4
+                        for k in ("rss", "rss_anon", "rss_file", "weight")}})
+    per_block = harness.median([r["rss_per_block_bytes"] for r in runs])
+    weights = harness.median([r["weight_per_block_bytes"] for r in runs])
+    return {"quant": q, "runs": runs, "resident_per_block_bytes": per_block, "weight_bytes_per_block": weights,
             "resident_over_weights": per_block / weights, "target": TARGETS[q],
-            "anon_per_block_bytes": (big["rss_anon_bytes"] - small["rss_anon_bytes"]) / more,
-            "file_per_block_bytes": (big["rss_file_bytes"] - small["rss_file_bytes"]) / more,
-            "swarm_ms_per_token": swarm_ms, "local_ms_per_token": local_ms,
-            "equals_local": bool(torch.equal(got, expected))}
+            "ratios": [r["rss_per_block_bytes"] / r["weight_per_block_bytes"] for r in runs],
+            "peak_rss_5_blocks_bytes": max(r["peers"][1]["peak_rss_bytes"] for r in runs),
+            "swarm_ms_per_token": 1000 * harness.median(per_token), "local_ms_per_token": local_ms,
+            "equals_local": equal}
 
 
 TARGETS = {"none": 1.05, "int8": 1.3, "nf4": 1.3}  # resident per block / its weight bytes, after serving
@@ -184,19 +204,68 @@ def quant_main(args) -> None:
     model_dir = args.model_dir or quant_model(_say)
     rows = []
     for i, q in enumerate(args.quant.split(",")):
-        _say(f"{q}: local transformers, then a DHT node and peers of blocks {QUANT_SPANS}")
+        _say(f"{q}: local transformers, then swarms of peers of blocks {QUANT_LAYOUTS}")
         rows.append(measure_quant(args, model_dir, q, seed=i))
     mib = 2**20
     print(harness.table(
-        ["quant", "weights MiB per block", "resident MiB per block", "resident / weights", "target",
-         "anon MiB per block", "file MiB per block", "RSS 1 block MiB", "RSS 5 blocks MiB", "peak RSS 5 blocks MiB",
-         "swarm ms/token", "local ms/token", "equals local"],
+        ["quant", "weights MiB per block", "resident MiB per block (median)", "resident / weights", "each run",
+         "target", "peak RSS of a 5-block peer MiB", "swarm ms/token", "local ms/token", "equals local"],
         [[r["quant"], r["weight_bytes_per_block"] / mib, r["resident_per_block_bytes"] / mib,
-          f"{r['resident_over_weights']:.3f}", f"<= {r['target']}", r["anon_per_block_bytes"] / mib,
-          r["file_per_block_bytes"] / mib, r["peers"][0]["rss_bytes"] / mib, r["peers"][1]["rss_bytes"] / mib,
-          r["peers"][1]["peak_rss_bytes"] / mib, r["swarm_ms_per_token"], r["local_ms_per_token"],
+          f"{r['resident_over_weights']:.3f}", " ".join(f"{x:.2f}" for x in r["ratios"]), f"<= {r['target']}",
+          r["peak_rss_5_blocks_bytes"] / mib, r["swarm_ms_per_token"], r["local_ms_per_token"],
           "yes" if r["equals_local"] else "NO"] for r in rows]))
-    path = harness.write_results("memory_quant", {"model_dir": model_dir, "spans": QUANT_SPANS, "formats": rows}, args)
+    path = harness.write_results("memory_quant", {"model_dir": model_dir, "layouts": QUANT_LAYOUTS, "formats": rows}, args)
+    print(f"\nwrote {path}")
+
+
+def self_sized_main(args) -> None:
+    """A peer that sizes itself to --max-memory (no --blocks), the rest of the model on other peers, serving
+    generations with long fresh prompts: its RSS after each, and its peak (VmHWM) against --max-memory."""
+    torch.set_num_threads(args.threads)
+    model_dir = args.model_dir or quant_model(_say)
+    config = layout.load_config(model_dir)
+    q = args.quant or "nf4"
+    budget = quant.parse_size(args.max_memory)
+    gen = dict(max_new_tokens=args.new_tokens, min_new_tokens=args.new_tokens, do_sample=False, pad_token_id=0)
+    common = ["--quant", q, "--num-threads", str(args.threads), "--cache-tokens", str(args.cache_tokens)]
+    rows = []
+    with harness.BenchSwarm(model_dir, []) as swarm:
+        sized = swarm._track(launch.start_peer(
+            model_dir, swarm.initial_peers, name="self-sized", wait=False,
+            extra=[*common, "--max-memory", args.max_memory, "--placement-jitter", "0", "--balance-period", "0"]))
+        start, end = sized.wait_ready(harness.READY_TIMEOUT)["blocks"]
+        sizing = next(line for line in sized.stderr_tail(20000).splitlines() if line.startswith("sizing:"))
+        _say(f"the self-sized peer took blocks [{start}, {end}): {sizing}")
+        rest = [span for span in ((0, start), (end, config.num_hidden_layers)) if span[0] < span[1]]
+        for a, b in rest:
+            swarm._track(launch.start_peer(model_dir, swarm.initial_peers, a, b, name=f"peer{a}-{b}", wait=False,
+                                           extra=common)).wait_ready(harness.READY_TIMEOUT)
+        ready = {"rss_bytes": rss_bytes(sized.pid), "peak_rss_bytes": rss_bytes(sized.pid, "VmHWM")}
+        model = AutoDistributedModelForCausalLM.from_pretrained(model_dir, swarm.initial_peers, reputation_path=None,
+                                                                formats=[f"float32/{q}"])
+        try:
+            for i in range(args.generations):
+                model.generate(fresh_prompt(config.vocab_size, args.prompt_tokens, 7000 + i), **gen)
+                rows.append({"generation": i + 1, "rss_bytes": rss_bytes(sized.pid),
+                             "peak_rss_bytes": rss_bytes(sized.pid, "VmHWM")})
+                _say(f"generation {i + 1}: RSS {rows[-1]['rss_bytes'] / 2**20:.0f} MiB, peak "
+                     f"{rows[-1]['peak_rss_bytes'] / 2**20:.0f} MiB")
+        finally:
+            model.swarm.shutdown()
+        group = group_rss_bytes(sized.pid)
+    mib = 2**20
+    peak = rows[-1]["peak_rss_bytes"]
+    print(harness.table(["after", "RSS MiB", "peak RSS MiB", "--max-memory MiB"],
+                        [["ready", ready["rss_bytes"] / mib, ready["peak_rss_bytes"] / mib, budget / mib]]
+                        + [[f"generation {r['generation']}", r["rss_bytes"] / mib, r["peak_rss_bytes"] / mib,
+                            budget / mib] for r in rows]))
+    print(f"\nself-sized {q} peer: blocks [{start}, {end}), peak RSS {peak / mib:.0f} MiB against --max-memory "
+          f"{budget / mib:.0f} MiB: {'kept' if peak <= budget else 'BROKEN'}; its process group (+ DHT child, "
+          f"p2pd) {group / mib:.0f} MiB\n{sizing}")
+    path = harness.write_results("memory_self_sized", {
+        "model_dir": model_dir, "quant": q, "max_memory_bytes": budget, "blocks": [start, end], "sizing": sizing,
+        "ready": ready, "generations": rows, "peak_rss_bytes": peak, "kept": peak <= budget,
+        "group_rss_bytes": group}, args)
     print(f"\nwrote {path}")
 
 
@@ -207,17 +276,25 @@ def main() -> None:
     parser.add_argument("--quant", default=None, metavar="Q[,Q...]",
                         help="compare weight formats (none, int8, nf4) on the same blocks instead of dtypes")
     parser.add_argument("--threads", type=int, default=1, help="torch threads here and in each peer")
+    parser.add_argument("--repeats", type=int, default=1,
+                        help="with --quant: swarms per layout of QUANT_LAYOUTS (each a fresh prompt)")
     parser.add_argument("--peers", type=int, default=3)
     parser.add_argument("--dtypes", nargs="+", default=["float32"], choices=["float32", "bfloat16", "float16"])
     parser.add_argument("--prompt-tokens", type=int, default=256)
     parser.add_argument("--new-tokens", type=int, default=32)
+    parser.add_argument("--self-sized", action="store_true",
+                        help="a peer sized by --max-memory serving long prompts: is its peak RSS under it?")
+    parser.add_argument("--max-memory", default="1GiB", help="with --self-sized: the peer's --max-memory")
+    parser.add_argument("--cache-tokens", type=int, default=8192, help="with --self-sized: the peer's --cache-tokens")
+    parser.add_argument("--generations", type=int, default=4, help="with --self-sized: generations, each a fresh prompt")
     args = parser.parse_args()
-    if args.quant:
-        if args.prompt_tokens == parser.get_default("prompt_tokens"):
-            args.prompt_tokens = 32
-        if args.new_tokens == parser.get_default("new_tokens"):
-            args.new_tokens = 16
-        return quant_main(args)
+    mode = (self_sized_main, 2000, 8) if args.self_sized else (quant_main, 32, 16) if args.quant else None
+    if mode:  # each mode's own default prompt and generation lengths, unless given
+        run, prompt_tokens, new_tokens = mode
+        for name, value in (("prompt_tokens", prompt_tokens), ("new_tokens", new_tokens)):
+            if getattr(args, name) == parser.get_default(name):
+                setattr(args, name, value)
+        return run(args)
 
     work = harness.workload(args, _say)
     model_dir, spans, ids = work.model_dir, work.spans, work.ids
