@@ -14,7 +14,7 @@ runtime baseline is a fresh interpreter that imported what a peer imports, with 
 
     .venv/bin/python -m bench.memory [--dtypes float32 bfloat16]
     .venv/bin/python -m bench.memory --quant none,int8,nf4
-    .venv/bin/python -m bench.memory --self-sized [--quant nf4 --max-memory 1GiB --cache-tokens 8192]
+    .venv/bin/python -m bench.memory --self-sized [--quant nf4 --max-memory 1200MiB --cache-tokens 8192]
 
 With ``--self-sized``: a peer started with ``--max-memory`` and no ``--blocks`` (it takes as many blocks
 as fit) serves generations with long fresh prompts; its peak RSS (VmHWM) must stay under --max-memory.
@@ -284,7 +284,7 @@ def main() -> None:
     parser.add_argument("--new-tokens", type=int, default=32)
     parser.add_argument("--self-sized", action="store_true",
                         help="a peer sized by --max-memory serving long prompts: is its peak RSS under it?")
-    parser.add_argument("--max-memory", default="1GiB", help="with --self-sized: the peer's --max-memory")
+    parser.add_argument("--max-memory", default="1200MiB", help="with --self-sized: the peer's --max-memory")
     parser.add_argument("--cache-tokens", type=int, default=8192, help="with --self-sized: the peer's --cache-tokens")
     parser.add_argument("--generations", type=int, default=4, help="with --self-sized: generations, each a fresh prompt")
     args = parser.parse_args()

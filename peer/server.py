@@ -94,7 +94,8 @@ class Peer:
         explicit --max-memory), else as many as fit in --max-memory. Logs the arithmetic."""
         cfg = self.cfg
         # On the CPU, --max-memory is the whole process's RSS: what it holds already and its runtime count.
-        resident, overhead = (quant.process_rss(), quant.RUNTIME_OVERHEAD) if self.device.type == "cpu" else (0, 0)
+        on_cpu = self.device.type == "cpu"
+        resident, overhead = (quant.process_rss(), quant.RUNTIME_OVERHEAD) if on_cpu else (0, 0)
         if cfg.max_memory is not None:
             budget, reason = cfg.max_memory, "--max-memory"
         else:
@@ -102,7 +103,8 @@ class Peer:
             budget += resident  # a share of what is free, on top of what this process holds
         try:
             fit = quant.blocks_that_fit(config, cfg.quant, DTYPE_OF[cfg.dtype], cfg.cache_tokens, budget, reason,
-                                        resident=resident, overhead=overhead)
+                                        resident=resident, overhead=overhead,
+                                        kv_slack=quant.KV_SLACK if on_cpu else 1.0)
         except ValueError as e:
             raise SystemExit(str(e)) from None
         _say(f"sizing: {fit.explanation}")
