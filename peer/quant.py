@@ -256,14 +256,20 @@ def release_checkpoint_pages(module: nn.Module) -> None:
     trim_heap()
 
 
-def trim_heap() -> None:
+def trim_heap(collect: bool = True) -> None:
     """Give the allocator's free memory back to the OS (glibc's malloc_trim, which covers every thread's
-    arena): what a load or a check freed would otherwise stay resident."""
-    gc.collect()
-    try:
-        ctypes.CDLL("libc.so.6").malloc_trim(0)
-    except (OSError, AttributeError):  # not glibc: the allocator keeps what it keeps
-        pass
+    arena): what a load, a check or a long step freed would otherwise stay resident. ``collect``: run the
+    garbage collector first (tens of ms; the compute thread skips it)."""
+    if collect:
+        gc.collect()
+    if _malloc_trim is not None:
+        _malloc_trim(0)
+
+
+try:
+    _malloc_trim = ctypes.CDLL("libc.so.6").malloc_trim
+except (OSError, AttributeError):  # not glibc: the allocator keeps what it keeps
+    _malloc_trim = None
 
 
 def logical_numel(param: torch.Tensor) -> int:
