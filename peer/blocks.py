@@ -28,7 +28,8 @@ from transformers import AutoModel, DynamicCache, PretrainedConfig
 import layout
 import wire
 from peer import prefixes
-from peer.quant import check_backend as quant_check, logical_numel, quantization_config, release_checkpoint_pages, resident_bytes
+from peer.quant import (check_backend as quant_check, logical_numel, quantization_config, release_checkpoint_pages,
+                        resident_bytes, warm_quantized_layers)
 from layout import load_config, span_config  # noqa: F401  (re-exported: the peer's config readers)
 
 logger = logging.getLogger(__name__)
@@ -78,6 +79,8 @@ class BlockRunner:
         else:  # bitsandbytes modules are placed while loading (transformers refuses .to() on some of them)
             module = layout.load_part(model_dir, base_cls, range(start, end), keep_outside=False, dtype=self.dtype,
                                       quantization_config=bnb_config, device_map={"": str(self.device)})
+            module.eval()
+            warm_quantized_layers(module, self.dtype)  # before the trim: bitsandbytes' first-call repacking
             release_checkpoint_pages(module)
         module.eval()
         self.blocks_attr = module._swarm_blocks_path  # "layers", "h", …: a direct child of the base model

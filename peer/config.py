@@ -16,7 +16,7 @@ class PeerConfig:
     dtype: str = "float32"
     device: str = "auto"  # auto: cuda if torch sees a GPU, else mps, else cpu
     quant: str = "none"  # weight format of the blocks: none, int8 or nf4 (bitsandbytes, via transformers)
-    max_memory: int | None = None  # bytes the peer's blocks and caches may take; None = a safe share of what is free
+    max_memory: int | None = None  # bytes; on the CPU the process's peak RSS, on a GPU its blocks and caches; None = a safe share of what is free
     host: str = "127.0.0.1"
     port: int = 0
     announce_maddrs: tuple[str, ...] = ()
@@ -87,8 +87,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="store the blocks' linear weights in 8 bits (LLM.int8) or 4 bits (NF4) with "
                              "bitsandbytes: about 0.5x / 0.27x the memory of float16")
     parser.add_argument("--max-memory", type=_size, default=None, metavar="SIZE",
-                        help="memory the blocks and their KV cache may take, e.g. 12GiB (default: 80%% of the "
-                             "RAM available, or 90%% of the GPU's free memory)")
+                        help="on the CPU, the most RAM this peer's process may hold (its RSS, runtime included: "
+                             "the peer takes as many blocks as keep it under); on a GPU, the memory its blocks and "
+                             "KV cache may take; e.g. 12GiB (default: 80%% of the RAM available, or 90%% of the "
+                             "GPU's free memory)")
     parser.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:N or mps (auto: a GPU if torch sees one)")
     parser.add_argument("--host", default="127.0.0.1", help="address to listen on")
     parser.add_argument("--port", type=int, default=0, help="TCP port (0 = any free port)")

@@ -61,6 +61,7 @@ class Peer:
             config = load_config(cfg.model_dir)
             self.device = quant.resolve_device(cfg.device)
             quant.check_backend(cfg.quant, self.device)
+            quant.check_layers(config, cfg.quant, DTYPE_OF[cfg.dtype], self.device)
         except (hub.HubError, quant.QuantError, ValueError, layout.CheckpointError) as e:
             raise SystemExit(str(e)) from None
         self.num_model_blocks: int = config.num_hidden_layers
@@ -93,12 +94,18 @@ class Peer:
         """How many blocks this peer serves: --num-blocks or --blocks if given (checked against an
         explicit --max-memory), else as many as fit in --max-memory. Logs the arithmetic."""
         cfg = self.cfg
+        # On the CPU, --max-memory is the whole process's RSS: what it holds already and its runtime count.
+        on_cpu = self.device.type == "cpu"
+        resident, overhead = (quant.process_rss(), quant.RUNTIME_OVERHEAD) if on_cpu else (0, 0)
         if cfg.max_memory is not None:
             budget, reason = cfg.max_memory, "--max-memory"
         else:
             budget, reason = quant.default_max_memory(self.device)
+            budget += resident  # a share of what is free, on top of what this process holds
         try:
-            fit = quant.blocks_that_fit(config, cfg.quant, DTYPE_OF[cfg.dtype], cfg.cache_tokens, budget, reason)
+            fit = quant.blocks_that_fit(config, cfg.quant, DTYPE_OF[cfg.dtype], cfg.cache_tokens, budget, reason,
+                                        resident=resident, overhead=overhead,
+                                        kv_slack=quant.KV_SLACK if on_cpu else 1.0)
         except ValueError as e:
             raise SystemExit(str(e)) from None
         _say(f"sizing: {fit.explanation}")

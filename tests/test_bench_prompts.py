@@ -141,12 +141,14 @@ def test_families_prompts_are_fresh():
     assert_fresh(_tensors(families.plan(args, families.prompt_source())))
 
 
-@pytest.mark.parametrize("argv", [["--dtypes", "float32", "bfloat16", "float16"], ["--quant", "none,int8,nf4"]])
-def test_memory_prompts_are_fresh(argv):
-    args = _args(memory, argv)
-    plan = memory.plan(args, harness.FreshPrompts(args.prompt_tokens, vocab=32000))
-    assert len(plan) == 3
-    assert_fresh(_tensors(plan))
+@pytest.mark.parametrize("argv, count", [(["--dtypes", "float32", "bfloat16", "float16"], 3),
+                                         (["--quant", "none,int8,nf4", "--repeats", "4"], 24),
+                                         (["--self-sized", "--generations", "6"], 6)])
+def test_memory_prompts_are_fresh(argv, count):
+    args = memory.arguments().parse_args(argv)
+    prompts = memory.plan(args, harness.FreshPrompts(args.prompt_tokens, vocab=32000))
+    assert len(prompts) == count
+    assert_fresh(prompts)
 
 
 @pytest.mark.parametrize("argv", [["--prefix-tokens", "200", "--ttft-trials", "3"], ["--ttft-trials", "1"]])

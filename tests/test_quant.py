@@ -6,6 +6,7 @@ One swarm for the module: a float32, an int8 and an NF4 pair of peers over the s
 
 from __future__ import annotations
 
+import subprocess
 import sys
 
 import pytest
@@ -19,6 +20,7 @@ from peer import quant
 from peer.blocks import BlockRunner
 from peer.config import PeerConfig
 from peer.server import Peer
+from swarmllm import launch
 
 SPANS = [(0, 3), (3, 6)]
 QUANTS = ["nf4", "int8"]
@@ -104,19 +106,25 @@ def test_a_format_nobody_serves_is_a_clear_error(swarm, path):
         AutoDistributedModelForCausalLM.from_pretrained(path, swarm.initial_peers, formats=["fp4"])
 
 
-def _fit(path: str, q: str, blocks: int, cache_tokens: int = 16384) -> int:
-    """A --max-memory that holds exactly ``blocks`` blocks (and half a block more)."""
-    one = quant.blocks_that_fit(layout.load_config(path), q, torch.float32, cache_tokens, 10**12, "test")
-    per_block = one.block_weights + one.block_cache
-    return blocks * per_block + per_block // 2
+BIG_CACHE = 2**22  # cache tokens: 1 GiB of KV-cache budget per tiny block, so a block is far bigger than the
+# drift of a process's RSS between computing a budget and the peer sizing itself (never allocated up front)
+
+
+def _fit(path: str, q: str, blocks: int, resident: int, cache_tokens: int = BIG_CACHE, slack: float = 0.5) -> int:
+    """A --max-memory that holds exactly ``blocks`` blocks (and ``slack`` of a block more) in a process
+    holding ``resident`` bytes when it sizes itself."""
+    per_block = quant.blocks_that_fit(layout.load_config(path), q, torch.float32, cache_tokens, 10**15, "test").per_block
+    return resident + quant.RUNTIME_OVERHEAD + blocks * per_block + int(slack * per_block)
 
 
 def test_peer_without_blocks_takes_as_many_as_fit_where_its_format_is_weakest(swarm, path):
     """With the NF4 peer of [3, 6) gone (float32 and int8 still serve those blocks), an NF4 peer with no
     --blocks sizes itself to 3 blocks and fills the NF4 gap: placement counts peers of its own format."""
     swarm.stop([swarm.by_quant["nf4"][1]])
-    budget = _fit(path, "nf4", 3)
+    # a peer process holds 385 (forked) to 530 MiB when it sizes itself: half a block (512 MiB) of slack
+    budget = _fit(path, "nf4", 3, resident=450 * 2**20)
     peer = swarm.add_peers(path, [(None, None)], extra=["--quant", "nf4", "--max-memory", str(budget),
+                                                        "--cache-tokens", str(BIG_CACHE),
                                                         "--placement-jitter", "0", "--balance-period", "0"])[0]
     try:
         assert peer.ready["blocks"] == [3, 6]
@@ -129,14 +137,27 @@ def test_sizing_errors_name_the_fix(path):
     with pytest.raises(SystemExit, match="too small for one block.*--quant nf4"):
         Peer(PeerConfig(model_dir=path, start=None, end=None, max_memory=1000))
     with pytest.raises(SystemExit, match="6 blocks do not fit in --max-memory"):
-        Peer(PeerConfig(model_dir=path, start=0, end=6, max_memory=_fit(path, "none", 2)))
-    assert Peer(PeerConfig(model_dir=path, start=None, end=None, quant="nf4",
-                           max_memory=_fit(path, "nf4", 4))).num_blocks == 4
-    # quantized blocks are counted at their quantized size: the same budget holds more of them
-    assert (Peer(PeerConfig(model_dir=path, start=None, end=None, max_memory=_fit(path, "int8", 5, 16),
-                            cache_tokens=16, quant="int8")).num_blocks
-            > Peer(PeerConfig(model_dir=path, start=None, end=None, max_memory=_fit(path, "int8", 5, 16),
-                              cache_tokens=16)).num_blocks)
+        Peer(PeerConfig(model_dir=path, start=0, end=6, cache_tokens=BIG_CACHE,
+                        max_memory=_fit(path, "none", 2, quant.process_rss())))
+    # --max-memory is the whole process: what it holds when it sizes itself counts
+    assert Peer(PeerConfig(model_dir=path, start=None, end=None, quant="nf4", cache_tokens=BIG_CACHE,
+                           max_memory=_fit(path, "nf4", 4, quant.process_rss()))).num_blocks == 4
+    assert Peer(PeerConfig(model_dir=path, start=None, end=None, quant="nf4", cache_tokens=BIG_CACHE,
+                           max_memory=_fit(path, "nf4", 4, 0, slack=0))).num_blocks == 3
+
+
+def test_sizing_counts_quantized_blocks_at_their_size_and_what_loading_holds(path):
+    """Quantized blocks are counted at their quantized size (the same budget holds more of them), except
+    that while loading a quantized block also holds its full-precision tensors."""
+    config = layout.load_config(path)
+    fit = {q: quant.blocks_that_fit(config, q, torch.float32, 1024, 10**15, "test") for q in ("none", "int8")}
+    budget = 5 * fit["int8"].per_block
+    held = {q: quant.blocks_that_fit(config, q, torch.float32, 1024, budget, "test").num_blocks for q in fit}
+    assert held["int8"] == 5 and held["none"] < 5
+    assert fit["int8"].block_loading > fit["none"].block_weights > fit["int8"].block_weights
+    fixed = quant.blocks_that_fit(config, "int8", torch.float32, 1024, budget, "test", resident=fit["int8"].per_block,
+                                  overhead=fit["int8"].per_block)
+    assert fixed.num_blocks == 3 and fixed.fixed == 2 * fit["int8"].per_block
 
 
 def test_estimated_block_size_matches_what_loads(path):
@@ -154,6 +175,30 @@ def test_quant_without_bitsandbytes_is_a_clear_error(path, monkeypatch):
         quant.check_backend("nf4", torch.device("cpu"))
     with pytest.raises(SystemExit, match="--quant int8 needs bitsandbytes"):
         Peer(PeerConfig(model_dir=path, start=0, end=3, quant="int8"))
+
+
+def test_a_checkpoint_bitsandbytes_cannot_pack_fails_at_load_naming_the_layer(tiny_checkpoint, swarm):
+    """Hidden size 96: on a CPU with AVX512-BF16, bitsandbytes' NF4 repacking for its CPU kernel cannot
+    reshape a 96 -> 96 layer (a reshape traceback on the first request, before). The peer now exits
+    before it announces, with one message naming the layer and the formats that do work."""
+    import bitsandbytes as bnb
+    from bitsandbytes.functional import has_avx512bf16
+
+    path96 = tiny_checkpoint("llama", hidden_size=96)
+    config = layout.load_config(path96)
+    quant.check_layers(config, "int8", torch.float32, torch.device("cpu"))  # int8 serves it everywhere
+    if not has_avx512bf16():  # bitsandbytes' plain CPU path has no such limit: the check lets NF4 through
+        quant.check_layers(config, "nf4", torch.float32, torch.device("cpu"))
+        return
+    args = launch.swarmllm_command("peer", path96, "--initial-peers", *swarm.initial_peers, "--blocks", "0:3",
+                                   "--quant", "nf4", "--device", "cpu", "--host", "127.0.0.1")
+    done = subprocess.run(args, capture_output=True, text=True, timeout=180)  # killed by its PID at the deadline
+    assert done.returncode != 0
+    assert "SWARMLLM_READY" not in done.stdout
+    assert "Traceback" not in done.stderr and "loading blocks" not in done.stderr, done.stderr[-3000:]
+    assert (f"--quant nf4: bitsandbytes {bnb.__version__} cannot run this model's layer layers.0.self_attn.q_proj "
+            "(96 -> 96 features) on cpu") in done.stderr, done.stderr[-3000:]
+    assert "formats that work for this model here: int8, none (serve with --quant int8)" in done.stderr
 
 
 def test_device_names():
