@@ -56,7 +56,7 @@ class Peer:
     def __init__(self, cfg: PeerConfig):
         self.cfg = cfg
         self._metrics = metrics.registry(  # read at each scrape
-            self.statistics, lambda: [self.handler.phases.registry] if getattr(self, "handler", None) else [])
+            self.statistics, lambda: [self.handler.phases.registry] if self.handler is not None else [])
         try:  # every check that can fail does so here, before the peer joins the swarm
             config = load_config(cfg.model_dir)
             self.device = quant.resolve_device(cfg.device)
