@@ -116,7 +116,8 @@ class PeerHandler:
         return {**self.counts.as_dict(),
                 "pushes_sent": self.pusher.sent if self.pusher else 0,
                 "pushes_failed": self.pusher.failed if self.pusher else 0,
-                "batched_passes": self.compute.batches, "batched_steps": self.compute.batched_steps}
+                "batched_passes": self.compute.batches, "batched_steps": self.compute.batched_steps,
+                "inline_steps": self.compute.inline_steps}
 
     # ---- RPCs ---------------------------------------------------------------------------------------
 

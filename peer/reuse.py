@@ -80,11 +80,13 @@ class PrefixReuse:
         of the step that some kept history holds are copied from it (keys, values and outputs); the
         rest are computed on top."""
         entry = session.prefix
+        session.step_chain = None
         if entry is None:
             return await compute.run(session.runner, hidden, position_ids, mask, session.cache, timeline), 0
         offset, tokens = session.length, hidden.shape[1]
         head = entry.digests[-1] if entry.tokens else session.prefix_root
         digests = prefixes.chain(head, hidden, position_ids, mask, offset)
+        session.step_chain = (head, hidden, digests)
         store = self.sessions.prefixes
         source, reused = store.lookup(entry.scope, digests, offset)
         parts = []

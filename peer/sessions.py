@@ -35,6 +35,8 @@ class Session:
     span: tuple[int, int] = (0, 0)  # the blocks [start, end) it runs (what its receipts name)
     chain: list[bytes] | None = dataclasses.field(default_factory=list)  # history digest after each input token
     # (wire.receipts: what a step's receipt signs); None once beam search reordered its rows (no receipts)
+    step_chain: tuple[bytes, Any, list[bytes]] | None = None  # (head, inputs, digests): the chain prefix
+    # reuse computed over this step's inputs, which the receipt reuses (one computation per step)
 
     @property
     def reserved_tokens(self) -> int:

@@ -13,10 +13,12 @@ from __future__ import annotations
 
 from typing import NamedTuple
 
+import numpy as np
 import torch
 
 import wire
 from peer.sessions import Session
+from wire.history import as_numpy
 from wire import ErrorCode, WireError
 
 MAX_BATCH_SIZE = 64
@@ -114,19 +116,36 @@ def step_tensors(session: Session, meta: dict, tensors: list[torch.Tensor], *, r
     if position_ids.dtype not in (torch.int64, torch.int32) or tuple(position_ids.shape) != (batch, new_tokens):
         raise WireError(ErrorCode.BAD_SHAPE,
                         f"position_ids must be int64 ({batch}, {new_tokens}), got {position_ids.dtype} {tuple(position_ids.shape)}")
-    if position_ids.numel() and (position_ids.min() < 0 or position_ids.max() >= max_session_length):
+    # The checks of values run in numpy: on a decode step's one-token tensors torch's per-call dispatch is
+    # most of their cost (these run on every step of every hop; see wire/history.py).
+    positions = as_numpy(position_ids)
+    if positions.size and (positions.min() < 0 or positions.max() >= max_session_length):
         raise WireError(ErrorCode.BAD_REQUEST, f"position ids must be in [0, {max_session_length})")
     if mask is not None:
         if tuple(mask.shape) != (batch, offset + new_tokens):
             raise WireError(ErrorCode.BAD_SHAPE,
                             f"attention_mask must be ({batch}, {offset + new_tokens}) (past + new tokens), got {tuple(mask.shape)}")
-        if not bool(((mask == 0) | (mask == 1)).all()):
+        if not _zeros_and_ones(mask):
             raise WireError(ErrorCode.BAD_REQUEST, "attention_mask must hold only 0 and 1")
-    if not bool(torch.isfinite(hidden).all()):
+    if not _finite(hidden):
         raise WireError(ErrorCode.BAD_REQUEST, "hidden states contain NaN or infinity")
     if "reorder" in meta:
         _check_reorder(session, meta, batch)
-    return hidden, position_ids.long(), None if mask is None else mask.long()
+    return (hidden, position_ids if position_ids.dtype == torch.int64 else position_ids.long(),
+            None if mask is None else mask if mask.dtype == torch.int64 else mask.long())
+
+
+def _finite(hidden: torch.Tensor) -> bool:
+    if hidden.dtype == torch.bfloat16:  # numpy has no bfloat16
+        return bool(torch.isfinite(hidden).all())
+    return bool(np.isfinite(as_numpy(hidden)).all())
+
+
+def _zeros_and_ones(mask: torch.Tensor) -> bool:
+    if mask.dtype.is_floating_point or mask.dtype.is_complex:  # 0.5 lies between 0 and 1
+        return bool(((mask == 0) | (mask == 1)).all())
+    values = as_numpy(mask)  # integers or booleans
+    return not values.size or (values.min() >= 0 and values.max() <= 1)
 
 
 def _check_reorder(session: Session, meta: dict, batch: int) -> None:

@@ -147,3 +147,56 @@ def test_sliding_window_caches_are_not_batched(tiny_checkpoint):
     assert batches == 0
     for out, ref in zip(outs, refs):
         assert torch.equal(out, ref)
+
+
+def test_a_lone_short_decode_step_runs_on_the_loop_and_a_second_session_brings_the_thread_back(tiny_checkpoint):
+    runner = BlockRunner(tiny_checkpoint("llama"), 0, 6)
+    (cache, hidden, pos), (other, other_hidden, other_pos) = _sessions(runner, [4, 6], seed=4)
+    ref_cache = _clone(cache, runner)
+    clock = FakeClock()
+
+    async def main(owner: ComputeOwner) -> list[torch.Tensor]:
+        outs = []
+        for step in range(4):  # the first pass runs on the thread and teaches the owner how long one takes
+            loop_thread = threading.get_ident()
+            seen = []
+            real = runner.forward
+            runner.forward = lambda *a: (seen.append(threading.get_ident()), real(*a))[1]
+            try:
+                outs.append(await owner.run(runner, hidden + step, pos + step, None, cache))
+            finally:
+                runner.forward = real
+            assert (seen[0] == loop_thread) == (step > 0), f"step {step} ran on the wrong thread"
+            await _wait_idle(owner)
+        assert owner.inline_steps == 3
+        await owner.run(runner, other_hidden, other_pos, None, other)  # a second session decodes here now
+        await _wait_idle(owner)
+        assert owner.inline_steps == 3  # ... so neither runs on the loop: their steps may share a pass
+        await owner.run(runner, hidden + 4, pos + 4, None, cache)
+        assert owner.inline_steps == 3
+        clock.now += 1.0  # the other session went quiet
+        await _wait_idle(owner)
+        await owner.run(runner, hidden + 5, pos + 5, None, cache)
+        assert owner.inline_steps == 4
+        return outs
+
+    owner = ComputeOwner(clock=clock)
+    try:
+        outs = asyncio.run(main(owner))
+    finally:
+        owner.shutdown()
+    for step, out in enumerate(outs):  # the same computation wherever it ran
+        assert torch.equal(out, runner.forward(hidden + step, pos + step, None, ref_cache))
+
+    slow = ComputeOwner(clock=clock, inline_below=0.0)  # no pass is short enough: always the thread
+    try:
+        asyncio.run(_steps(slow, runner, *_sessions(runner, [3], seed=5)[0]))
+        assert slow.inline_steps == 0
+    finally:
+        slow.shutdown()
+
+
+async def _steps(owner: ComputeOwner, runner: BlockRunner, cache, hidden, pos, n: int = 3) -> None:
+    for step in range(n):
+        await owner.run(runner, hidden, pos + step, None, cache)
+        await _wait_idle(owner)
