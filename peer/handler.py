@@ -361,17 +361,23 @@ class PeerHandler:
         self.counts.requests_served += 1
         self.counts.steps_computed += hidden.shape[0] * (tokens - reused)
         out = wire.to_wire_dtype(out, session.wire_dtype or hidden.dtype)  # (batch, t, hidden) as sent
+        self.reuse.answered(session, out, position_ids, mask, offset)
+        # The next hop waits for the push, nobody waits for this peer's own reply: push first, then
+        # digest and sign what the reply carries (off the pipeline's critical path).
+        pushed = None
+        if targets:
+            timeline.mark("encode")
+            pushed = await self._push(session, meta, tensors[1:], out, targets, offset, omit)
+            timeline.mark("push")
         reply, answer = steps.result(session, meta, hidden, out, reused, omit)
         self.counts.outputs_omitted += hidden.shape[0] * reply.get("omitted", 0)
-        self.reuse.answered(session, out, position_ids, mask, offset)
+        if pushed is not None:
+            reply.update(pushed)
         timeline.mark("encode")
         if self.sign is not None and (signed := steps.receipt(session, self.model_id, self.sign, hidden, position_ids,
                                                               mask, offset, out)) is not None:
             reply["receipt"] = signed
             timeline.mark("sign")
-        if targets:
-            reply.update(await self._push(session, meta, tensors[1:], out, targets, offset, omit))
-            timeline.mark("push")
         response = wire.response(reply, [answer])
         timeline.mark("reply")
         timeline.done()

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import dataclasses
+import functools
 import logging
 from typing import Any
 
@@ -44,6 +45,13 @@ def _text(entry: dict, name: str) -> str:
     return value
 
 
+@functools.lru_cache(maxsize=1024)
+def peer_id_of(text: str) -> PeerID:
+    """The PeerID a base58 text names (ValueError or another decoding error if none). Every pushed step
+    names its next hop: decoding the same few ids again on each step would cost tens of microseconds."""
+    return PeerID.from_base58(text)
+
+
 def parse_next(value: Any) -> list[NextHop]:
     """The downstream hops of a step's metadata (its "next" field; empty if absent); WireError if malformed."""
     if value is None:
@@ -56,7 +64,7 @@ def parse_next(value: Any) -> list[NextHop]:
             raise WireError(ErrorCode.BAD_REQUEST, f"each 'next' entry must be a map, got {type(entry).__name__}")
         peer_id, session_id = _text(entry, "peer_id"), _text(entry, "session_id")
         try:
-            PeerID.from_base58(peer_id)
+            peer_id_of(peer_id)
         except Exception:  # base58/multihash decoding raises several types
             raise WireError(ErrorCode.BAD_REQUEST, f"'next' names an invalid peer id {peer_id!r}") from None
         maddrs = entry.get("maddrs", [])
@@ -90,7 +98,7 @@ class PushSender:
         message = wire.request({**meta, "session_id": target.session_id,
                                 "next": [h.to_metadata() for h in targets[1:]]}, tensors)
         try:
-            peer = PeerID.from_base58(target.peer_id)
+            peer = peer_id_of(target.peer_id)
             if peer == self.p2p.peer_id:  # consecutive hops on one peer: the daemon cannot dial itself
                 reply = await self._deliver_here(message)
             else:

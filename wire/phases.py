@@ -13,7 +13,8 @@ step waiting for the client's), ``validate`` (shape/dtype checks, duplicates, a 
 short wait), ``compute`` (the blocks' forward pass), ``handback`` (the pass ended until the event loop
 resumes the step), ``encode`` (cast to the wire dtype, outputs' digests, history kept for reuse),
 ``sign`` (the receipt), ``push`` (the push RPC to the next peer, until its acknowledgement), ``reply``
-(the reply message built). Everything but ``compute`` (and ``push``, the next peer's receiving) is the
+(the reply message built). A step that pushes does so right after casting and naming its outputs:
+the reply's digests and receipt (``encode``, ``sign``) come after the push, off the next hop's path. Everything but ``compute`` (and ``push``, the next peer's receiving) is the
 peer's software time per step.
 
 Client phases (``CLIENT_PHASES``), per session step: ``handoff`` (the caller's thread to the event loop
