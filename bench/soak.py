@@ -6,8 +6,9 @@ streaming through ``swarmllm api``: see ``bench/soak_clients.py``) generating fr
 back and checking each generation against local transformers. Every ``--chaos-every`` seconds one of
 the churned peers (all but the ``--stable-peers`` ones) is, in turn, SIGKILLed (and a replacement
 started with its identity), SIGSTOPped (SIGCONT after ``--stop-seconds``), or restarted (SIGTERM,
-drained, started again); every ``--dht-every`` seconds the bootstrap DHT node (``python -m swarmllm.cli
-dht`` on a fixed port with a kept identity, so its multiaddr survives) is SIGKILLed and started again
+drained, started again); every ``--dht-every`` seconds one of the ``--dht-nodes`` bootstrap DHT nodes
+(``python -m swarmllm.cli dht`` on a fixed port with a kept identity, so its multiaddr survives; everyone
+is given all of them, as a public swarm lists several), in turn, is SIGKILLed and started again
 ``--dht-down`` seconds later; at ``--liar-at`` seconds a peer with ``--adversary
 wrong_weights@after=N`` joins. Per ``--window`` seconds: generations, lost ones (an error reached the
 client), wrong ones, tokens/s, p50/p99 per-token latency, the faults; at each window's end the RSS, open
@@ -71,7 +72,8 @@ class Soak:
         self.notes: list[dict] = []  # unexpected deaths and failed starts, with their stderr tails
         self.samples: list[dict] = []
         self.managed: list[Managed] = []
-        self.start = self.dht = None
+        self.start = None
+        self.dhts: list[Managed] = []  # the bootstrap DHT nodes
 
     # ------------------------------------------------------------------ processes
 
@@ -190,12 +192,15 @@ class Soak:
         a = self.args
         model_dir = checkpoints.tiny_chat(os.path.join(self.workdir, "model"), seed=a.seed, hidden_size=a.hidden,
                                           intermediate_size=2 * a.hidden, num_hidden_layers=a.layers)
-        dht_port, key = harness._free_port(), os.path.join(self.workdir, "dht.key")
-        dht = self.add(Managed("dht", lambda: launch.SwarmProcess("dht", launch.swarmllm_command(
-            "dht", "--host", "127.0.0.1", "--port", str(dht_port), "--identity", key)), long_lived=True))
-        self.launch(dht)
-        self.wait([dht])
-        self.dht, maddrs = dht, dht.proc.maddrs
+        # --dht-nodes bootstrap nodes, each on a fixed port with a kept identity (its multiaddr survives a
+        # restart), each (re)started with the others as its initial peers; everyone is given all of them,
+        # as a public swarm lists several bootstrap nodes
+        maddrs: list[str] = []
+        for i in range(a.dht_nodes):
+            self.dhts.append(self.add(self.dht_node(i, harness._free_port(), maddrs)))
+            self.launch(self.dhts[-1])
+            self.wait([self.dhts[-1]])
+            maddrs = maddrs + self.dhts[-1].proc.maddrs
         spans = soakstats.peer_spans(a.layers, a.peers, a.stable_peers, a.width)
         peers = [self.add(self.peer(model_dir, maddrs, i, span, stable=i < a.stable_peers))
                  for i, span in enumerate(spans)]
@@ -222,6 +227,16 @@ class Soak:
                    "--adversary", f"wrong_weights@after={a.liar_after_steps}"]), long_lived=True,
             metrics_port=liar_port)
         self.model_dir = model_dir
+
+    def dht_node(self, i: int, port: int, before: list[str]) -> Managed:
+        key = os.path.join(self.workdir, f"dht{i}.key")
+
+        def make() -> launch.SwarmProcess:  # the other nodes are its initial peers (those up before it, at first)
+            others = [addr for m in self.dhts if m.proc is not None and m.name != f"dht{i}" for addr in m.proc.maddrs]
+            return launch.SwarmProcess(f"dht{i}", launch.swarmllm_command(
+                "dht", "--host", "127.0.0.1", "--port", str(port), "--identity", key,
+                "--initial-peers", *(others or before)))
+        return Managed(f"dht{i}", make, long_lived=True)
 
     def add(self, m: Managed) -> Managed:
         self.managed.append(m)
@@ -267,10 +282,10 @@ class Soak:
         for m in live:
             if m.state == "frozen":
                 m.proc.signal(signal.SIGCONT)
-        live.sort(key=lambda m: m is self.dht)  # the DHT node last: the others may still say goodbye on it
-        for m in live[:-1] if live and live[-1] is self.dht else live:
-            m.proc.terminate()
-        for m in live:
+        for m in live:  # the DHT nodes last: the others may still say goodbye on them
+            if m not in self.dhts:
+                m.proc.terminate()
+        for m in sorted(live, key=lambda m: m in self.dhts):
             self.reap(m)
 
     # ------------------------------------------------------------------ the run
@@ -283,18 +298,19 @@ class Soak:
         self.sample()
         actions = ["kill", "stop", "restart"]
         next_chaos, next_dht, next_window = now + a.chaos_every, now + a.dht_every, now + a.window
-        liar_at, rounds = self.start + a.liar_at, 0
+        liar_at, rounds, dht_kills = self.start + a.liar_at, 0, 0
         while now < end:
             for m in self.managed:
                 self.poll(m, now)
             if now >= next_chaos and a.chaos_every > 0:
                 self.chaos(actions[rounds % len(actions)])
                 rounds, next_chaos = rounds + 1, next_chaos + a.chaos_every
-            if now >= next_dht and a.dht_every > 0 and self.dht.state == "up":
-                self.fault("dht_kill", self.dht.name)
-                self.dht.proc.signal(signal.SIGKILL)
-                self.reap(self.dht)
-                self.dht.due, next_dht = now + a.dht_down, next_dht + a.dht_every
+            if now >= next_dht and a.dht_every > 0 and all(m.state == "up" for m in self.dhts):
+                victim = self.dhts[dht_kills % len(self.dhts)]  # in turn; never two down at once
+                self.fault("dht_kill", victim.name)
+                victim.proc.signal(signal.SIGKILL)
+                self.reap(victim)
+                victim.due, next_dht, dht_kills = now + a.dht_down, next_dht + a.dht_every, dht_kills + 1
             if now >= liar_at and self.liar not in self.managed:
                 self.fault("liar_join", self.liar.name)
                 self.launch(self.add(self.liar))
@@ -395,8 +411,10 @@ def main() -> None:
     parser.add_argument("--chaos-every", type=float, default=15.0,
                         help="seconds between faults (kill, stop, restart in turn; 0 = none)")
     parser.add_argument("--stop-seconds", type=float, default=10.0, help="how long a SIGSTOPped peer stays frozen")
+    parser.add_argument("--dht-nodes", type=int, default=2,
+                        help="bootstrap DHT nodes (everyone is given all of them; one is killed at a time)")
     parser.add_argument("--dht-every", type=float, default=120.0,
-                        help="seconds between SIGKILLs of the bootstrap DHT node (0 = never)")
+                        help="seconds between SIGKILLs of a bootstrap DHT node, in turn (0 = never)")
     parser.add_argument("--dht-down", type=float, default=10.0, help="seconds the DHT node stays dead")
     parser.add_argument("--liar-at", type=float, default=None,
                         help="seconds into the run when the liar joins (default: a third of the run)")
