@@ -23,8 +23,8 @@ from transformers import AutoModelForCausalLM, LogitsProcessorList
 from bench import harness
 from client import AutoDistributedModelForCausalLM
 
-TARGET_LOOPBACK = 1.15  # swarm per-token latency / local, loopback
-TARGET_WAN = 1.1  # swarm per-token latency / (local + (k + 1) x one-way delay)
+TARGET_LOOPBACK = 1.3  # swarm per-token latency / local, loopback (issue 25; 1.15 is where we are going)
+TARGET_WAN = 1.05  # (issue 25) swarm per-token latency / (local + (k + 1) x one-way delay)
 TARGET_TTFT = 1.3  # time to first token / local, loopback
 
 

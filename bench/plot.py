@@ -1,7 +1,9 @@
 """Draw docs/bench.png from bench/results/{decode,concurrency,memory,speculative}.json (whichever exist;
-speculative.json also gives the prefix-reuse panel).
+speculative.json also gives the prefix-reuse panel), and docs/overhead.png from
+bench/results/overhead-{110m,220m}.json: where a token's time goes, local against the swarm, and each
+peer's software phases.
 
-    .venv/bin/python -m bench.plot [--out docs/bench.png]
+    .venv/bin/python -m bench.plot [--out docs/bench.png] [--overhead-out docs/overhead.png]
 
 Needs matplotlib (`pip install -e .[bench]`).
 """
@@ -113,10 +115,94 @@ def _ttft(ax, doc: dict) -> None:
     ax.set_title("prefix reuse: ~1,000-token system prompt", fontsize=10)
 
 
+PHASE_COLORS = {"decode": "#4e79a7", "queue": "#a0cbe8", "validate": "#f28e2b", "reuse": "#ffbe7d",
+                "compute_wait": "#59a14f", "handback": "#8cd17d", "encode": "#b6992d", "sign": "#f1ce63",
+                "reply": "#e15759"}
+
+
+def _token_split(ax, docs: list[dict]) -> None:
+    """Per token: local's time as one bar, the swarm's split into what each part spent."""
+    labels, parts = [], []
+    for doc in docs:
+        s = doc["summary"]
+        size = doc["options"]["size"] or "model"
+        labels.append(f"{size} local")
+        parts.append({"local (blocks + head)": s["local_ms"]})
+        compute = sum(p["compute_ms"] for p in doc["peers"])
+        software = sum(s["peer_software_p50_ms"])
+        split = {"client model (embeddings, head, sampling)": s["client_model_p50_ms"],
+                 "peers' compute": compute, "peers' software": software,
+                 "client software": s["client_software_p50_ms"], "transport (bare hivemind)": s["transport_ms"]}
+        split["rest (contention, unmeasured)"] = max(0.0, s["swarm_ms"] - sum(split.values()))
+        labels.append(f"{size} swarm ({s['ratio']:.2f}x)")
+        parts.append(split)
+    colors = {"local (blocks + head)": "#888", "client model (embeddings, head, sampling)": "#bab0ac",
+              "peers' compute": "#3a7", "peers' software": "#f28e2b", "client software": "#e15759",
+              "transport (bare hivemind)": "#4e79a7", "rest (contention, unmeasured)": "#ddd"}
+    seen = set()
+    for i, split in enumerate(parts):
+        left = 0.0
+        for name, ms in split.items():
+            ax.barh(i, ms, left=left, color=colors[name], edgecolor="white", linewidth=0.5,
+                    label=None if name in seen else name)
+            seen.add(name)
+            left += ms
+        ax.text(left, i, f" {left:.1f} ms", va="center", fontsize=7)
+    ax.set_yticks(range(len(labels)), labels, fontsize=7)
+    ax.invert_yaxis()
+    ax.set_xlabel("ms per token (p50 of each part; loopback peers)")
+    ax.legend(fontsize=6, loc="upper center", bbox_to_anchor=(0.5, -0.16), ncol=3)
+    ax.set_title("where a token's time goes", fontsize=10)
+
+
+def _peer_phases(ax, docs: list[dict]) -> None:
+    """Each peer's software time per step, by phase (p50s)."""
+    labels, rows = [], []
+    for doc in docs:
+        size = doc["options"]["size"] or "model"
+        for p in doc["peers"]:
+            labels.append(f"{size} [{p['blocks'][0]}, {p['blocks'][1]})")
+            rows.append({k: p["phases"][k]["p50_ms"] for k in PHASE_COLORS if k in p["phases"]})
+    seen = set()
+    for i, row in enumerate(rows):
+        left = 0.0
+        for name, ms in row.items():
+            ax.barh(i, ms, left=left, color=PHASE_COLORS[name], label=None if name in seen else name)
+            seen.add(name)
+            left += ms
+    ax.axvline(1.0, color="k", linestyle="--", linewidth=0.8, label="target 1 ms")
+    ax.set_yticks(range(len(labels)), labels, fontsize=7)
+    ax.invert_yaxis()
+    ax.set_xlabel("peer software per step, ms (p50 per phase)")
+    ax.legend(fontsize=6, loc="upper center", bbox_to_anchor=(0.5, -0.16), ncol=5)
+    ax.set_title("a peer's software time, by phase", fontsize=10)
+
+
+def overhead_figure(out: str) -> str | None:
+    docs = [doc for name in ("overhead-110m", "overhead-220m") if (doc := _load(name)) is not None]
+    if not docs:
+        return None
+    fig, axes = plt.subplots(1, 2, figsize=(12, 4.6))
+    _token_split(axes[0], docs)
+    _peer_phases(axes[1], docs)
+    first = docs[0]
+    fig.suptitle(f"random Llamas over 3 loopback peers, {first['machine']['cpus']}-core CPU, "
+                 f"{first['date'][:10]} ({first['commit']})", fontsize=10)
+    fig.tight_layout()
+    os.makedirs(os.path.dirname(out), exist_ok=True)
+    fig.savefig(out, dpi=110)
+    plt.close(fig)
+    return out
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--out", default=os.path.normpath(DEFAULT_OUT))
+    parser.add_argument("--overhead-out", default=os.path.normpath(os.path.join(os.path.dirname(DEFAULT_OUT),
+                                                                                "overhead.png")))
     args = parser.parse_args()
+    if (written := overhead_figure(args.overhead_out)) is not None:
+        print(f"wrote {written}")
     panels = [(name, draw, doc) for name, draw in [("decode", _decode), ("concurrency", _concurrency),
                                                    ("memory", _memory), ("speculative", _speculative)] if (doc := _load(name)) is not None]
     if (doc := _load("speculative")) is not None and "ttft" in doc:

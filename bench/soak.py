@@ -436,7 +436,7 @@ def main() -> None:
     signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))  # so that finally stops every process
     soak = Soak(args, workdir, logdir)
     try:
-        _say(f"starting a DHT node, {args.peers} peers, the API server and {len(args.clients)} clients "
+        _say(f"starting {args.dht_nodes} DHT nodes, {args.peers} peers, the API server and {len(args.clients)} clients "
              f"(work dir {workdir})")
         soak.build()
         soak.run()
