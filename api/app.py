@@ -18,7 +18,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from api import core
 from api.core import ApiError, ResponseMeta, SamplingParams, Usage
-from api.engine import Delta, Engine
+from api.engine import Delta, Engine, Prompt
 from api.schema import ChatCompletionRequest, CompletionRequest
 
 logger = logging.getLogger(__name__)
@@ -100,29 +100,31 @@ def make_app(engine: Engine, cfg: ApiConfig) -> FastAPI:
     @app.post("/v1/chat/completions", dependencies=[Depends(check_key)])
     async def chat(req: ChatCompletionRequest, request: Request):
         check_model(req.model)
-        _refuse_unsupported(req)
+        logprobs = core.check_logprobs(chat=True, logprobs=req.logprobs, top_logprobs=req.top_logprobs)
         prompt_ids = _chat_prompt(engine.tokenizer, req, cfg.model_name)
         max_tokens, param = (req.max_completion_tokens, "max_completion_tokens") if req.max_completion_tokens \
             is not None else (req.max_tokens, "max_tokens")
-        params = _params(req, prompt_ids, max_tokens, param)
+        params = _params(req, prompt_ids, max_tokens, param, logprobs)
         meta = ResponseMeta(f"chatcmpl-{uuid.uuid4().hex}", int(time.time()), req.model, chat=True)
         return await _respond(engine, request, meta, prompt_ids, params, req.stream, req.include_usage, "")
 
     @app.post("/v1/completions", dependencies=[Depends(check_key)])
     async def completions(req: CompletionRequest, request: Request):
         check_model(req.model)
-        _refuse_unsupported(req)
+        logprobs = core.check_logprobs(chat=False, logprobs=req.logprobs, top_logprobs=req.top_logprobs,
+                                       echo=bool(req.echo))
         prompt_ids, echo = _completion_prompt(engine, req.prompt)
-        params = _params(req, prompt_ids, req.max_tokens, "max_tokens")
+        params = _params(req, prompt_ids, req.max_tokens, "max_tokens", logprobs)
         meta = ResponseMeta(f"cmpl-{uuid.uuid4().hex}", int(time.time()), req.model, chat=False)
         return await _respond(engine, request, meta, prompt_ids, params, req.stream, req.include_usage,
                               echo if req.echo else "")
 
-    def _params(req, prompt_ids: list[int], max_tokens: int | None, param: str) -> SamplingParams:
+    def _params(req, prompt_ids: list[int], max_tokens: int | None, param: str,
+                logprobs: tuple[int | None, bool]) -> SamplingParams:
         return core.check_sampling(max_tokens=max_tokens, temperature=req.temperature, top_p=req.top_p,
                                    stop=req.stop, seed=req.seed, n=req.n, prompt_tokens=len(prompt_ids),
                                    context_length=cfg.context_length, default_max_tokens=cfg.default_max_tokens,
-                                   max_tokens_param=param)
+                                   max_tokens_param=param, logprobs=logprobs[0], prompt_logprobs=logprobs[1])
 
     return app
 
@@ -154,18 +156,13 @@ def _completion_prompt(engine: Engine, prompt) -> tuple[list[int], str]:
     return list(prompt), engine.decode(list(prompt))
 
 
-def _refuse_unsupported(req) -> None:
-    if req.logprobs:
-        raise ApiError(400, "logprobs are not supported by this server: leave 'logprobs' unset",
-                       param="logprobs", code="unsupported_parameter")
-
-
 async def _respond(engine: Engine, request: Request, meta: ResponseMeta, prompt_ids: list[int],
                    params: SamplingParams, stream: bool | None, include_usage: bool, prefix: str):
     events = engine.generate(prompt_ids, params)
+    wanted = params.logprobs is not None
     try:
         # Streamed: wait for the first token here, so that an error opening the session is an HTTP error.
-        first = await _unless_client_leaves(request, _whole(meta, params.n, events, prefix) if not stream
+        first = await _unless_client_leaves(request, _whole(meta, params.n, events, prefix, wanted) if not stream
                                             else anext(events))
     except BaseException:
         await events.aclose()
@@ -173,23 +170,26 @@ async def _respond(engine: Engine, request: Request, meta: ResponseMeta, prompt_
     if first is _GONE or not stream:
         await events.aclose()
         return _gone() if first is _GONE else first
-    return _GenerationStream(_sse(meta, params.n, first, events, include_usage, prefix),
+    return _GenerationStream(_sse(meta, params.n, first, events, include_usage, prefix, wanted),
                              media_type="text/event-stream", headers={"Cache-Control": "no-cache"})
 
 
-async def _whole(meta: ResponseMeta, n: int, events: AsyncIterator, prefix: str) -> dict:
-    """The non-streamed response: every delta gathered."""
+async def _whole(meta: ResponseMeta, n: int, events: AsyncIterator, prefix: str, wanted: bool) -> dict:
+    """The non-streamed response: every delta gathered (with its tokens' log-probabilities if ``wanted``)."""
     try:
-        texts, reasons, usage = [prefix] * n, ["length"] * n, None
+        texts, reasons, usage, logprobs = [prefix] * n, ["length"] * n, None, [[] for _ in range(n)]
         async for event in events:
-            if isinstance(event, Delta):
+            if isinstance(event, Prompt):  # the echoed prompt's tokens come first in every choice
+                logprobs = [list(event.logprobs) for _ in range(n)]
+            elif isinstance(event, Delta):
                 texts[event.index] += event.text
                 reasons[event.index] = event.finish_reason or reasons[event.index]
+                logprobs[event.index] += event.logprobs
             else:
                 usage = event
     finally:
         await events.aclose()
-    return core.response_body(meta, texts, reasons, usage)
+    return core.response_body(meta, texts, reasons, usage, logprobs if wanted else None)
 
 
 async def _wait_disconnect(request: Request) -> None:
@@ -225,22 +225,30 @@ async def _unless_client_leaves(request: Request, work: Awaitable):
     return working.result()
 
 
-async def _sse(meta: ResponseMeta, n: int, first: Delta | Usage, events: AsyncIterator, include_usage: bool,
-               prefix: str) -> AsyncIterator[bytes]:
+async def _sse(meta: ResponseMeta, n: int, first: Delta | Prompt | Usage, events: AsyncIterator,
+               include_usage: bool, prefix: str, wanted: bool) -> AsyncIterator[bytes]:
     try:
+        echoed = ()
+        if isinstance(first, Prompt):  # the echoed prompt's log-probabilities ride on its chunk
+            echoed, first = first.logprobs, await anext(events)
+        offsets = [0] * n  # characters of each choice's text streamed so far (a completion's text_offset)
         for i in range(n):
             if meta.chat:
                 yield core.sse(core.chunk_body(meta, i, None, None, role=True))
             if prefix:
-                yield core.sse(core.chunk_body(meta, i, prefix, None))
+                yield core.sse(core.chunk_body(meta, i, prefix, None, logprobs=echoed if wanted else None))
+                offsets[i] = sum(len(e.text) for e in echoed)
         event = first
         while True:
             if isinstance(event, Usage):
                 if include_usage:
                     yield core.sse(core.usage_chunk(meta, event))
                 break
-            if event.text:
-                yield core.sse(core.chunk_body(meta, event.index, event.text, None))
+            if event.text or event.logprobs:
+                yield core.sse(core.chunk_body(meta, event.index, event.text, None,
+                                               logprobs=event.logprobs if wanted else None,
+                                               offset=offsets[event.index]))
+                offsets[event.index] += sum(len(e.text) for e in event.logprobs)
             if event.finish_reason:
                 yield core.sse(core.chunk_body(meta, event.index, None if meta.chat else "", event.finish_reason))
             event = await anext(events)

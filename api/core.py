@@ -11,6 +11,7 @@ from typing import Any, Callable, Iterable, Sequence
 
 MAX_STOP_SEQUENCES = 4  # as OpenAI
 MAX_N = 8  # choices per request; each is one row of one swarm session
+MAX_TOP_LOGPROBS = 20  # alternatives per token (OpenAI's chat limit; its legacy completions allowed 5)
 
 
 class ApiError(Exception):
@@ -62,12 +63,14 @@ def http_error(status: int, detail: Any) -> ApiError:
 
 @dataclasses.dataclass(frozen=True)
 class SamplingParams:
-    max_tokens: int  # new tokens per choice
+    max_tokens: int  # new tokens per choice (0: only a completion's echoed prompt, scored)
     temperature: float  # 0 = greedy
     top_p: float  # nucleus mass, (0, 1]
     stop: tuple[str, ...]  # the reply ends before the first of these
     seed: int | None  # None = fresh randomness
     n: int  # choices
+    logprobs: int | None = None  # None: no log-probabilities; k: each token's, with its k likeliest alternatives
+    prompt_logprobs: bool = False  # the prompt's tokens' too (a completion's echo)
 
     @property
     def greedy(self) -> bool:
@@ -76,17 +79,20 @@ class SamplingParams:
 
 def check_sampling(*, max_tokens: int | None, temperature: float | None, top_p: float | None,
                    stop: str | list[str] | None, seed: int | None, n: int | None, prompt_tokens: int,
-                   context_length: int, default_max_tokens: int, max_tokens_param: str = "max_tokens") -> SamplingParams:
-    """Check the sampling fields of a request against OpenAI's ranges and the model's context length."""
+                   context_length: int, default_max_tokens: int, max_tokens_param: str = "max_tokens",
+                   logprobs: int | None = None, prompt_logprobs: bool = False) -> SamplingParams:
+    """Check the sampling fields of a request against OpenAI's ranges and the model's context length.
+    ``logprobs``, ``prompt_logprobs``: as ``check_logprobs`` returned them; scoring an echoed prompt is
+    the one case where ``max_tokens`` may be 0 (how evaluation harnesses score a text)."""
     room = context_length - prompt_tokens
     if room < 1:
         raise ApiError(400, f"the prompt is {prompt_tokens} tokens but this model's context length is "
                             f"{context_length} tokens: shorten the prompt", param="messages", code="context_length_exceeded")
     if max_tokens is None:
         max_tokens = min(default_max_tokens, room)
-    if max_tokens < 1:
-        raise ApiError(400, f"{max_tokens} is less than the minimum of 1 - '{max_tokens_param}'",
-                       param=max_tokens_param, code="invalid_value")
+    if max_tokens < (0 if prompt_logprobs else 1):
+        raise ApiError(400, f"{max_tokens} is less than the minimum of 1 - '{max_tokens_param}' (0 only with "
+                            "echo and logprobs, to score the prompt)", param=max_tokens_param, code="invalid_value")
     if max_tokens > room:
         raise ApiError(400, f"{max_tokens_param} is too large: {max_tokens}. This model's context length is "
                             f"{context_length} tokens and the prompt uses {prompt_tokens}, so at most {room} "
@@ -106,7 +112,67 @@ def check_sampling(*, max_tokens: int | None, temperature: float | None, top_p: 
                        param="stop", code="invalid_value")
     if any(s == "" for s in stops):
         raise ApiError(400, "a stop sequence cannot be empty", param="stop", code="invalid_value")
-    return SamplingParams(max_tokens=max_tokens, temperature=temperature, top_p=top_p, stop=stops, seed=seed, n=n)
+    return SamplingParams(max_tokens=max_tokens, temperature=temperature, top_p=top_p, stop=stops, seed=seed, n=n,
+                          logprobs=logprobs, prompt_logprobs=prompt_logprobs)
+
+
+def check_logprobs(*, chat: bool, logprobs: bool | int | None, top_logprobs: int | None,
+                   echo: bool = False) -> tuple[int | None, bool]:
+    """(alternatives per token, or None for no log-probabilities; whether the prompt is scored too).
+    Chat: ``logprobs`` true/false and ``top_logprobs`` 0-20 (which needs logprobs). Completions: an
+    integer ``logprobs`` 0-20 (the alternatives), and ``echo`` with it scores the prompt as well."""
+    if chat:
+        if logprobs is not None and not isinstance(logprobs, bool):
+            raise ApiError(400, f"logprobs must be true or false for chat completions, got {logprobs!r} (the "
+                                "number of alternatives is top_logprobs)", param="logprobs", code="invalid_value")
+        if top_logprobs is not None:
+            if isinstance(top_logprobs, bool) or not 0 <= top_logprobs <= MAX_TOP_LOGPROBS:
+                raise ApiError(400, f"top_logprobs must be an integer in [0, {MAX_TOP_LOGPROBS}], got {top_logprobs!r}",
+                               param="top_logprobs", code="invalid_value")
+            if not logprobs:
+                raise ApiError(400, "top_logprobs needs logprobs: true", param="top_logprobs", code="invalid_value")
+        return (top_logprobs or 0) if logprobs else None, False
+    if top_logprobs is not None:
+        raise ApiError(400, "top_logprobs is a chat completions field: on /v1/completions logprobs is the number "
+                            "of alternatives", param="top_logprobs", code="invalid_value")
+    if logprobs is None or logprobs is False:
+        return None, False
+    if isinstance(logprobs, bool) or not 0 <= logprobs <= MAX_TOP_LOGPROBS:
+        raise ApiError(400, f"logprobs must be an integer in [0, {MAX_TOP_LOGPROBS}] (the alternatives per token) "
+                            f"on /v1/completions, got {logprobs!r}", param="logprobs", code="invalid_value")
+    return logprobs, bool(echo)
+
+
+@dataclasses.dataclass(frozen=True)
+class TokenLogprob:
+    """One token's log-probability under the model (its raw distribution, before temperature or top-p),
+    with the likeliest tokens at its position."""
+
+    text: str  # the token decoded on its own
+    logprob: float | None  # None: a prompt's first token (nothing comes before it)
+    top: tuple[tuple[str, float], ...] = ()  # (text, logprob), likeliest first
+
+
+def chat_logprobs(entries: Sequence[TokenLogprob]) -> dict:
+    """A chat choice's (or chunk's) ``logprobs``: {"content": [...], "refusal": null}, as OpenAI."""
+    def one(text: str, logprob: float | None) -> dict:
+        return {"token": text, "logprob": logprob, "bytes": list(text.encode("utf-8"))}
+    return {"content": [{**one(e.text, e.logprob), "top_logprobs": [one(t, lp) for t, lp in e.top]} for e in entries],
+            "refusal": None}
+
+
+def completion_logprobs(entries: Sequence[TokenLogprob], offset: int = 0) -> dict:
+    """A completion choice's (or chunk's) ``logprobs`` in the legacy shape: tokens, token_logprobs,
+    top_logprobs (a {text: logprob} map per token; null for the prompt's first) and text_offset (each
+    token's first character in the choice's text, counting from ``offset``)."""
+    tokens, values, tops, offsets = [], [], [], []
+    for e in entries:
+        tokens.append(e.text)
+        values.append(e.logprob)
+        tops.append(None if e.logprob is None else dict(e.top))
+        offsets.append(offset)
+        offset += len(e.text)
+    return {"tokens": tokens, "token_logprobs": values, "top_logprobs": tops, "text_offset": offsets}
 
 
 def message_text(content: str | list | None) -> str:
@@ -130,6 +196,7 @@ class ChoiceDecoder:
 
     def __init__(self, decode: Callable[[list[int]], str], eos_ids: Iterable[int], stop: Sequence[str], max_tokens: int):
         self._decode, self._eos, self._stop, self._max = decode, frozenset(eos_ids), tuple(stop), max_tokens
+        self.logprobs: list[TokenLogprob] = []  # of the tokens fed and not yet handed out with a delta
         self.ids: list[int] = []
         self.text = ""  # decoded so far (the reply, until finished)
         self.emitted = 0  # characters of text already handed out
@@ -140,13 +207,16 @@ class ChoiceDecoder:
     def done(self) -> bool:
         return self.finish_reason is not None
 
-    def feed(self, token: int) -> str:
-        """The text this token releases ("" if held back or finished)."""
+    def feed(self, token: int, logprob: TokenLogprob | None = None) -> str:
+        """The text this token releases ("" if held back or finished). Its ``logprob`` waits in
+        ``logprobs`` until a delta takes it (an end-of-sequence token has none in the reply)."""
         if self.done:
             return ""
         self.tokens += 1
         if token in self._eos:
             return self.finish("stop")
+        if logprob is not None:
+            self.logprobs.append(logprob)
         self.ids.append(token)
         self.text = self._decode(self.ids)
         cut = self._first_stop()
@@ -160,6 +230,11 @@ class ChoiceDecoder:
             return ""
         delta, self.emitted = self.text[self.emitted:safe], safe
         return delta
+
+    def take_logprobs(self) -> tuple[TokenLogprob, ...]:
+        """The log-probabilities of the tokens fed since the last call (a delta carries them)."""
+        taken, self.logprobs = tuple(self.logprobs), []
+        return taken
 
     def finish(self, reason: str) -> str:
         """End the choice; returns the text still held back."""
@@ -208,27 +283,32 @@ class ResponseMeta:
     chat: bool
 
 
-def response_body(meta: ResponseMeta, texts: Sequence[str], finish_reasons: Sequence[str], usage: Usage) -> dict:
-    """The whole (non-streamed) response."""
+def response_body(meta: ResponseMeta, texts: Sequence[str], finish_reasons: Sequence[str], usage: Usage,
+                  logprobs: Sequence[Sequence[TokenLogprob]] | None = None) -> dict:
+    """The whole (non-streamed) response; ``logprobs``: each choice's tokens', if the request asked."""
+    shaped = [None] * len(texts) if logprobs is None else [
+        chat_logprobs(entries) if meta.chat else completion_logprobs(entries) for entries in logprobs]
     if meta.chat:
-        choices = [{"index": i, "message": {"role": "assistant", "content": t}, "logprobs": None, "finish_reason": f}
-                   for i, (t, f) in enumerate(zip(texts, finish_reasons))]
+        choices = [{"index": i, "message": {"role": "assistant", "content": t}, "logprobs": lp, "finish_reason": f}
+                   for i, (t, f, lp) in enumerate(zip(texts, finish_reasons, shaped))]
     else:
-        choices = [{"index": i, "text": t, "logprobs": None, "finish_reason": f}
-                   for i, (t, f) in enumerate(zip(texts, finish_reasons))]
+        choices = [{"index": i, "text": t, "logprobs": lp, "finish_reason": f}
+                   for i, (t, f, lp) in enumerate(zip(texts, finish_reasons, shaped))]
     return {"id": meta.id, "object": "chat.completion" if meta.chat else "text_completion", "created": meta.created,
             "model": meta.model, "choices": choices, "usage": usage.body()}
 
 
 def chunk_body(meta: ResponseMeta, index: int, text: str | None, finish_reason: str | None, *,
-               role: bool = False) -> dict:
-    """One streamed chunk of one choice. ``role``: the chat chunk that opens a choice."""
+               role: bool = False, logprobs: Sequence[TokenLogprob] | None = None, offset: int = 0) -> dict:
+    """One streamed chunk of one choice. ``role``: the chat chunk that opens a choice. ``logprobs``: of
+    the chunk's tokens (``offset``: where the chunk starts in the choice's text, for a completion's)."""
+    shaped = None if logprobs is None else chat_logprobs(logprobs) if meta.chat else completion_logprobs(logprobs, offset)
     if meta.chat:
         delta: dict = {"role": "assistant", "content": ""} if role else ({} if text is None else {"content": text})
-        choice = {"index": index, "delta": delta, "logprobs": None, "finish_reason": finish_reason}
+        choice = {"index": index, "delta": delta, "logprobs": shaped, "finish_reason": finish_reason}
         obj = "chat.completion.chunk"
     else:
-        choice = {"index": index, "text": text or "", "logprobs": None, "finish_reason": finish_reason}
+        choice = {"index": index, "text": text or "", "logprobs": shaped, "finish_reason": finish_reason}
         obj = "text_completion"
     return {"id": meta.id, "object": obj, "created": meta.created, "model": meta.model, "choices": [choice]}
 

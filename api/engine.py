@@ -18,7 +18,7 @@ import torch
 from transformers import LogitsProcessor, LogitsProcessorList, StoppingCriteria, StoppingCriteriaList
 from transformers.generation.logits_process import TemperatureLogitsWarper, TopPLogitsWarper
 
-from api.core import ApiError, ChoiceDecoder, SamplingParams, Usage
+from api.core import ApiError, ChoiceDecoder, SamplingParams, TokenLogprob, Usage
 from client import MissingBlocksError, PeerBusy, SwarmError
 
 logger = logging.getLogger(__name__)
@@ -31,6 +31,14 @@ class Delta:
     index: int
     text: str
     finish_reason: str | None = None
+    logprobs: tuple[TokenLogprob, ...] = ()  # of the tokens this delta's text came from (if asked)
+
+
+@dataclasses.dataclass(frozen=True)
+class Prompt:
+    """The prompt's tokens' log-probabilities (a completion's echo with logprobs): the first event."""
+
+    logprobs: tuple[TokenLogprob, ...]
 
 
 @dataclasses.dataclass(frozen=True)
@@ -58,13 +66,26 @@ class _SeededSampler(LogitsProcessor):
         return out.scatter_(1, chosen, 0.0)
 
 
+class _Logprobs(LogitsProcessor):
+    """First of the request's processors: keeps the log-softmax of the model's scores of the step
+    (batch, vocab), before temperature or top-p shape them, for ``_Watch`` to read the chosen tokens'."""
+
+    def __init__(self):
+        self.last: torch.Tensor | None = None
+
+    def __call__(self, input_ids: torch.Tensor, scores: torch.Tensor) -> torch.Tensor:
+        self.last = torch.log_softmax(scores.float(), dim=-1)
+        return scores
+
+
 class _Watch(StoppingCriteria):
     """Called by generate() after every token: feeds each row's token to its choice, hands the text to
     the loop, and ends rows that met a stop sequence — or every row once the request is cancelled."""
 
     def __init__(self, choices: list[ChoiceDecoder], emit: Callable[[object], None], cancel: threading.Event,
-                 restart: Callable[[], None] | None = None):
+                 restart: Callable[[], None] | None = None, logprobs: tuple["_Logprobs", Callable] | None = None):
         self.choices, self.emit, self.cancel, self.restart = choices, emit, cancel, restart
+        self.logprobs = logprobs  # (the recorder, (row log-probs, token) -> TokenLogprob), if asked
         self.length = 0  # tokens of the sequence at the last call
 
     def __call__(self, input_ids: torch.Tensor, scores, **kwargs) -> torch.Tensor:
@@ -74,9 +95,12 @@ class _Watch(StoppingCriteria):
         last = input_ids[:, -1].tolist()  # (batch,)
         for i, (choice, token) in enumerate(zip(self.choices, last)):
             if not choice.done:
-                text = choice.feed(token)
+                entry = None
+                if self.logprobs is not None and self.logprobs[0].last is not None:
+                    entry = self.logprobs[1](self.logprobs[0].last[i], token)
+                text = choice.feed(token, entry)
                 if text or choice.done:
-                    self.emit(Delta(i, text, choice.finish_reason))
+                    self.emit(Delta(i, text, choice.finish_reason, choice.take_logprobs()))
         if self.cancel.is_set():
             return torch.ones(len(self.choices), dtype=torch.bool)
         return torch.tensor([c.done for c in self.choices], dtype=torch.bool)
@@ -125,6 +149,28 @@ class Engine:
 
     def decode(self, ids: list[int]) -> str:
         return self.tokenizer.decode(ids, skip_special_tokens=True, clean_up_tokenization_spaces=False)
+
+    def token_text(self, token: int) -> str:
+        """One token on its own, special tokens included (what log-probabilities name)."""
+        return self.tokenizer.decode([token], skip_special_tokens=False, clean_up_tokenization_spaces=False)
+
+    def entry(self, row: torch.Tensor, token: int, top: int) -> TokenLogprob:
+        """``token``'s log-probability in ``row`` (vocab,) and the ``top`` likeliest tokens'."""
+        alternatives = ()
+        if top:
+            values, ids = torch.topk(row, min(top, row.shape[0]))
+            alternatives = tuple((self.token_text(t), float(v)) for t, v in zip(ids.tolist(), values.tolist()))
+        return TokenLogprob(self.token_text(token), float(row[token]), alternatives)
+
+    def score(self, prompt_ids: list[int], top: int) -> tuple[TokenLogprob, ...]:
+        """The prompt's tokens' log-probabilities, each given the ones before it (the first has none):
+        one forward pass over the prompt through the swarm, the head over every position."""
+        ids = torch.tensor([prompt_ids], dtype=torch.long)
+        with torch.no_grad():
+            logits = self.model(input_ids=ids, attention_mask=torch.ones_like(ids)).logits[0]  # (T, vocab)
+        rows = torch.log_softmax(logits.float(), dim=-1)
+        return (TokenLogprob(self.token_text(prompt_ids[0]), None),
+                *(self.entry(rows[i - 1], prompt_ids[i], top) for i in range(1, len(prompt_ids))))
 
     async def generate(self, prompt_ids: list[int], params: SamplingParams) -> AsyncIterator[Delta | Usage]:
         """Deltas of every choice as they come, then the usage. Raises ApiError. Closing the iterator
@@ -187,11 +233,13 @@ class Engine:
                 held.clear()
 
             choices = fresh()
-            if not cancel.is_set():
+            if params.prompt_logprobs and not cancel.is_set():
+                emit(Prompt(self.score(prompt_ids, params.logprobs or 0)))
+            if params.max_tokens and not cancel.is_set():
                 self._generate(prompt_ids, params, choices, out, cancel, restart if verified else None)
             for i, choice in enumerate(choices):
                 if not choice.done:
-                    out(Delta(i, choice.finish("length"), choice.finish_reason))
+                    out(Delta(i, choice.finish("length"), choice.finish_reason, choice.take_logprobs()))
             for item in held:
                 emit(item)
             outcome = "cancelled" if cancel.is_set() else "finished"
@@ -210,6 +258,11 @@ class Engine:
     def _generate(self, prompt_ids, params: SamplingParams, choices, emit, cancel, restart=None) -> None:
         ids = torch.tensor([prompt_ids] * params.n, dtype=torch.long)  # (n, prompt) one row per choice
         processors = LogitsProcessorList()
+        logprobs = None
+        if params.logprobs is not None:
+            recorder = _Logprobs()
+            processors.append(recorder)
+            logprobs = (recorder, lambda row, token: self.entry(row, token, params.logprobs))
         if not params.greedy:
             processors.append(TemperatureLogitsWarper(params.temperature))
             if params.top_p < 1.0:
@@ -217,7 +270,7 @@ class Engine:
             processors.append(_SeededSampler(params.seed))
         self.model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=params.max_tokens,
                             do_sample=False, logits_processor=processors, pad_token_id=self.pad_id,
-                            stopping_criteria=StoppingCriteriaList([_Watch(choices, emit, cancel, restart)]))
+                            stopping_criteria=StoppingCriteriaList([_Watch(choices, emit, cancel, restart, logprobs)]))
 
     def close(self, timeout: float = 30.0) -> None:
         """Cancel every generation and wait (``timeout`` seconds) for the workers to close their sessions."""

@@ -24,7 +24,9 @@ class _Request(BaseModel):
     stream_options: dict[str, Any] | None = None
     stop: str | list[str] | None = None
     seed: int | None = Field(None, description="makes sampling reproducible (per request, even under concurrency)")
-    logprobs: bool | int | None = None
+    logprobs: bool | int | None = Field(None, description="chat: true for each token's log-probability; "
+                                                          "completions: the number of alternatives (0-20)")
+    top_logprobs: int | None = Field(None, description="chat: alternatives per token (0-20), with logprobs")
     user: str | None = None
 
     @property

@@ -14,12 +14,13 @@ from concurrent.futures import ThreadPoolExecutor
 import httpx
 import openai
 import pytest
+import torch
 import uvicorn
-from transformers import AutoTokenizer
+from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from api import ApiConfig, Engine, make_app
-from api.core import ApiError, ChoiceDecoder, ResponseMeta, Usage, check_sampling, chunk_body, response_body, \
-    sse, validation_error
+from api.core import ApiError, ChoiceDecoder, ResponseMeta, TokenLogprob, Usage, check_logprobs, check_sampling, \
+    chunk_body, response_body, sse, validation_error
 from client import AutoDistributedModelForCausalLM
 from swarmllm import checkpoints, demo, launch
 
@@ -76,6 +77,43 @@ def test_sampling_checks_name_the_field_and_the_limit():
         with pytest.raises(ApiError) as e:
             check_sampling(**{**ok, **change})
         assert (e.value.status, e.value.param) == (400, param) and words in e.value.message, change
+
+
+def test_logprobs_fields_are_checked_and_shaped_as_openai():
+    assert check_logprobs(chat=True, logprobs=None, top_logprobs=None) == (None, False)
+    assert check_logprobs(chat=True, logprobs=True, top_logprobs=None) == (0, False)
+    assert check_logprobs(chat=True, logprobs=True, top_logprobs=20) == (20, False)
+    assert check_logprobs(chat=False, logprobs=3, top_logprobs=None, echo=True) == (3, True)
+    assert check_logprobs(chat=False, logprobs=0, top_logprobs=None) == (0, False)
+    assert check_logprobs(chat=False, logprobs=None, top_logprobs=None, echo=True) == (None, False)
+    refused = [dict(chat=True, logprobs=False, top_logprobs=2), dict(chat=True, logprobs=True, top_logprobs=21),
+               dict(chat=True, logprobs=2, top_logprobs=None), dict(chat=False, logprobs=21, top_logprobs=None),
+               dict(chat=False, logprobs=True, top_logprobs=None), dict(chat=False, logprobs=1, top_logprobs=1)]
+    for fields in refused:
+        with pytest.raises(ApiError) as e:
+            check_logprobs(**fields)
+        assert e.value.status == 400 and e.value.param in ("logprobs", "top_logprobs"), fields
+    ok = dict(max_tokens=0, temperature=None, top_p=None, stop=None, seed=None, n=None, prompt_tokens=5,
+              context_length=100, default_max_tokens=256)
+    assert check_sampling(**ok, logprobs=1, prompt_logprobs=True).max_tokens == 0  # scoring the prompt only
+    with pytest.raises(ApiError, match="minimum of 1"):
+        check_sampling(**ok, logprobs=1)  # 0 new tokens is only for scoring an echoed prompt
+
+    entries = [TokenLogprob("Hel", None), TokenLogprob("lo", -0.5, (("lo", -0.5), ("p", -1.5)))]
+    body = response_body(ResponseMeta("c", 1, "m", chat=False), ["Hello"], ["length"], Usage(2, 0), [entries])
+    assert body["choices"][0]["logprobs"] == {"tokens": ["Hel", "lo"], "token_logprobs": [None, -0.5],
+                                              "top_logprobs": [None, {"lo": -0.5, "p": -1.5}], "text_offset": [0, 3]}
+    chat = chunk_body(ResponseMeta("c", 1, "m", chat=True), 0, "lo", None, logprobs=entries[1:])
+    assert chat["choices"][0]["logprobs"] == {"content": [
+        {"token": "lo", "logprob": -0.5, "bytes": [108, 111], "top_logprobs": [
+            {"token": "lo", "logprob": -0.5, "bytes": [108, 111]}, {"token": "p", "logprob": -1.5, "bytes": [112]}]}],
+        "refusal": None}
+    assert chunk_body(ResponseMeta("c", 1, "m", chat=False), 0, "x", None, logprobs=entries[1:],
+                      offset=7)["choices"][0]["logprobs"]["text_offset"] == [7]
+    d = ChoiceDecoder(_decode, eos_ids=[9], stop=[], max_tokens=10)  # a delta carries its tokens' entries;
+    d.feed(1, TokenLogprob("Hel", -1.0))                              # the end-of-sequence token has none
+    d.feed(9, TokenLogprob("<eos>", -2.0))
+    assert [e.text for e in d.take_logprobs()] == ["Hel"] and d.take_logprobs() == ()
 
 
 def test_validation_errors_become_openai_400s():
@@ -192,6 +230,55 @@ def test_models_chat_and_completion_equal_generate(api):
     assert done.choices[0].text == expected
     streamed = client.completions.create(model="tiny-chat", prompt=prompt, max_tokens=10, temperature=0, stream=True)
     assert "".join(c.choices[0].text for c in streamed) == expected
+
+
+def test_logprobs_equal_local_transformers_and_an_echoed_prompt_is_scored(api, chat_checkpoint):
+    client, tokenizer = api["client"], api["tokenizer"]
+    local = AutoModelForCausalLM.from_pretrained(chat_checkpoint, dtype=torch.float32).eval()
+
+    def local_logprobs(ids: list[int]) -> torch.Tensor:  # (T, vocab): position i predicts token i + 1
+        with torch.no_grad():
+            return torch.log_softmax(local(torch.tensor([ids])).logits[0].float(), dim=-1)
+
+    # how lm-evaluation-harness scores a text: echo it, logprobs, no new tokens
+    prompt = "The quick brown fox jumps over the lazy dog"
+    ids = tokenizer(prompt)["input_ids"]
+    scored = client.completions.create(model="tiny-chat", prompt=prompt, echo=True, logprobs=2, max_tokens=0,
+                                       temperature=0)
+    lp = scored.choices[0].logprobs
+    assert scored.choices[0].text == prompt and scored.usage.completion_tokens == 0
+    assert lp.tokens == [tokenizer.decode([t]) for t in ids] and lp.token_logprobs[0] is None
+    rows = local_logprobs(ids)
+    expected = [rows[i - 1, ids[i]].item() for i in range(1, len(ids))]
+    assert max(abs(a - b) for a, b in zip(lp.token_logprobs[1:], expected)) < 1e-4
+    assert lp.top_logprobs[0] is None and all(len(top) == 2 for top in lp.top_logprobs[1:])
+    best = [tokenizer.decode([int(rows[i - 1].argmax())]) for i in range(1, len(ids))]
+    assert [max(top, key=top.get) for top in lp.top_logprobs[1:]] == best  # lm-eval's is_greedy reads this
+    assert lp.text_offset[:3] == [0, len(lp.tokens[0]), len(lp.tokens[0]) + len(lp.tokens[1])]
+
+    # a chat reply, greedy: every token is its position's likeliest, with the model's log-probability
+    question = [{"role": "user", "content": "Name three colours."}]
+    chat_ids = _chat_ids(tokenizer, question[0]["content"])
+    _, new = _reference(api, chat_ids, 8)
+    reply = client.chat.completions.create(model="tiny-chat", max_tokens=8, temperature=0, logprobs=True,
+                                           top_logprobs=3, messages=question)
+    content = reply.choices[0].logprobs.content
+    kept = [t for t in new if t != tokenizer.eos_token_id]  # the end-of-sequence token is not in the reply
+    assert [c.token for c in content] == [tokenizer.decode([t]) for t in kept]
+    rows = local_logprobs(chat_ids[0].tolist() + new)
+    start = chat_ids.shape[1] - 1
+    for i, (c, token) in enumerate(zip(content, kept)):
+        assert abs(c.logprob - rows[start + i, token].item()) < 1e-4
+        assert len(c.top_logprobs) == 3 and c.top_logprobs[0].token == c.token
+        assert c.top_logprobs[0].logprob >= c.top_logprobs[1].logprob >= c.top_logprobs[2].logprob
+        assert c.bytes == list(c.token.encode())
+    streamed = client.chat.completions.create(model="tiny-chat", max_tokens=8, temperature=0, logprobs=True,
+                                              top_logprobs=3, messages=question, stream=True)
+    chunks = [e for chunk in streamed if chunk.choices and chunk.choices[0].logprobs
+              for e in chunk.choices[0].logprobs.content]
+    assert [(e.token, round(e.logprob, 5)) for e in chunks] == [(c.token, round(c.logprob, 5)) for c in content]
+    plain = client.chat.completions.create(model="tiny-chat", max_tokens=4, temperature=0, messages=question)
+    assert plain.choices[0].logprobs is None  # only when asked
 
 
 def test_stop_seed_and_n(api):
