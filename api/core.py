@@ -61,6 +61,69 @@ def http_error(status: int, detail: Any) -> ApiError:
     return ApiError(status, str(detail), type="server_error" if status >= 500 else "invalid_request_error")
 
 
+# Fields that change the output and that this server does not honour: each with the values that change
+# nothing (a request that sends one of those still works). Sent with any other value, the request is
+# refused with a 400 naming the field, never answered as if the field were not there.
+UNHONOURED: dict[str, tuple] = {
+    "response_format": (None, {"type": "text"}),  # structured outputs: not yet
+    "tools": (None, []), "tool_choice": (None, "none"),
+    "functions": (None, []), "function_call": (None, "none"),
+    "best_of": (None, 1), "suffix": (None, ""),
+    "modalities": (None, ["text"]), "audio": (None,),
+    # other servers' sampling extensions
+    "top_k": (None, 0, -1), "min_p": (None, 0, 0.0), "repetition_penalty": (None, 1, 1.0), "min_tokens": (None, 0),
+    "ignore_eos": (None, False), "guided_json": (None,), "guided_regex": (None,), "guided_choice": (None,),
+    "guided_grammar": (None,), "guided_decoding_backend": (None,),
+}
+MAX_LOGIT_BIAS = 300  # entries, as OpenAI
+
+
+def check_honoured(fields: dict[str, Any]) -> None:
+    """Refuse a request that sets a field this server would otherwise have to ignore (``UNHONOURED``)."""
+    for name, harmless in UNHONOURED.items():
+        if name in fields and fields[name] not in harmless:
+            raise ApiError(400, f"'{name}' is not supported by this server and would change the output: leave it "
+                                "unset (the README's API section lists every field)", param=name,
+                           code="unsupported_parameter")
+
+
+@dataclasses.dataclass(frozen=True)
+class Penalties:
+    """OpenAI's logit adjustments, applied before temperature and top-p (and to greedy choices too)."""
+
+    logit_bias: tuple[tuple[int, float], ...] = ()  # (token id, added to its logit)
+    presence: float = 0.0  # subtracted from every token generated at least once
+    frequency: float = 0.0  # subtracted per time a token was generated
+
+    def __bool__(self) -> bool:
+        return bool(self.logit_bias or self.presence or self.frequency)
+
+
+def check_penalties(*, logit_bias: dict[str, float] | None, presence_penalty: float | None,
+                    frequency_penalty: float | None, vocab_size: int) -> Penalties:
+    """``logit_bias`` (token id as text -> bias in [-100, 100], at most 300) and the two penalties in [-2, 2]."""
+    bias = []
+    if logit_bias:
+        if len(logit_bias) > MAX_LOGIT_BIAS:
+            raise ApiError(400, f"logit_bias may hold at most {MAX_LOGIT_BIAS} tokens, got {len(logit_bias)}",
+                           param="logit_bias", code="invalid_value")
+        for key, value in logit_bias.items():
+            if not key.isdigit() or not 0 <= int(key) < vocab_size:
+                raise ApiError(400, f"logit_bias keys must be token ids in [0, {vocab_size}), got {key!r}",
+                               param="logit_bias", code="invalid_value")
+            if not -100.0 <= value <= 100.0:
+                raise ApiError(400, f"logit_bias values must be in [-100, 100], got {value} for token {key}",
+                               param="logit_bias", code="invalid_value")
+            bias.append((int(key), float(value)))
+    values = []
+    for name, value in (("presence_penalty", presence_penalty), ("frequency_penalty", frequency_penalty)):
+        value = 0.0 if value is None else float(value)
+        if not -2.0 <= value <= 2.0:
+            raise ApiError(400, f"{value} is not in [-2, 2] - '{name}'", param=name, code="invalid_value")
+        values.append(value)
+    return Penalties(tuple(bias), *values)
+
+
 @dataclasses.dataclass(frozen=True)
 class SamplingParams:
     max_tokens: int  # new tokens per choice (0: only a completion's echoed prompt, scored)
@@ -71,6 +134,7 @@ class SamplingParams:
     n: int  # choices
     logprobs: int | None = None  # None: no log-probabilities; k: each token's, with its k likeliest alternatives
     prompt_logprobs: bool = False  # the prompt's tokens' too (a completion's echo)
+    penalties: Penalties = Penalties()
 
     @property
     def greedy(self) -> bool:
@@ -80,7 +144,8 @@ class SamplingParams:
 def check_sampling(*, max_tokens: int | None, temperature: float | None, top_p: float | None,
                    stop: str | list[str] | None, seed: int | None, n: int | None, prompt_tokens: int,
                    context_length: int, default_max_tokens: int, max_tokens_param: str = "max_tokens",
-                   logprobs: int | None = None, prompt_logprobs: bool = False) -> SamplingParams:
+                   logprobs: int | None = None, prompt_logprobs: bool = False,
+                   penalties: Penalties = Penalties()) -> SamplingParams:
     """Check the sampling fields of a request against OpenAI's ranges and the model's context length.
     ``logprobs``, ``prompt_logprobs``: as ``check_logprobs`` returned them; scoring an echoed prompt is
     the one case where ``max_tokens`` may be 0 (how evaluation harnesses score a text)."""
@@ -113,7 +178,7 @@ def check_sampling(*, max_tokens: int | None, temperature: float | None, top_p: 
     if any(s == "" for s in stops):
         raise ApiError(400, "a stop sequence cannot be empty", param="stop", code="invalid_value")
     return SamplingParams(max_tokens=max_tokens, temperature=temperature, top_p=top_p, stop=stops, seed=seed, n=n,
-                          logprobs=logprobs, prompt_logprobs=prompt_logprobs)
+                          logprobs=logprobs, prompt_logprobs=prompt_logprobs, penalties=penalties)
 
 
 def check_logprobs(*, chat: bool, logprobs: bool | int | None, top_logprobs: int | None,

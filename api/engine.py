@@ -18,7 +18,7 @@ import torch
 from transformers import LogitsProcessor, LogitsProcessorList, StoppingCriteria, StoppingCriteriaList
 from transformers.generation.logits_process import TemperatureLogitsWarper, TopPLogitsWarper
 
-from api.core import ApiError, ChoiceDecoder, SamplingParams, TokenLogprob, Usage
+from api.core import ApiError, ChoiceDecoder, Penalties, SamplingParams, TokenLogprob, Usage
 from client import MissingBlocksError, PeerBusy, SwarmError
 
 logger = logging.getLogger(__name__)
@@ -75,6 +75,28 @@ class _Logprobs(LogitsProcessor):
 
     def __call__(self, input_ids: torch.Tensor, scores: torch.Tensor) -> torch.Tensor:
         self.last = torch.log_softmax(scores.float(), dim=-1)
+        return scores
+
+
+class PenaltyProcessor(LogitsProcessor):
+    """OpenAI's ``logit_bias``, ``presence_penalty`` and ``frequency_penalty``: the bias added to its
+    tokens' logits, and each token generated so far (after the first ``prompt_tokens``) lowered by
+    presence + frequency x its count."""
+
+    def __init__(self, penalties: Penalties, prompt_tokens: int):
+        self.penalties, self.prompt_tokens = penalties, prompt_tokens
+        self.bias_ids = torch.tensor([t for t, _ in penalties.logit_bias], dtype=torch.long)
+        self.bias_values = torch.tensor([b for _, b in penalties.logit_bias], dtype=torch.float32)
+
+    def __call__(self, input_ids: torch.Tensor, scores: torch.Tensor) -> torch.Tensor:
+        scores = scores.clone()
+        if len(self.bias_ids):
+            scores[:, self.bias_ids] += self.bias_values.to(scores.dtype)
+        generated = input_ids[:, self.prompt_tokens:]  # (batch, new so far)
+        p = self.penalties
+        if generated.shape[1] and (p.presence or p.frequency):
+            counts = torch.zeros_like(scores).scatter_add_(1, generated, torch.ones_like(generated, dtype=scores.dtype))
+            scores -= p.frequency * counts + p.presence * (counts > 0).to(scores.dtype)
         return scores
 
 
@@ -263,6 +285,8 @@ class Engine:
             recorder = _Logprobs()
             processors.append(recorder)
             logprobs = (recorder, lambda row, token: self.entry(row, token, params.logprobs))
+        if params.penalties:
+            processors.append(PenaltyProcessor(params.penalties, len(prompt_ids)))
         if not params.greedy:
             processors.append(TemperatureLogitsWarper(params.temperature))
             if params.top_p < 1.0:

@@ -1,7 +1,7 @@
 """Pydantic models of the requests the API accepts (shared by the endpoints and /docs).
 
 Unknown fields are ignored, as OpenAI-compatible servers do, so any client version works; fields that
-would change the output and that the swarm cannot honour are refused in ``app.py``.
+would change the output and that the swarm cannot honour are refused (``core.check_honoured``).
 """
 
 from __future__ import annotations
@@ -12,7 +12,9 @@ from pydantic import BaseModel, ConfigDict, Field
 
 
 class _Request(BaseModel):
-    model_config = ConfigDict(extra="ignore")
+    # Other fields are kept (not validated) so that ``core.check_honoured`` can refuse the ones that would
+    # change the output and that this server cannot honour; the rest (user, metadata, store...) are ignored.
+    model_config = ConfigDict(extra="allow")
 
     model: str
     max_tokens: int | None = Field(None, description="new tokens per choice (default: the server's "
@@ -28,6 +30,9 @@ class _Request(BaseModel):
                                                           "completions: the number of alternatives (0-20)")
     top_logprobs: int | None = Field(None, description="chat: alternatives per token (0-20), with logprobs")
     user: str | None = None
+    logit_bias: dict[str, float] | None = Field(None, description="token id -> bias added to its logit, [-100, 100]")
+    presence_penalty: float | None = Field(None, description="[-2, 2]: subtracted once from every token already generated")
+    frequency_penalty: float | None = Field(None, description="[-2, 2]: subtracted per occurrence in what was generated")
 
     @property
     def include_usage(self) -> bool:

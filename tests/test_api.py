@@ -19,8 +19,9 @@ import uvicorn
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from api import ApiConfig, Engine, make_app
-from api.core import ApiError, ChoiceDecoder, ResponseMeta, TokenLogprob, Usage, check_logprobs, check_sampling, \
-    chunk_body, response_body, sse, validation_error
+from api.core import ApiError, ChoiceDecoder, Penalties, ResponseMeta, TokenLogprob, Usage, check_honoured, \
+    check_logprobs, check_penalties, check_sampling, chunk_body, response_body, sse, validation_error
+from api.engine import PenaltyProcessor
 from client import AutoDistributedModelForCausalLM
 from swarmllm import checkpoints, demo, launch
 
@@ -114,6 +115,29 @@ def test_logprobs_fields_are_checked_and_shaped_as_openai():
     d.feed(1, TokenLogprob("Hel", -1.0))                              # the end-of-sequence token has none
     d.feed(9, TokenLogprob("<eos>", -2.0))
     assert [e.text for e in d.take_logprobs()] == ["Hel"] and d.take_logprobs() == ()
+
+
+def test_fields_that_would_change_the_output_are_honoured_or_refused():
+    check_honoured({"response_format": {"type": "text"}, "tool_choice": "none", "user": "x", "metadata": {}})
+    for fields in ({"response_format": {"type": "json_object"}}, {"tools": [{"type": "function"}]},
+                   {"top_k": 5}, {"best_of": 3}, {"suffix": "end"}):
+        with pytest.raises(ApiError) as e:
+            check_honoured(fields)
+        assert (e.value.status, e.value.param, e.value.code) == (400, next(iter(fields)), "unsupported_parameter")
+    p = check_penalties(logit_bias={"3": 5.0, "0": -100}, presence_penalty=0.5, frequency_penalty=None, vocab_size=10)
+    assert p == Penalties(((3, 5.0), (0, -100.0)), 0.5, 0.0) and bool(p) and not Penalties()
+    for bad, param in [(dict(logit_bias={"10": 1}), "logit_bias"), (dict(logit_bias={"a": 1}), "logit_bias"),
+                       (dict(logit_bias={"1": 101}), "logit_bias"), (dict(presence_penalty=2.5), "presence_penalty"),
+                       (dict(frequency_penalty=-3), "frequency_penalty")]:
+        with pytest.raises(ApiError) as e:
+            check_penalties(**{"logit_bias": None, "presence_penalty": None, "frequency_penalty": None,
+                               "vocab_size": 10, **bad})
+        assert e.value.param == param, bad
+    # OpenAI's formula: bias added; generated tokens (not the prompt's) lowered by presence + frequency x count
+    scores = torch.zeros(1, 5)
+    out = PenaltyProcessor(Penalties(((4, 2.0),), presence=0.5, frequency=1.0), prompt_tokens=2)(
+        torch.tensor([[1, 1, 2, 2, 3]]), scores)
+    assert out.tolist() == [[0.0, 0.0, -2.5, -1.5, 2.0]] and scores.tolist() == [[0.0] * 5]
 
 
 def test_validation_errors_become_openai_400s():
@@ -279,6 +303,23 @@ def test_logprobs_equal_local_transformers_and_an_echoed_prompt_is_scored(api, c
     assert [(e.token, round(e.logprob, 5)) for e in chunks] == [(c.token, round(c.logprob, 5)) for c in content]
     plain = client.chat.completions.create(model="tiny-chat", max_tokens=4, temperature=0, messages=question)
     assert plain.choices[0].logprobs is None  # only when asked
+
+
+def test_logit_bias_steers_the_swarm_and_unhonoured_fields_are_refused(api):
+    client, tokenizer = api["client"], api["tokenizer"]
+    token = tokenizer(" blue", add_special_tokens=False)["input_ids"][0]
+    biased = client.completions.create(model="tiny-chat", prompt="My favourite colour is", max_tokens=5,
+                                       temperature=0, logit_bias={str(token): 100})
+    assert biased.choices[0].text == tokenizer.decode([token] * 5)
+    plain = client.completions.create(model="tiny-chat", prompt="My favourite colour is", max_tokens=5, temperature=0)
+    assert plain.choices[0].text != biased.choices[0].text
+    for extra in ({"response_format": {"type": "json_object"}}, {"tools": [{"type": "function", "function": {"name": "f"}}]},
+                  {"extra_body": {"top_k": 3}}):
+        with pytest.raises(openai.BadRequestError) as e:
+            client.chat.completions.create(model="tiny-chat", max_tokens=4, messages=[{"role": "user", "content": "hi"}],
+                                           **extra)
+        assert e.value.body["code"] == "unsupported_parameter"
+        assert e.value.body["param"] in ("response_format", "tools", "top_k")
 
 
 def test_stop_seed_and_n(api):
