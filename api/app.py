@@ -122,13 +122,16 @@ def make_app(engine: Engine, cfg: ApiConfig) -> FastAPI:
     def _params(req, prompt_ids: list[int], max_tokens: int | None, param: str,
                 logprobs: tuple[int | None, bool]) -> SamplingParams:
         core.check_honoured(req.model_dump(exclude_unset=True))
+        output_format = core.check_response_format(req.response_format)
+        if output_format is not None:
+            engine.check_output_format(output_format)  # a schema the grammar engine cannot compile: 400
         penalties = core.check_penalties(logit_bias=req.logit_bias, presence_penalty=req.presence_penalty,
                                          frequency_penalty=req.frequency_penalty, vocab_size=len(engine.tokenizer))
         return core.check_sampling(max_tokens=max_tokens, temperature=req.temperature, top_p=req.top_p,
                                    stop=req.stop, seed=req.seed, n=req.n, prompt_tokens=len(prompt_ids),
                                    context_length=cfg.context_length, default_max_tokens=cfg.default_max_tokens,
                                    max_tokens_param=param, logprobs=logprobs[0], prompt_logprobs=logprobs[1],
-                                   penalties=penalties)
+                                   penalties=penalties, output_format=output_format)
 
     return app
 

@@ -65,7 +65,6 @@ def http_error(status: int, detail: Any) -> ApiError:
 # nothing (a request that sends one of those still works). Sent with any other value, the request is
 # refused with a 400 naming the field, never answered as if the field were not there.
 UNHONOURED: dict[str, tuple] = {
-    "response_format": (None, {"type": "text"}),  # structured outputs: not yet
     "tools": (None, []), "tool_choice": (None, "none"),
     "functions": (None, []), "function_call": (None, "none"),
     "best_of": (None, 1), "suffix": (None, ""),
@@ -76,6 +75,37 @@ UNHONOURED: dict[str, tuple] = {
     "guided_grammar": (None,), "guided_decoding_backend": (None,),
 }
 MAX_LOGIT_BIAS = 300  # entries, as OpenAI
+
+
+@dataclasses.dataclass(frozen=True)
+class OutputFormat:
+    """A ``response_format`` that constrains the reply: any JSON object, or JSON matching ``schema``."""
+
+    kind: str  # "json_object" | "json_schema"
+    schema: dict[str, Any]  # the JSON schema enforced ({"type": "object"} for json_object)
+    name: str | None = None
+
+
+def check_response_format(value: Any) -> OutputFormat | None:
+    """None for free text; otherwise what to enforce while decoding. OpenAI's shapes:
+    {"type": "text"}, {"type": "json_object"}, {"type": "json_schema", "json_schema": {"name", "schema",
+    "strict", "description"}}."""
+    if value is None:
+        return None
+    kind = value.get("type") if isinstance(value, dict) else None
+    if kind == "text":
+        return None
+    if kind == "json_object":
+        return OutputFormat("json_object", {"type": "object"})
+    if kind == "json_schema":
+        spec = value.get("json_schema")
+        if not isinstance(spec, dict) or not isinstance(spec.get("schema"), dict):
+            raise ApiError(400, "response_format json_schema needs {'json_schema': {'name': ..., 'schema': {...}}}",
+                           param="response_format", code="invalid_value")
+        name = spec.get("name")
+        return OutputFormat("json_schema", spec["schema"], name if isinstance(name, str) else None)
+    raise ApiError(400, f"response_format type must be 'text', 'json_object' or 'json_schema', got {kind!r}",
+                   param="response_format", code="invalid_value")
 
 
 def check_honoured(fields: dict[str, Any]) -> None:
@@ -135,6 +165,7 @@ class SamplingParams:
     logprobs: int | None = None  # None: no log-probabilities; k: each token's, with its k likeliest alternatives
     prompt_logprobs: bool = False  # the prompt's tokens' too (a completion's echo)
     penalties: Penalties = Penalties()
+    output_format: OutputFormat | None = None  # JSON the reply must be (enforced token by token)
 
     @property
     def greedy(self) -> bool:
@@ -145,7 +176,7 @@ def check_sampling(*, max_tokens: int | None, temperature: float | None, top_p: 
                    stop: str | list[str] | None, seed: int | None, n: int | None, prompt_tokens: int,
                    context_length: int, default_max_tokens: int, max_tokens_param: str = "max_tokens",
                    logprobs: int | None = None, prompt_logprobs: bool = False,
-                   penalties: Penalties = Penalties()) -> SamplingParams:
+                   penalties: Penalties = Penalties(), output_format: OutputFormat | None = None) -> SamplingParams:
     """Check the sampling fields of a request against OpenAI's ranges and the model's context length.
     ``logprobs``, ``prompt_logprobs``: as ``check_logprobs`` returned them; scoring an echoed prompt is
     the one case where ``max_tokens`` may be 0 (how evaluation harnesses score a text)."""
@@ -178,7 +209,8 @@ def check_sampling(*, max_tokens: int | None, temperature: float | None, top_p: 
     if any(s == "" for s in stops):
         raise ApiError(400, "a stop sequence cannot be empty", param="stop", code="invalid_value")
     return SamplingParams(max_tokens=max_tokens, temperature=temperature, top_p=top_p, stop=stops, seed=seed, n=n,
-                          logprobs=logprobs, prompt_logprobs=prompt_logprobs, penalties=penalties)
+                          logprobs=logprobs, prompt_logprobs=prompt_logprobs, penalties=penalties,
+                          output_format=output_format)
 
 
 def check_logprobs(*, chat: bool, logprobs: bool | int | None, top_logprobs: int | None,

@@ -18,7 +18,8 @@ import torch
 from transformers import LogitsProcessor, LogitsProcessorList, StoppingCriteria, StoppingCriteriaList
 from transformers.generation.logits_process import TemperatureLogitsWarper, TopPLogitsWarper
 
-from api.core import ApiError, ChoiceDecoder, Penalties, SamplingParams, TokenLogprob, Usage
+from api.core import ApiError, ChoiceDecoder, OutputFormat, Penalties, SamplingParams, TokenLogprob, Usage
+from api.grammar import Grammars
 from client import MissingBlocksError, PeerBusy, SwarmError
 
 logger = logging.getLogger(__name__)
@@ -163,6 +164,12 @@ class Engine:
         if tokenizer.eos_token_id is not None and tokenizer.eos_token_id not in self.eos_ids:
             self.eos_ids += (tokenizer.eos_token_id,)
         self.pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else (self.eos_ids or (0,))[0]
+        vocab = getattr(getattr(model, "config", None), "vocab_size", None) or len(tokenizer)
+        self.grammars = Grammars(tokenizer, self.eos_ids, max(vocab, len(tokenizer)))
+
+    def check_output_format(self, fmt: OutputFormat) -> None:
+        """ApiError (400) if ``fmt``'s schema cannot be enforced (compiled once here, on the request)."""
+        self.grammars.grammar(fmt, check=True)
 
     def statistics(self) -> dict:
         """Counts of generations (started, finished, cancelled, failed), running now, and the peak."""
@@ -287,6 +294,8 @@ class Engine:
             logprobs = (recorder, lambda row, token: self.entry(row, token, params.logprobs))
         if params.penalties:
             processors.append(PenaltyProcessor(params.penalties, len(prompt_ids)))
+        if params.output_format is not None:  # after the adjustments, before temperature and sampling
+            processors.append(self.grammars.processor(params.output_format, params.n))
         if not params.greedy:
             processors.append(TemperatureLogitsWarper(params.temperature))
             if params.top_p < 1.0:

@@ -33,6 +33,8 @@ class _Request(BaseModel):
     logit_bias: dict[str, float] | None = Field(None, description="token id -> bias added to its logit, [-100, 100]")
     presence_penalty: float | None = Field(None, description="[-2, 2]: subtracted once from every token already generated")
     frequency_penalty: float | None = Field(None, description="[-2, 2]: subtracted per occurrence in what was generated")
+    response_format: dict[str, Any] | None = Field(None, description="{'type': 'text' | 'json_object' | 'json_schema', "
+                                                                     "'json_schema': {'name', 'schema'}}")
 
     @property
     def include_usage(self) -> bool:

@@ -10,18 +10,22 @@ import threading
 import time
 import urllib.request
 from concurrent.futures import ThreadPoolExecutor
+from typing import Literal
 
 import httpx
+import jsonschema
 import openai
+import pydantic
 import pytest
 import torch
 import uvicorn
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from api import ApiConfig, Engine, make_app
-from api.core import ApiError, ChoiceDecoder, Penalties, ResponseMeta, TokenLogprob, Usage, check_honoured, \
+from api.core import ApiError, ChoiceDecoder, OutputFormat, Penalties, ResponseMeta, TokenLogprob, Usage, check_honoured, \
     check_logprobs, check_penalties, check_sampling, chunk_body, response_body, sse, validation_error
 from api.engine import PenaltyProcessor
+from api.grammar import Grammars
 from client import AutoDistributedModelForCausalLM
 from swarmllm import checkpoints, demo, launch
 
@@ -119,7 +123,7 @@ def test_logprobs_fields_are_checked_and_shaped_as_openai():
 
 def test_fields_that_would_change_the_output_are_honoured_or_refused():
     check_honoured({"response_format": {"type": "text"}, "tool_choice": "none", "user": "x", "metadata": {}})
-    for fields in ({"response_format": {"type": "json_object"}}, {"tools": [{"type": "function"}]},
+    for fields in ({"tools": [{"type": "function"}]},
                    {"top_k": 5}, {"best_of": 3}, {"suffix": "end"}):
         with pytest.raises(ApiError) as e:
             check_honoured(fields)
@@ -138,6 +142,62 @@ def test_fields_that_would_change_the_output_are_honoured_or_refused():
     out = PenaltyProcessor(Penalties(((4, 2.0),), presence=0.5, frequency=1.0), prompt_tokens=2)(
         torch.tensor([[1, 1, 2, 2, 3]]), scores)
     assert out.tolist() == [[0.0, 0.0, -2.5, -1.5, 2.0]] and scores.tolist() == [[0.0] * 5]
+
+
+# ten JSON schemas for structured outputs (nested objects, arrays, enums, bounded numbers, a pattern, anyOf)
+SCHEMAS = [
+    {"type": "object", "properties": {"colour": {"enum": ["red", "green", "blue"]}, "count": {"type": "integer", "minimum": 0, "maximum": 99}},
+     "required": ["colour", "count"], "additionalProperties": False},
+    {"type": "object", "properties": {"person": {"type": "object", "properties": {"age": {"type": "integer", "minimum": 0, "maximum": 120},
+     "admin": {"type": "boolean"}}, "required": ["age", "admin"], "additionalProperties": False}}, "required": ["person"], "additionalProperties": False},
+    {"type": "object", "properties": {"tags": {"type": "array", "items": {"enum": ["a", "b", "c"]}, "minItems": 1, "maxItems": 4}},
+     "required": ["tags"], "additionalProperties": False},
+    {"type": "object", "properties": {"score": {"type": "number", "minimum": 0, "maximum": 1}}, "required": ["score"], "additionalProperties": False},
+    {"type": "object", "properties": {"ok": {"type": "boolean"}, "note": {"type": "null"}}, "required": ["ok", "note"], "additionalProperties": False},
+    {"type": "object", "properties": {"name": {"type": "string", "maxLength": 8}}, "required": ["name"], "additionalProperties": False},
+    {"type": "object", "properties": {"code": {"type": "string", "pattern": "^[a-z]{3}-[0-9]{2}$"}}, "required": ["code"], "additionalProperties": False},
+    {"anyOf": [{"type": "object", "properties": {"kind": {"const": "cat"}, "lives": {"type": "integer", "minimum": 1, "maximum": 9}},
+                "required": ["kind", "lives"], "additionalProperties": False},
+               {"type": "object", "properties": {"kind": {"const": "dog"}, "good": {"type": "boolean"}}, "required": ["kind", "good"], "additionalProperties": False}]},
+    {"type": "object", "properties": {"points": {"type": "array", "maxItems": 3, "items": {"type": "object", "properties": {
+        "x": {"type": "integer", "minimum": -9, "maximum": 9}, "y": {"type": "integer", "minimum": -9, "maximum": 9}},
+        "required": ["x", "y"], "additionalProperties": False}}}, "required": ["points"], "additionalProperties": False},
+    {"type": "object", "properties": {"version": {"const": 2}, "level": {"enum": [1, 2, 3]}, "mode": {"enum": ["fast", "safe"]}},
+     "required": ["version", "level", "mode"], "additionalProperties": False},
+]
+
+
+def test_a_response_format_schema_is_enforced_on_sampled_tokens(chat_checkpoint):
+    """The grammar processor the API puts in generate(), on local transformers: two samples at temperature 1
+    for each schema, every one valid JSON that matches (a random model would write anything otherwise)."""
+    tokenizer = AutoTokenizer.from_pretrained(chat_checkpoint)
+    local = AutoModelForCausalLM.from_pretrained(chat_checkpoint, dtype=torch.float32).eval()
+    grammars = Grammars(tokenizer, (tokenizer.eos_token_id,), local.config.vocab_size)
+    ids = tokenizer("Answer in JSON:", return_tensors="pt")["input_ids"].repeat(2, 1)
+    torch.manual_seed(0)
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # a tiny model: a second thread only waits at every op's barrier on a busy machine
+    try:
+        _sample_every_schema(local, tokenizer, grammars, ids)
+    finally:
+        torch.set_num_threads(threads)
+    free = local.generate(ids[:1], attention_mask=torch.ones_like(ids[:1]), do_sample=True, temperature=1.0,
+                          top_k=0, max_new_tokens=20, pad_token_id=tokenizer.eos_token_id)
+    with pytest.raises(ValueError):  # without the grammar the same model writes no JSON
+        json.loads(tokenizer.decode(free[0, ids.shape[1]:], skip_special_tokens=True))
+    with pytest.raises(ApiError) as e:
+        grammars.grammar(OutputFormat("json_schema", {"type": "object", "properties": {"a": {"type": "nonsense"}}}),
+                         check=True)
+    assert e.value.param == "response_format"
+
+
+def _sample_every_schema(local, tokenizer, grammars: Grammars, ids: torch.Tensor) -> None:
+    for schema in SCHEMAS:
+        out = local.generate(ids, attention_mask=torch.ones_like(ids), do_sample=True, temperature=1.0, top_k=0,
+                             max_new_tokens=80, pad_token_id=tokenizer.eos_token_id,
+                             logits_processor=[grammars.processor(OutputFormat("json_schema", schema), 2)])
+        for row in out:
+            jsonschema.validate(json.loads(tokenizer.decode(row[ids.shape[1]:], skip_special_tokens=True)), schema)
 
 
 def test_validation_errors_become_openai_400s():
@@ -313,13 +373,48 @@ def test_logit_bias_steers_the_swarm_and_unhonoured_fields_are_refused(api):
     assert biased.choices[0].text == tokenizer.decode([token] * 5)
     plain = client.completions.create(model="tiny-chat", prompt="My favourite colour is", max_tokens=5, temperature=0)
     assert plain.choices[0].text != biased.choices[0].text
-    for extra in ({"response_format": {"type": "json_object"}}, {"tools": [{"type": "function", "function": {"name": "f"}}]},
+    for extra in ({"tools": [{"type": "function", "function": {"name": "f"}}]},
                   {"extra_body": {"top_k": 3}}):
         with pytest.raises(openai.BadRequestError) as e:
             client.chat.completions.create(model="tiny-chat", max_tokens=4, messages=[{"role": "user", "content": "hi"}],
                                            **extra)
         assert e.value.body["code"] == "unsupported_parameter"
-        assert e.value.body["param"] in ("response_format", "tools", "top_k")
+        assert e.value.body["param"] in ("tools", "top_k")
+
+
+class Pet(pydantic.BaseModel):
+    kind: Literal["cat", "dog"]
+    age: int = pydantic.Field(ge=0, le=20)
+    vaccinated: bool
+
+
+def test_structured_outputs_through_the_swarm(api):
+    client = api["client"]
+    question = [{"role": "user", "content": "Describe a pet as JSON."}]
+    parsed = client.chat.completions.parse(model="tiny-chat", messages=question, response_format=Pet, max_tokens=60,
+                                           temperature=1.0, seed=3)
+    assert isinstance(parsed.choices[0].message.parsed, Pet)  # the openai SDK's parse(), with a pydantic model
+    schema = SCHEMAS[8]  # an array of objects with bounded integers, streamed as two sampled choices
+    stream = client.chat.completions.create(model="tiny-chat", messages=question, max_tokens=80, temperature=1.0,
+                                            n=2, seed=5, stream=True, response_format={
+                                                "type": "json_schema", "json_schema": {"name": "points", "schema": schema,
+                                                                                       "strict": True}})
+    texts = ["", ""]
+    for chunk in stream:
+        for choice in chunk.choices:
+            texts[choice.index] += choice.delta.content or ""
+    for text in texts:
+        jsonschema.validate(json.loads(text), schema)
+    anything = client.chat.completions.create(model="tiny-chat", messages=question, max_tokens=40, temperature=0,
+                                              response_format={"type": "json_object"}).choices[0]
+    assert anything.message.content.startswith("{")
+    if anything.finish_reason == "stop":
+        assert isinstance(json.loads(anything.message.content), dict)
+    with pytest.raises(openai.BadRequestError) as e:
+        client.chat.completions.create(model="tiny-chat", messages=question, max_tokens=4, response_format={
+            "type": "json_schema", "json_schema": {"name": "bad", "schema": {"type": "object", "properties": {
+                "a": {"type": "nonsense"}}}}})
+    assert e.value.body["param"] == "response_format"
 
 
 def test_stop_seed_and_n(api):
