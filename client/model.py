@@ -283,9 +283,11 @@ class DistributedMixin:
                 if streamer is not None:
                     _replay_to_streamer(streamer, inputs if inputs is not None else kwargs.get("input_ids"), output)
                 return output
-            logger.warning("audits of this generation: %s; generating again (attempt %d of %d)",
+            logger.warning("audits of this generation: %s; %s",
                            f"{liars} caught lying" if liars else [f"{r.peer_id}: {r.verdict.value} {r.reason}".strip()
-                                                                  for r in unsettled], attempt + 1, MAX_REDOS)
+                                                                  for r in unsettled],
+                           f"generating again (redo {attempt + 1} of {MAX_REDOS})" if attempt < MAX_REDOS
+                           else "no redo left")
             torch.set_rng_state(rng_state)  # a sampled generation draws the same numbers again
         if mode == "strict":
             raise UnverifiableError(f"strict verification: no attempt of {MAX_REDOS + 1} could be checked "
