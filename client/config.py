@@ -23,6 +23,9 @@ class ClientConfig:
     step_timeout: float = 30.0  # seconds one step may take on one peer, plus the per-token allowance
     step_timeout_per_token: float = 0.05  # seconds per token in the step
     route_timeout: float = 30.0  # seconds to wait for peers to cover missing blocks
+    checker_wait: float = 90.0  # strict mode: seconds to wait for a peer that can check a span (restarting,
+    # frozen) before refusing the text; longer than route_timeout: a kill, restart or freeze of every other
+    # peer of a span lasts 30-45 s on a busy machine (bench.soak), and the alternative is an error
     max_retries: int = 16  # failed hops one session step may recover from before giving up
     max_chunk_tokens: int | None = None  # tokens per message; None = derived from message size
     refresh_period: float = 5.0  # seconds between background refreshes of records and pings

@@ -273,10 +273,10 @@ class DistributedMixin:
             unsettled = [r for r in results if r.verdict != Verdict.PASS] if mode == "strict" else []
             lone = [r for r in unsettled if r.verdict == Verdict.IMPOSSIBLE and r.reason == NO_CHECKER]
             if lone and not liars and not (attempt < MAX_REDOS and self.swarm.wait_for_checkers(
-                    lone, self.swarm.cfg.route_timeout)):  # peers that could check may be restarting: wait, redo
+                    lone, self.swarm.cfg.checker_wait)):  # peers that could check may be restarting: wait, redo
                 spans = ", ".join(f"[{r.start}, {r.end}) served by {r.peer_id}" for r in lone)
                 raise UnverifiableError(f"strict verification: no other peer of the same format could re-run blocks "
-                                        f"{spans} (none serves them, or none answered within route_timeout), so "
+                                        f"{spans} (none serves them, or none answered within checker_wait), so "
                                         f"that work cannot be checked and the text is withheld; add peers for "
                                         f"those blocks or use verify_mode='redo'")
             if not liars and not unsettled:
