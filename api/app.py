@@ -104,7 +104,7 @@ def make_app(engine: Engine, cfg: ApiConfig) -> FastAPI:
         prompt_ids = _chat_prompt(engine.tokenizer, req, cfg.model_name)
         max_tokens, param = (req.max_completion_tokens, "max_completion_tokens") if req.max_completion_tokens \
             is not None else (req.max_tokens, "max_tokens")
-        params = _params(req, prompt_ids, max_tokens, param, logprobs)
+        params = await _checked(_params(req, prompt_ids, max_tokens, param, logprobs))
         meta = ResponseMeta(f"chatcmpl-{uuid.uuid4().hex}", int(time.time()), req.model, chat=True)
         return await _respond(engine, request, meta, prompt_ids, params, req.stream, req.include_usage, "")
 
@@ -114,17 +114,23 @@ def make_app(engine: Engine, cfg: ApiConfig) -> FastAPI:
         logprobs = core.check_logprobs(chat=False, logprobs=req.logprobs, top_logprobs=req.top_logprobs,
                                        echo=bool(req.echo))
         prompt_ids, echo = _completion_prompt(engine, req.prompt)
-        params = _params(req, prompt_ids, req.max_tokens, "max_tokens", logprobs)
+        params = await _checked(_params(req, prompt_ids, req.max_tokens, "max_tokens", logprobs))
         meta = ResponseMeta(f"cmpl-{uuid.uuid4().hex}", int(time.time()), req.model, chat=False)
         return await _respond(engine, request, meta, prompt_ids, params, req.stream, req.include_usage,
                               echo if req.echo else "")
+
+    async def _checked(params: SamplingParams) -> SamplingParams:
+        """A response_format's schema compiled once before the generation starts (a 400 if the grammar
+        engine cannot enforce it), off the event loop: the first one also builds the engine's view of
+        the tokenizer (about half a second)."""
+        if params.output_format is not None:
+            await asyncio.to_thread(engine.check_output_format, params.output_format)
+        return params
 
     def _params(req, prompt_ids: list[int], max_tokens: int | None, param: str,
                 logprobs: tuple[int | None, bool]) -> SamplingParams:
         core.check_honoured(req.model_dump(exclude_unset=True))
         output_format = core.check_response_format(req.response_format)
-        if output_format is not None:
-            engine.check_output_format(output_format)  # a schema the grammar engine cannot compile: 400
         penalties = core.check_penalties(logit_bias=req.logit_bias, presence_penalty=req.presence_penalty,
                                          frequency_penalty=req.frequency_penalty, vocab_size=len(engine.tokenizer))
         return core.check_sampling(max_tokens=max_tokens, temperature=req.temperature, top_p=req.top_p,
